@@ -1,0 +1,1 @@
+"""fpsa-jax: FPSAttention for Wan2.1 in JAX."""

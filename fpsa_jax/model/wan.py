@@ -1,0 +1,332 @@
+"""The Wan2.1 text-to-video DiT in Flax linen, computing what the original `wan/modules/model.py` does.
+
+Latents are channels-last [B, F, H, W, C]; after the (1, 2, 2) patchify the tokens form the grid
+(T, H', W') = (F, H/2, W/2) in row-major order, L = T * H' * W'. Matmuls and attention run in
+`config.dtype`; the time embedding, modulation sums, norms, RoPE, the gated residual stream and the
+head stay float32, as in the original (its residual stream is float32 after the first block).
+
+Self-attention goes through `fpsa_jax.attention.fpsa_attention`, given the token grid and a
+per-call `FPSAConfig` (None = dense). Parameters carry logical axis names ('embed', 'heads',
+'mlp', 'layers', ...) and activations logical constraints, so a mesh can shard them; both are
+no-ops without one. The blocks run under `nn.scan` (parameters stacked on a leading 'layers' axis)
+with the remat policy of `config.remat`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from fpsa_jax.attention import FPSAConfig, fpsa_attention
+from fpsa_jax.config import WanConfig
+from fpsa_jax.model.embeddings import apply_rope, fit_text_length, rope_tables, \
+    sinusoidal_embedding
+
+Array = jax.Array
+_F32 = jnp.float32
+
+_REMAT_POLICIES = {
+    "full": None,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _dense(features: int, axes: tuple[str | None, str | None], dtype: Any, param_dtype: Any,
+           name: str, init: Any = nn.initializers.xavier_uniform()) -> nn.Dense:
+    # float32 islands ask for full-precision dots (GPUs would otherwise use TF32).
+    precision = jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == _F32 else None
+    return nn.Dense(
+        features, dtype=dtype, param_dtype=param_dtype, precision=precision, name=name,
+        kernel_init=nn.with_logical_partitioning(init, axes),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes[1],)))
+
+
+def layer_norm(x: Array, eps: float) -> Array:
+    """LayerNorm without affine over the last axis, in float32 (two-pass variance)."""
+    x = x.astype(_F32)
+    mean = x.mean(-1, keepdims=True)
+    var = jnp.square(x - mean).mean(-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + eps)
+
+
+class AffineLayerNorm(nn.Module):
+    """LayerNorm with a learned scale and bias (the cross-attention norm); float32 out."""
+
+    eps: float
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        dim = x.shape[-1]
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+                           (dim,), self.param_dtype)
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+                          (dim,), self.param_dtype)
+        return layer_norm(x, self.eps) * scale.astype(_F32) + bias.astype(_F32)
+
+
+class RMSNorm(nn.Module):
+    """Wan's RMSNorm over the whole model dim: normalise in float32, back to x's dtype, times the
+    float32 weight (so the result is float32, as in the original)."""
+
+    eps: float
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("heads",)),
+                           (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(_F32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), -1, keepdims=True) + self.eps)
+        return normed.astype(x.dtype).astype(_F32) * scale.astype(_F32)
+
+
+class Attention(nn.Module):
+    """Multi-head attention of a Wan block: q/k/v/o projections with bias and RMS q/k norms.
+
+    Self-attention (grid set) rotates q, k with 3D RoPE and calls the FPSA operator on the token
+    grid; cross-attention (grid None) attends all text rows densely.
+    """
+
+    config: WanConfig
+    grid: tuple[int, int, int] | None = None
+    attention: FPSAConfig | None = None
+    attention_impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, x: Array, context: Array | None = None) -> Array:
+        """x: [B, L, dim]; context: [B, Lt, dim] (cross-attention) or None. Returns [B, L, dim]."""
+        cfg = self.config
+        dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        n, d = cfg.num_heads, cfg.head_dim
+        kv_input = x if context is None else context
+        q = _dense(cfg.dim, ("embed", "heads"), dt, pdt, "q")(x)
+        k = _dense(cfg.dim, ("embed", "heads"), dt, pdt, "k")(kv_input)
+        v = _dense(cfg.dim, ("embed", "heads"), dt, pdt, "v")(kv_input)
+        if cfg.qk_norm:
+            q = RMSNorm(cfg.eps, pdt, name="norm_q")(q)
+            k = RMSNorm(cfg.eps, pdt, name="norm_k")(k)
+        b = x.shape[0]
+        q = q.reshape(b, -1, n, d)
+        k = k.reshape(b, -1, n, d)
+        v = v.reshape(b, -1, n, d)
+        if self.grid is not None:
+            cos, sin = rope_tables(self.grid, cfg.rope_dims)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            out = fpsa_attention(q.astype(dt), k.astype(dt), v.astype(dt), grid=self.grid,
+                                 config=self.attention, impl=self.attention_impl)
+        else:
+            precision = jax.lax.Precision.HIGHEST if dt == _F32 else None
+            logits = jnp.einsum("blnd,bknd->bnlk", q.astype(dt), k.astype(dt),
+                                preferred_element_type=_F32, precision=precision) / math.sqrt(d)
+            probs = jax.nn.softmax(logits, axis=-1).astype(dt)
+            out = jnp.einsum("bnlk,bknd->blnd", probs, v.astype(dt), precision=precision)
+        out = nn.with_logical_constraint(out.astype(dt), ("batch", "length", "heads", "kv"))
+        return _dense(cfg.dim, ("heads", "embed"), dt, pdt, "o")(out.reshape(b, -1, n * d))
+
+
+class FeedForward(nn.Module):
+    """Linear(dim, ffn_dim), GELU (tanh), Linear(ffn_dim, dim); [B, L, dim] -> [B, L, dim]."""
+
+    config: WanConfig
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        cfg = self.config
+        dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        y = _dense(cfg.ffn_dim, ("embed", "mlp"), dt, pdt, "fc1")(x)
+        y = nn.with_logical_constraint(y, ("batch", "length", "mlp"))
+        return _dense(cfg.dim, ("mlp", "embed"), dt, pdt, "fc2")(nn.gelu(y, approximate=True))
+
+
+class WanBlock(nn.Module):
+    """One DiT block: modulated self-attention, cross-attention, modulated FFN (gated residuals)."""
+
+    config: WanConfig
+    grid: tuple[int, int, int]
+    attention: FPSAConfig | None = None
+    attention_impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, x: Array, e0: Array, context: Array) -> tuple[Array, None]:
+        """x: [B, L, dim] float32; e0: [B, 6, dim] float32; context: [B, text_len, dim]."""
+        cfg = self.config
+        dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        modulation = self.param(
+            "modulation",
+            nn.with_logical_partitioning(nn.initializers.normal(cfg.dim ** -0.5), (None, "embed")),
+            (6, cfg.dim), pdt)
+        mods = modulation.astype(_F32)[None] + e0
+        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (
+            mods[:, i:i + 1] for i in range(6))
+
+        h = layer_norm(x, cfg.eps) * (1 + scale_sa) + shift_sa
+        y = Attention(cfg, self.grid, self.attention, self.attention_impl, name="self_attn")(h)
+        x = x + y.astype(_F32) * gate_sa
+
+        h = AffineLayerNorm(cfg.eps, pdt, name="cross_attn_norm")(x) if cfg.cross_attn_norm else x
+        x = x + Attention(cfg, name="cross_attn")(h, context).astype(_F32)
+
+        h = layer_norm(x, cfg.eps) * (1 + scale_ff) + shift_ff
+        x = x + FeedForward(cfg, name="ffn")(h).astype(_F32) * gate_ff
+        return nn.with_logical_constraint(x, ("batch", "length", "embed")), None
+
+
+class WanModel(nn.Module):
+    """The Wan2.1 T2V DiT.
+
+    __call__(latents [B, F, H, W, in_dim], timesteps [B] (0..1000), context [B, Lt, text_dim],
+    attention=FPSAConfig | None, deterministic=True) -> [B, F, H, W, out_dim] float32.
+    `attention_impl` picks the FPSA operator's implementation (see fpsa_jax.attention).
+    """
+
+    config: WanConfig
+    attention_impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, latents: Array, timesteps: Array, context: Array,
+                 attention: FPSAConfig | None = None, deterministic: bool = True) -> Array:
+        del deterministic  # Wan has no dropout; kept for the familiar Flax signature.
+        cfg = self.config
+        dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        b, f, h, w, _ = _check_inputs(cfg, latents, timesteps, context)
+        pt, ph, pw = cfg.patch_size
+        grid = (f // pt, h // ph, w // pw)
+        timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (b,))
+
+        # Patchify as a matmul: rows of the kernel ordered (pt, ph, pw, C), like Conv3d's weight.
+        x = latents.reshape(b, grid[0], pt, grid[1], ph, grid[2], pw, cfg.in_dim)
+        x = jnp.einsum("bTpHqWrc->bTHWpqrc", x).reshape(b, math.prod(grid), -1)
+        x = _dense(cfg.dim, (None, "embed"), dt, pdt, "patch_embedding")(x.astype(dt))
+        x = nn.with_logical_constraint(x.astype(_F32), ("batch", "length", "embed"))
+
+        # Time embedding and its six-way projection, float32 throughout.
+        normal = nn.initializers.normal(0.02)
+        t = sinusoidal_embedding(timesteps, cfg.freq_dim)
+        e = TwoLayerMLP(cfg.dim, nn.silu, _F32, pdt, (None, "embed"), normal,
+                        name="time_embedding")(t)
+        e0 = _dense(6 * cfg.dim, ("embed", "mlp"), _F32, pdt, "time_projection")(nn.silu(e))
+        e0 = e0.reshape(b, 6, cfg.dim)
+
+        context = fit_text_length(context, cfg.text_len).astype(dt)
+        gelu = lambda y: nn.gelu(y, approximate=True)  # noqa: E731
+        context = TwoLayerMLP(cfg.dim, gelu, dt, pdt, (None, "embed"), normal,
+                              name="text_embedding")(context)
+
+        x = _scanned_blocks(cfg, grid, attention, self.attention_impl)(x, e0, context)[0]
+        x = Head(cfg, name="head")(x, e)
+
+        # Unpatchify: the head's channels are ordered (pt, ph, pw, C), C fastest.
+        x = x.reshape(b, *grid, pt, ph, pw, cfg.out_dim)
+        x = jnp.einsum("bTHWpqrc->bTpHqWrc", x)
+        return x.reshape(b, f, h, w, cfg.out_dim)
+
+
+class TwoLayerMLP(nn.Module):
+    """Linear, activation, Linear (the time and text embeddings), keys linear_1 / linear_2."""
+
+    features: int
+    activation: Any
+    dtype: Any
+    param_dtype: Any
+    in_axes: tuple[str | None, str | None]
+    init: Any
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        x = _dense(self.features, self.in_axes, self.dtype, self.param_dtype, "linear_1",
+                   self.init)(x.astype(self.dtype))
+        return _dense(self.features, ("mlp", "embed"), self.dtype, self.param_dtype, "linear_2",
+                      self.init)(self.activation(x))
+
+
+class Head(nn.Module):
+    """Output head: LayerNorm modulated by (head.modulation + e), then Linear to patch * out_dim."""
+
+    config: WanConfig
+
+    @nn.compact
+    def __call__(self, x: Array, e: Array) -> Array:
+        """x: [B, L, dim] float32; e: [B, dim] float32 (time embedding before SiLU)."""
+        cfg = self.config
+        pdt = jnp.dtype(cfg.param_dtype)
+        modulation = self.param(
+            "modulation",
+            nn.with_logical_partitioning(nn.initializers.normal(cfg.dim ** -0.5), (None, "embed")),
+            (2, cfg.dim), pdt)
+        mods = modulation.astype(_F32)[None] + e[:, None, :]
+        shift, scale = mods[:, 0:1], mods[:, 1:2]
+        x = layer_norm(x, cfg.eps) * (1 + scale) + shift
+        # Zero-initialised like the original, so a fresh model predicts zeros.
+        return _dense(cfg.out_dim * cfg.patch_volume, ("embed", None), _F32, pdt, "head",
+                      nn.initializers.zeros)(x)
+
+
+def _scanned_blocks(cfg: WanConfig, grid: tuple[int, int, int],
+                    attention: FPSAConfig | None, attention_impl: str) -> nn.Module:
+    block = WanBlock
+    if cfg.remat != "none":
+        block = nn.remat(WanBlock, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
+    scanned = nn.scan(
+        block,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=(nn.broadcast, nn.broadcast),
+        length=cfg.num_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )
+    return scanned(cfg, grid, attention, attention_impl, name="blocks")
+
+
+def _check_inputs(cfg: WanConfig, latents: Array, timesteps: Array,
+                  context: Array) -> tuple[int, int, int, int, int]:
+    if latents.ndim != 5:
+        raise ValueError(f"latents must be [B, F, H, W, C] (channels last), got shape "
+                         f"{latents.shape}")
+    b, f, h, w, c = latents.shape
+    if c != cfg.in_dim:
+        raise ValueError(f"latents have {c} channels but the model expects in_dim={cfg.in_dim} "
+                         f"(shape {latents.shape}; latents are channels-last [B, F, H, W, C])")
+    for axis, size, p in zip("FHW", (f, h, w), cfg.patch_size, strict=True):
+        if size % p:
+            raise ValueError(f"latent {axis}={size} is not a multiple of the patch size {p} "
+                             f"along {axis} (patch_size={cfg.patch_size}); latent height and "
+                             f"width must be even")
+    if jnp.ndim(timesteps) not in (0, 1) or (jnp.ndim(timesteps) == 1
+                                            and jnp.shape(timesteps)[0] not in (1, b)):
+        raise ValueError(f"timesteps must be a scalar or [B={b}], got shape "
+                         f"{jnp.shape(timesteps)}")
+    if context.ndim != 3 or context.shape[0] != b or context.shape[2] != cfg.text_dim:
+        raise ValueError(f"context must be [B={b}, Lt, text_dim={cfg.text_dim}], got shape "
+                         f"{context.shape}")
+    return b, f, h, w, c
+
+
+def init_params(config: WanConfig, rng: Array, latent_shape: tuple[int, ...] = (1, 1, 2, 2)):
+    """Fresh parameters as a plain pytree (logical-axis boxes removed).
+
+    latent_shape: (B, F, H, W) of the dummy input used to trace the model; parameter shapes do not
+    depend on it.
+    """
+    latents, timesteps, context = _dummy_inputs(config, latent_shape)
+    variables = WanModel(config).init(rng, latents, timesteps, context)
+    return nn.meta.unbox(variables["params"])
+
+
+def param_logical_axes(config: WanConfig):
+    """The logical axis names of every parameter, a pytree of `jax.sharding.PartitionSpec`."""
+    latents, timesteps, context = _dummy_inputs(config, (1, 1, 2, 2))
+    abstract = jax.eval_shape(WanModel(config).init, jax.random.key(0), latents, timesteps,
+                              context)
+    return nn.get_partition_spec(abstract["params"])
+
+
+def _dummy_inputs(config: WanConfig, latent_shape: tuple[int, ...]):
+    b, f, h, w = latent_shape
+    latents = jnp.zeros((b, f, h, w, config.in_dim), _F32)
+    return latents, jnp.zeros((b,), _F32), jnp.zeros((b, 1, config.text_dim), _F32)
