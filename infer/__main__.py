@@ -34,6 +34,20 @@ def _parse_size(size: str) -> tuple[int, int]:
     return width, height
 
 
+def _load_weights(path: str):
+    """A directory written by `python -m fpsa_jax.convert`, else any Wan2.1 DiT checkpoint."""
+    from pathlib import Path
+
+    from fpsa_jax.convert import CheckpointError, load_converted, load_wan_checkpoint
+
+    try:
+        if (Path(path) / "params").is_dir() and (Path(path) / "config.json").is_file():
+            return load_converted(path)
+        return load_wan_checkpoint(path)
+    except CheckpointError as e:
+        raise app.UsageError(f"--ckpt_dir {path}: {e}") from None
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -49,8 +63,7 @@ def main(argv):
 
     key = jax.random.key(_BASE_SEED.value)
     if _CKPT_DIR.value:
-        from fpsa_jax.convert import load_checkpoint_any
-        config, params = load_checkpoint_any(_CKPT_DIR.value)
+        config, params = _load_weights(_CKPT_DIR.value)
         source = _CKPT_DIR.value
     else:
         config = WanConfig.preset(_TASK.value)
@@ -83,6 +96,8 @@ def main(argv):
     print(f"  output {out.shape} {out.dtype}, mean {float(out.mean()):+.4f}, "
           f"std {float(out.std()):.4f}, finite: {bool(jnp.isfinite(out).all())}")
     print(f"  time: {first:.2f} s first call (with compilation), {second * 1e3:.1f} ms second")
+    if not _CKPT_DIR.value:
+        print("  (fresh weights: Wan zero-initialises the output head, so the prediction is zero)")
     print("  (video sampling arrives with the sampler; this run checks the model end to end)")
 
 

@@ -1,0 +1,54 @@
+"""Converts a PyTorch Wan2.1 DiT checkpoint into an orbax checkpoint + config.json.
+
+  python -m fpsa_jax.convert --src /ckpt/Wan2.1-T2V-1.3B --dst /ckpt/wan-1.3b-jax
+"""
+
+from __future__ import annotations
+
+import time
+
+from absl import app, flags
+
+from fpsa_jax.convert.checkpoint import read_wan_checkpoint
+from fpsa_jax.convert.errors import CheckpointError
+from fpsa_jax.convert.export import check_destination, save_converted
+
+_SRC = flags.DEFINE_string(
+    "src", None, "Checkpoint to convert: a .safetensors file, a *.safetensors.index.json, a "
+    ".pth/.pt file, or a model directory (Wan2.1 repo, diffusers repo root or its transformer/ "
+    "folder). Original and diffusers key layouts are detected automatically.", required=True)
+_DST = flags.DEFINE_string(
+    "dst", None, "Output directory; receives params/ (orbax) and config.json. Written "
+    "atomically through a sibling temp directory.", required=True)
+_DTYPE = flags.DEFINE_enum(
+    "dtype", "bfloat16", ["bfloat16", "float32", "float16"],
+    "Dtype the parameters are stored in; also recorded as the config's param_dtype.")
+_NUM_HEADS = flags.DEFINE_integer(
+    "num_heads", None, "Attention heads, needed only when the checkpoint has no config.json "
+    "beside it and dim is not a multiple of 128 (otherwise dim // 128).", lower_bound=1)
+_OVERWRITE = flags.DEFINE_bool(
+    "overwrite", False, "Replace --dst when it already exists and is not empty.")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    start = time.perf_counter()
+    try:
+        dst = check_destination(_DST.value, _OVERWRITE.value)  # fail before the long read
+        loaded = read_wan_checkpoint(_SRC.value, _DTYPE.value, num_heads=_NUM_HEADS.value)
+        save_converted(dst, loaded.config, loaded.params, overwrite=_OVERWRITE.value)
+    except (CheckpointError, FileExistsError) as e:
+        # Errors about the user's files: a message, not a traceback.
+        raise SystemExit(f"error: {e}") from e
+    c = loaded.config
+    print(f"read      {loaded.description} ({loaded.layout} key layout)")
+    print(f"config    dim={c.dim} ffn_dim={c.ffn_dim} heads={c.num_heads} layers={c.num_layers} "
+          f"in/out={c.in_dim}/{c.out_dim} text_dim={c.text_dim} patch={c.patch_size} "
+          f"qk_norm={c.qk_norm} cross_attn_norm={c.cross_attn_norm}")
+    print(f"params    {c.num_params():,} in {_DTYPE.value}")
+    print(f"wrote     {dst} in {time.perf_counter() - start:.1f} s")
+
+
+if __name__ == "__main__":
+    app.run(main)
