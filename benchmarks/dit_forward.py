@@ -11,6 +11,7 @@ synchronised with block_until_ready.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 
@@ -30,7 +31,7 @@ CASES = {
 
 def _random_weights(config: WanConfig, key: jax.Array):
     """Random normal weights of the right shapes, made on device without a zero-init copy."""
-    shapes = jax.eval_shape(init_params, config, key)
+    shapes = jax.eval_shape(functools.partial(init_params, config), key)
     leaves, tree = jax.tree_util.tree_flatten_with_path(shapes)
     keys = jax.random.split(key, len(leaves))
     out = []

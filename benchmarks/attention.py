@@ -1,0 +1,172 @@
+"""FPSA attention kernel benchmark: `xla` at several window sparsities against dense cuDNN.
+
+    python benchmarks/attention.py                 # 1.3B/480p and 14B/720p shapes (H100)
+    python benchmarks/attention.py --quick         # small shapes; runs on CPU (skips cuDNN)
+    python benchmarks/attention.py --out rows.json # also write rows (.json or .md)
+
+Forward only, bf16 random-normal inputs, B = 1, D = 128. Reports the median of --iters timed
+runs after warm-up, each synchronised with block_until_ready. Dense-equivalent TFLOP/s counts
+4 * B * N * L^2 * D flops whatever the sparsity; effective TFLOP/s multiplies it by the density.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from fpsa_jax.attention import FPSAConfig, fpsa_attention
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    name: str
+    grid: tuple[int, int, int]
+    heads: int
+    head_dim: int = 128
+    batch: int = 1
+
+    @property
+    def tokens(self) -> int:
+        return math.prod(self.grid)
+
+
+FULL_SHAPES = (Shape("1.3B-480p", (21, 30, 52), 12), Shape("14B-720p", (21, 45, 80), 40))
+QUICK_SHAPES = (Shape("quick", (4, 8, 8), 2, head_dim=64),)
+TILE = (3, 8, 8)
+QUICK_TILE = (2, 4, 4)
+TARGET_SPARSITIES = (0.5, 0.75, 0.9)
+
+
+def pick_window(grid, tile, sparsity):
+    """The window (in tiles) whose density is closest to 1 - sparsity, preferring cube-like ones."""
+    n = [math.ceil(g / t) for g, t in zip(grid, tile, strict=True)]
+    best = None
+    for wt in range(1, n[0] + 1):
+        for wh in range(1, n[1] + 1):
+            for ww in range(1, n[2] + 1):
+                density = wt * wh * ww / math.prod(n)
+                # Tie-break on the spread of per-axis coverage so windows stay roughly isotropic.
+                cover = (wt / n[0], wh / n[1], ww / n[2])
+                key = (abs(density - (1 - sparsity)), max(cover) - min(cover))
+                if best is None or key < best[0]:
+                    best = (key, (wt, wh, ww))
+    return best[1]
+
+
+def time_fn(fn, args, warmup, iters):
+    """Median seconds of `iters` synchronised calls after `warmup` calls (compilation included)."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def cases(shape, tile, quant):
+    """(impl, config, label) triples for one shape."""
+    yield "cudnn", None, "dense"
+    yield "cudnn_fp8", None, "dense"
+    yield "xla", None, "dense"
+    for s in TARGET_SPARSITIES:
+        window = pick_window(shape.grid, tile, s)
+        for q in quant:
+            yield "xla", FPSAConfig(tile=tile, window=window, quant=q), f"{window} {q}"
+
+
+def run(args) -> list[dict]:
+    shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
+    tile = QUICK_TILE if args.quick else TILE
+    on_gpu = jax.default_backend() == "gpu"
+    rows = []
+    for shape in shapes:
+        b, n, d, length = shape.batch, shape.heads, shape.head_dim, shape.tokens
+        keys = jax.random.split(jax.random.key(0), 3)
+        q, k, v = (jax.random.normal(kk, (b, length, n, d), jnp.bfloat16) for kk in keys)
+        dense_flops = 4 * b * n * length * length * d
+        for impl, config, label in cases(shape, tile, args.quant):
+            if impl.startswith("cudnn") and not on_gpu:
+                print(f"skip {impl} on {shape.name}: needs a GPU (backend {jax.default_backend()})")
+                continue
+            fn = jax.jit(
+                lambda q, k, v, impl=impl, config=config, grid=shape.grid: fpsa_attention(
+                    q, k, v, grid=grid, config=config, impl=impl
+                )
+            )
+            try:
+                t = time_fn(fn, (q, k, v), args.warmup, args.iters)
+            except Exception as e:  # noqa: BLE001 - report and go on with the other rows
+                print(f"FAILED {impl} {shape.name} {label}: {type(e).__name__}: {e}")
+                continue
+            density = 1.0 if config is None else config.density(shape.grid)
+            rows.append(
+                dict(
+                    impl=impl,
+                    shape=f"{shape.name} B{b} L{length} N{n} D{d}",
+                    window=label,
+                    density=round(density, 4),
+                    ms=round(t * 1e3, 3),
+                    dense_tflops=round(dense_flops / t / 1e12, 2),
+                    effective_tflops=round(dense_flops * density / t / 1e12, 2),
+                )
+            )
+            print(format_row(rows[-1]), flush=True)
+    return rows
+
+
+COLUMNS = ("impl", "shape", "window", "density", "ms", "dense_tflops", "effective_tflops")
+
+
+def format_row(row) -> str:
+    return " | ".join(str(row[c]) for c in COLUMNS)
+
+
+def markdown(rows, meta) -> str:
+    lines = [f"<!-- {json.dumps(meta)} -->", "| " + " | ".join(COLUMNS) + " |"]
+    lines.append("|" + "---|" * len(COLUMNS))
+    lines += ["| " + format_row(r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small shapes (CPU smoke test)")
+    p.add_argument("--iters", type=int, default=10, help="timed runs (median reported)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed runs first (compiles)")
+    p.add_argument("--quant", nargs="+", default=["none", "fp8"], choices=["none", "fp8"])
+    p.add_argument("--out", type=Path, help="write rows to this .json or .md file")
+    args = p.parse_args(argv)
+    if args.iters < 1 or args.warmup < 1:
+        p.error("--iters and --warmup must be >= 1")
+    meta = dict(
+        device=str(jax.devices()[0].device_kind),
+        backend=jax.default_backend(),
+        jax=jax.__version__,
+        date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        command=" ".join(["python"] + sys.argv),
+    )
+    print(json.dumps(meta))
+    print(" | ".join(COLUMNS))
+    rows = run(args)
+    if args.out:
+        if args.out.suffix == ".md":
+            args.out.write_text(markdown(rows, meta))
+        else:
+            args.out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
+        print(f"wrote {len(rows)} rows to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
