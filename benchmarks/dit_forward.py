@@ -64,16 +64,22 @@ def run_case(name: str, repeats: int, impl: str) -> dict:
         times.append(time.perf_counter() - start)
     stats = jax.devices()[0].memory_stats() or {}
     tokens = f * (h // 2) * (w // 2)
-    return {"case": name, "params": config.num_params(), "tokens": tokens,
-            "first_call_s": compile_s, "ms": 1e3 * statistics.median(times),
-            "min_ms": 1e3 * min(times),
-            "peak_gib": stats.get("peak_bytes_in_use", float("nan")) / 2**30}
+    return {
+        "case": name,
+        "params": config.num_params(),
+        "tokens": tokens,
+        "first_call_s": compile_s,
+        "ms": 1e3 * statistics.median(times),
+        "min_ms": 1e3 * min(times),
+        "peak_gib": stats.get("peak_bytes_in_use", float("nan")) / 2**30,
+    }
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", nargs="+", default=["1.3b-480p", "14b-720p"],
-                        choices=sorted(CASES))
+    parser.add_argument(
+        "--cases", nargs="+", default=["1.3b-480p", "14b-720p"], choices=sorted(CASES)
+    )
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per case")
     parser.add_argument("--impl", default="auto", help="self-attention impl (cudnn on GPU)")
     args = parser.parse_args()
@@ -82,8 +88,10 @@ def main():
     print("| case | params | tokens | ms / forward (median) | min ms | first call s | peak GiB |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['case']} | {r['params'] / 1e9:.2f}B | {r['tokens']:,} | {r['ms']:.1f} | "
-              f"{r['min_ms']:.1f} | {r['first_call_s']:.1f} | {r['peak_gib']:.1f} |")
+        print(
+            f"| {r['case']} | {r['params'] / 1e9:.2f}B | {r['tokens']:,} | {r['ms']:.1f} | "
+            f"{r['min_ms']:.1f} | {r['first_call_s']:.1f} | {r['peak_gib']:.1f} |"
+        )
 
 
 if __name__ == "__main__":

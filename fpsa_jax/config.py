@@ -45,8 +45,17 @@ class WanConfig:
     def __post_init__(self):
         # JSON gives lists; keep the dataclass hashable.
         object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
-        for name in ("dim", "ffn_dim", "num_heads", "num_layers", "in_dim", "out_dim",
-                     "text_dim", "text_len", "freq_dim"):
+        for name in (
+            "dim",
+            "ffn_dim",
+            "num_heads",
+            "num_layers",
+            "in_dim",
+            "out_dim",
+            "text_dim",
+            "text_len",
+            "freq_dim",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"WanConfig.{name} must be a positive int, got {value!r}")
@@ -54,19 +63,22 @@ class WanConfig:
             raise ValueError(f"WanConfig.patch_size must be 3 positive ints, got {self.patch_size}")
         if self.dim % self.num_heads:
             raise ValueError(
-                f"WanConfig.dim ({self.dim}) must be divisible by num_heads ({self.num_heads})")
+                f"WanConfig.dim ({self.dim}) must be divisible by num_heads ({self.num_heads})"
+            )
         if self.head_dim % 2 or self.head_dim < 6:
             raise ValueError(
                 f"WanConfig head_dim = dim / num_heads = {self.head_dim} must be even and >= 6 "
-                "(RoPE splits it over t, h, w)")
+                "(RoPE splits it over t, h, w)"
+            )
         if self.freq_dim % 2:
             raise ValueError(f"WanConfig.freq_dim must be even, got {self.freq_dim}")
         if not self.eps > 0:
             raise ValueError(f"WanConfig.eps must be > 0, got {self.eps}")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in _DTYPES:
-                raise ValueError(f"WanConfig.{name} must be one of {_DTYPES}, got "
-                                 f"{getattr(self, name)!r}")
+                raise ValueError(
+                    f"WanConfig.{name} must be one of {_DTYPES}, got {getattr(self, name)!r}"
+                )
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"WanConfig.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
 
@@ -89,11 +101,20 @@ class WanConfig:
         d, f, c = self.dim, self.ffn_dim, self.patch_volume
         linear = lambda i, o: i * o + o  # noqa: E731
         attn = 4 * linear(d, d) + (2 * d if self.qk_norm else 0)
-        block = (6 * d + 2 * attn + (2 * d if self.cross_attn_norm else 0)
-                 + linear(d, f) + linear(f, d))
-        return (linear(self.in_dim * c, d) + linear(self.text_dim, d) + linear(d, d)
-                + linear(self.freq_dim, d) + linear(d, d) + linear(d, 6 * d)
-                + self.num_layers * block + 2 * d + linear(d, self.out_dim * c))
+        block = (
+            6 * d + 2 * attn + (2 * d if self.cross_attn_norm else 0) + linear(d, f) + linear(f, d)
+        )
+        return (
+            linear(self.in_dim * c, d)
+            + linear(self.text_dim, d)
+            + linear(d, d)
+            + linear(self.freq_dim, d)
+            + linear(d, d)
+            + linear(d, 6 * d)
+            + self.num_layers * block
+            + 2 * d
+            + linear(d, self.out_dim * c)
+        )
 
     # -- presets and (de)serialisation ---------------------------------------------------
 

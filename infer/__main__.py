@@ -10,25 +10,36 @@ import time
 
 from absl import app, flags, logging
 
-_TASK = flags.DEFINE_enum("task", "tiny", ["tiny", "t2v-1.3B", "t2v-14B"],
-                          "Model preset; ignored when --ckpt_dir is given (read from the weights).")
+_TASK = flags.DEFINE_enum(
+    "task",
+    "tiny",
+    ["tiny", "t2v-1.3B", "t2v-14B"],
+    "Model preset; ignored when --ckpt_dir is given (read from the weights).",
+)
 _CKPT_DIR = flags.DEFINE_string(
-    "ckpt_dir", None,
+    "ckpt_dir",
+    None,
     "A Wan2.1 DiT checkpoint: model directory (original or diffusers layout), .safetensors file, "
     "sharded index JSON, or a directory written by `python -m fpsa_jax.convert`. "
-    "Without it, random weights of --task are used.")
-_SIZE = flags.DEFINE_string("size", "64*48", "Video size as WIDTH*HEIGHT in pixels (multiple of 16).")
+    "Without it, random weights of --task are used.",
+)
+_SIZE = flags.DEFINE_string(
+    "size", "64*48", "Video size as WIDTH*HEIGHT in pixels (multiple of 16)."
+)
 _FRAME_NUM = flags.DEFINE_integer("frame_num", 5, "Number of video frames, 4k+1.")
 _BASE_SEED = flags.DEFINE_integer("base_seed", 0, "Seed of the random latents (and weights).")
 _ATTENTION_IMPL = flags.DEFINE_string(
-    "attention_impl", "auto", "FPSA operator implementation (auto, xla, reference, cudnn, ...).")
+    "attention_impl", "auto", "FPSA operator implementation (auto, xla, reference, cudnn, ...)."
+)
 
 
 def _parse_size(size: str) -> tuple[int, int]:
     try:
         width, height = (int(s) for s in size.split("*"))
     except ValueError:
-        raise app.UsageError(f"--size must look like 832*480 (WIDTH*HEIGHT), got {size!r}") from None
+        raise app.UsageError(
+            f"--size must look like 832*480 (WIDTH*HEIGHT), got {size!r}"
+        ) from None
     if width <= 0 or height <= 0 or width % 16 or height % 16:
         raise app.UsageError(f"--size {size}: width and height must be positive multiples of 16")
     return width, height
@@ -68,8 +79,10 @@ def main(argv):
     else:
         config = WanConfig.preset(_TASK.value)
         if _TASK.value == "tiny":
-            logging.warning("No --ckpt_dir: using RANDOM weights of the tiny preset. The embedded "
-                            "trained demo model and the sampler arrive in later releases.")
+            logging.warning(
+                "No --ckpt_dir: using RANDOM weights of the tiny preset. The embedded "
+                "trained demo model and the sampler arrive in later releases."
+            )
         params = init_params(config, key)
         source = f"random {_TASK.value} weights"
 
@@ -89,12 +102,19 @@ def main(argv):
     out = jax.block_until_ready(forward(params, latents, timesteps, context))
     second = time.perf_counter() - start
 
-    grid = (shape[1] // config.patch_size[0], shape[2] // config.patch_size[1],
-            shape[3] // config.patch_size[2])
-    print(f"DiT forward ({source}): {config.num_params():,} parameters, "
-          f"latents {shape} -> token grid {grid} = {grid[0] * grid[1] * grid[2]} tokens")
-    print(f"  output {out.shape} {out.dtype}, mean {float(out.mean()):+.4f}, "
-          f"std {float(out.std()):.4f}, finite: {bool(jnp.isfinite(out).all())}")
+    grid = (
+        shape[1] // config.patch_size[0],
+        shape[2] // config.patch_size[1],
+        shape[3] // config.patch_size[2],
+    )
+    print(
+        f"DiT forward ({source}): {config.num_params():,} parameters, "
+        f"latents {shape} -> token grid {grid} = {grid[0] * grid[1] * grid[2]} tokens"
+    )
+    print(
+        f"  output {out.shape} {out.dtype}, mean {float(out.mean()):+.4f}, "
+        f"std {float(out.std()):.4f}, finite: {bool(jnp.isfinite(out).all())}"
+    )
     print(f"  time: {first:.2f} s first call (with compilation), {second * 1e3:.1f} ms second")
     if not _CKPT_DIR.value:
         print("  (fresh weights: Wan zero-initialises the output head, so the prediction is zero)")

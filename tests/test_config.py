@@ -10,11 +10,14 @@ from fpsa_jax.config import WanConfig
 from fpsa_jax.model.wan import WanModel, _dummy_inputs
 
 
-@pytest.mark.parametrize("name,expected", [("t2v-1.3b", 1_418_996_800),
-                                           ("t2v-14b", 14_288_491_584)])
+@pytest.mark.parametrize(
+    "name,expected", [("t2v-1.3b", 1_418_996_800), ("t2v-14b", 14_288_491_584)]
+)
 def test_presets_have_the_published_parameter_count(name, expected):
     cfg = WanConfig.preset(name)
-    shapes = jax.eval_shape(WanModel(cfg).init, jax.random.key(0), *_dummy_inputs(cfg, (1, 1, 2, 2)))
+    shapes = jax.eval_shape(
+        WanModel(cfg).init, jax.random.key(0), *_dummy_inputs(cfg, (1, 1, 2, 2))
+    )
     counted = sum(math.prod(x.shape) for x in jax.tree.leaves(nn.meta.unbox(shapes)))
     assert counted == expected
     assert cfg.num_params() == expected
@@ -31,16 +34,19 @@ def test_json_round_trip(tmp_path):
     assert hash(cfg) == hash(WanConfig.from_json(cfg.to_json()))
 
 
-@pytest.mark.parametrize("changes,message", [
-    ({"dim": 0}, "dim must be a positive int"),
-    ({"num_heads": 5}, "divisible by num_heads"),
-    ({"dim": 8, "num_heads": 2}, "head_dim"),
-    ({"patch_size": (1, 2)}, "patch_size"),
-    ({"dtype": "int8"}, "dtype must be one of"),
-    ({"remat": "sometimes"}, "remat must be one of"),
-    ({"eps": 0.0}, "eps"),
-    ({"freq_dim": 7}, "freq_dim"),
-])
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        ({"dim": 0}, "dim must be a positive int"),
+        ({"num_heads": 5}, "divisible by num_heads"),
+        ({"dim": 8, "num_heads": 2}, "head_dim"),
+        ({"patch_size": (1, 2)}, "patch_size"),
+        ({"dtype": "int8"}, "dtype must be one of"),
+        ({"remat": "sometimes"}, "remat must be one of"),
+        ({"eps": 0.0}, "eps"),
+        ({"freq_dim": 7}, "freq_dim"),
+    ],
+)
 def test_invalid_fields_are_named(changes, message):
     with pytest.raises(ValueError, match=message):
         WanConfig.preset("tiny", **changes)

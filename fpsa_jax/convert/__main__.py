@@ -1,6 +1,6 @@
 """Converts a PyTorch Wan2.1 DiT checkpoint into an orbax checkpoint + config.json.
 
-  python -m fpsa_jax.convert --src /ckpt/Wan2.1-T2V-1.3B --dst /ckpt/wan-1.3b-jax
+python -m fpsa_jax.convert --src /ckpt/Wan2.1-T2V-1.3B --dst /ckpt/wan-1.3b-jax
 """
 
 from __future__ import annotations
@@ -14,20 +14,36 @@ from fpsa_jax.convert.errors import CheckpointError
 from fpsa_jax.convert.export import check_destination, save_converted
 
 _SRC = flags.DEFINE_string(
-    "src", None, "Checkpoint to convert: a .safetensors file, a *.safetensors.index.json, a "
+    "src",
+    None,
+    "Checkpoint to convert: a .safetensors file, a *.safetensors.index.json, a "
     ".pth/.pt file, or a model directory (Wan2.1 repo, diffusers repo root or its transformer/ "
-    "folder). Original and diffusers key layouts are detected automatically.", required=True)
+    "folder). Original and diffusers key layouts are detected automatically.",
+    required=True,
+)
 _DST = flags.DEFINE_string(
-    "dst", None, "Output directory; receives params/ (orbax) and config.json. Written "
-    "atomically through a sibling temp directory.", required=True)
+    "dst",
+    None,
+    "Output directory; receives params/ (orbax) and config.json. Written "
+    "atomically through a sibling temp directory.",
+    required=True,
+)
 _DTYPE = flags.DEFINE_enum(
-    "dtype", "bfloat16", ["bfloat16", "float32", "float16"],
-    "Dtype the parameters are stored in; also recorded as the config's param_dtype.")
+    "dtype",
+    "bfloat16",
+    ["bfloat16", "float32", "float16"],
+    "Dtype the parameters are stored in; also recorded as the config's param_dtype.",
+)
 _NUM_HEADS = flags.DEFINE_integer(
-    "num_heads", None, "Attention heads, needed only when the checkpoint has no config.json "
-    "beside it and dim is not a multiple of 128 (otherwise dim // 128).", lower_bound=1)
+    "num_heads",
+    None,
+    "Attention heads, needed only when the checkpoint has no config.json "
+    "beside it and dim is not a multiple of 128 (otherwise dim // 128).",
+    lower_bound=1,
+)
 _OVERWRITE = flags.DEFINE_bool(
-    "overwrite", False, "Replace --dst when it already exists and is not empty.")
+    "overwrite", False, "Replace --dst when it already exists and is not empty."
+)
 
 
 def main(argv: list[str]) -> None:
@@ -43,9 +59,11 @@ def main(argv: list[str]) -> None:
         raise SystemExit(f"error: {e}") from e
     c = loaded.config
     print(f"read      {loaded.description} ({loaded.layout} key layout)")
-    print(f"config    dim={c.dim} ffn_dim={c.ffn_dim} heads={c.num_heads} layers={c.num_layers} "
-          f"in/out={c.in_dim}/{c.out_dim} text_dim={c.text_dim} patch={c.patch_size} "
-          f"qk_norm={c.qk_norm} cross_attn_norm={c.cross_attn_norm}")
+    print(
+        f"config    dim={c.dim} ffn_dim={c.ffn_dim} heads={c.num_heads} layers={c.num_layers} "
+        f"in/out={c.in_dim}/{c.out_dim} text_dim={c.text_dim} patch={c.patch_size} "
+        f"qk_norm={c.qk_norm} cross_attn_norm={c.cross_attn_norm}"
+    )
     print(f"params    {c.num_params():,} in {_DTYPE.value}")
     print(f"wrote     {dst} in {time.perf_counter() - start:.1f} s")
 

@@ -34,11 +34,31 @@ _SHAPE_KEYS = {
     "head.head.weight": 2,  # [out_dim * P, D]
 }
 # config.json fields (original names / diffusers names) -> WanConfig fields.
-_ORIGINAL_JSON = {f: f for f in ("dim", "ffn_dim", "in_dim", "out_dim", "text_dim", "freq_dim",
-                                 "num_layers", "patch_size", "qk_norm", "cross_attn_norm")}
-_DIFFUSERS_JSON = {"in_channels": "in_dim", "out_channels": "out_dim", "text_dim": "text_dim",
-                   "freq_dim": "freq_dim", "ffn_dim": "ffn_dim", "num_layers": "num_layers",
-                   "patch_size": "patch_size", "cross_attn_norm": "cross_attn_norm"}
+_ORIGINAL_JSON = {
+    f: f
+    for f in (
+        "dim",
+        "ffn_dim",
+        "in_dim",
+        "out_dim",
+        "text_dim",
+        "freq_dim",
+        "num_layers",
+        "patch_size",
+        "qk_norm",
+        "cross_attn_norm",
+    )
+}
+_DIFFUSERS_JSON = {
+    "in_channels": "in_dim",
+    "out_channels": "out_dim",
+    "text_dim": "text_dim",
+    "freq_dim": "freq_dim",
+    "ffn_dim": "ffn_dim",
+    "num_layers": "num_layers",
+    "patch_size": "patch_size",
+    "cross_attn_norm": "cross_attn_norm",
+}
 
 
 @dataclasses.dataclass
@@ -52,8 +72,9 @@ class LoadedCheckpoint:
     description: str
 
 
-def load_wan_checkpoint(path: str | Path, dtype: Any = jnp.bfloat16, *,
-                        num_heads: int | None = None) -> tuple[WanConfig, dict[str, Any]]:
+def load_wan_checkpoint(
+    path: str | Path, dtype: Any = jnp.bfloat16, *, num_heads: int | None = None
+) -> tuple[WanConfig, dict[str, Any]]:
     """Loads a Wan2.1 text-to-video DiT checkpoint as (WanConfig, Flax params).
 
     Args:
@@ -77,8 +98,9 @@ def load_wan_checkpoint(path: str | Path, dtype: Any = jnp.bfloat16, *,
     return loaded.config, loaded.params
 
 
-def read_wan_checkpoint(path: str | Path, dtype: Any = jnp.bfloat16, *,
-                        num_heads: int | None = None) -> LoadedCheckpoint:
+def read_wan_checkpoint(
+    path: str | Path, dtype: Any = jnp.bfloat16, *, num_heads: int | None = None
+) -> LoadedCheckpoint:
     """`load_wan_checkpoint` plus what the CLI reports (layout, files read)."""
     dtype_name = _dtype_name(dtype)
     source = open_source(path)
@@ -88,35 +110,48 @@ def read_wan_checkpoint(path: str | Path, dtype: Any = jnp.bfloat16, *,
         if layout is None:
             raise CheckpointError(
                 f"{source.description} does not look like a Wan2.1 DiT checkpoint: none of its "
-                f"{len(names)} keys is a Wan key ({format_keys(names)})")
+                f"{len(names)} keys is a Wan key ({format_keys(names)})"
+            )
         _reject_image_to_video(names, layout, source.config_json)
         original_to_file, unknown = _original_names(names, layout)
         shapes = {k: reader.shape(f) for k, f in original_to_file.items()}
-        config = infer_config(shapes, source.config_json, num_heads=num_heads,
-                              param_dtype=dtype_name)
+        config = infer_config(
+            shapes, source.config_json, num_heads=num_heads, param_dtype=dtype_name
+        )
         _validate(config, original_to_file, unknown, shapes)
         params = _convert(reader, original_to_file, config, np.dtype(dtype_name))
     return LoadedCheckpoint(config, params, layout, source.description)
 
 
-def infer_config(shapes: dict[str, tuple[int, ...]], config_json: dict[str, Any] | None, *,
-                 num_heads: int | None, param_dtype: str) -> WanConfig:
+def infer_config(
+    shapes: dict[str, tuple[int, ...]],
+    config_json: dict[str, Any] | None,
+    *,
+    num_heads: int | None,
+    param_dtype: str,
+) -> WanConfig:
     """WanConfig from original-name tensor shapes, cross-checked against `config_json`."""
     missing = [k for k in _SHAPE_KEYS if k not in shapes]
     if missing:
-        raise CheckpointError("cannot infer the model config: missing keys (original names) "
-                              f"{format_keys(missing)}")
+        raise CheckpointError(
+            f"cannot infer the model config: missing keys (original names) {format_keys(missing)}"
+        )
     for key, ndim in _SHAPE_KEYS.items():
         if len(shapes[key]) != ndim:
-            raise CheckpointError(f"key {key!r}: expected a {ndim}-d tensor, found shape "
-                                  f"{shapes[key]}")
+            raise CheckpointError(
+                f"key {key!r}: expected a {ndim}-d tensor, found shape {shapes[key]}"
+            )
     dim, in_dim, *patch = shapes["patch_embedding.weight"]
     head_rows = shapes["head.head.weight"][0]
     if head_rows % math.prod(patch):
-        raise CheckpointError(f"key 'head.head.weight': {head_rows} output rows is not a "
-                              f"multiple of the patch volume {math.prod(patch)} (patch {patch})")
+        raise CheckpointError(
+            f"key 'head.head.weight': {head_rows} output rows is not a "
+            f"multiple of the patch volume {math.prod(patch)} (patch {patch})"
+        )
     inferred = dict(
-        dim=dim, in_dim=in_dim, patch_size=tuple(patch),
+        dim=dim,
+        in_dim=in_dim,
+        patch_size=tuple(patch),
         text_dim=shapes["text_embedding.0.weight"][1],
         freq_dim=shapes["time_embedding.0.weight"][1],
         ffn_dim=shapes["blocks.0.ffn.0.weight"][0],
@@ -126,12 +161,15 @@ def infer_config(shapes: dict[str, tuple[int, ...]], config_json: dict[str, Any]
         cross_attn_norm=any(re.fullmatch(r"blocks\.\d+\.norm3\.weight", k) for k in shapes),
     )
     declared, extra = _read_config_json(config_json)
-    mismatches = [f"{field}: config.json says {declared[field]!r}, the weights say {value!r}"
-                  for field, value in inferred.items()
-                  if field in declared and declared[field] != value]
+    mismatches = [
+        f"{field}: config.json says {declared[field]!r}, the weights say {value!r}"
+        for field, value in inferred.items()
+        if field in declared and declared[field] != value
+    ]
     if mismatches:
-        raise CheckpointError("config.json disagrees with the tensor shapes: "
-                              + "; ".join(mismatches))
+        raise CheckpointError(
+            "config.json disagrees with the tensor shapes: " + "; ".join(mismatches)
+        )
     inferred["num_heads"] = _num_heads(dim, declared.get("num_heads"), num_heads)
     try:
         return WanConfig(**inferred, **extra, dtype="bfloat16", param_dtype=param_dtype)
@@ -145,14 +183,20 @@ def _read_config_json(config: dict[str, Any] | None) -> tuple[dict[str, Any], di
     if not config:
         return {}, {}
     if "num_attention_heads" in config:  # diffusers WanTransformer3DModel
-        declared = {ours: config[theirs] for theirs, ours in _DIFFUSERS_JSON.items()
-                    if config.get(theirs) is not None}
+        declared = {
+            ours: config[theirs]
+            for theirs, ours in _DIFFUSERS_JSON.items()
+            if config.get(theirs) is not None
+        }
         declared["num_heads"] = config["num_attention_heads"]
         if "attention_head_dim" in config:
             declared["dim"] = config["num_attention_heads"] * config["attention_head_dim"]
     elif "num_heads" in config or "dim" in config:  # original Wan2.1 WanModel
-        declared = {ours: config[theirs] for theirs, ours in _ORIGINAL_JSON.items()
-                    if config.get(theirs) is not None}
+        declared = {
+            ours: config[theirs]
+            for theirs, ours in _ORIGINAL_JSON.items()
+            if config.get(theirs) is not None
+        }
         if "num_heads" in config:
             declared["num_heads"] = config["num_heads"]
     else:
@@ -172,20 +216,26 @@ def _num_heads(dim: int, from_json: int | None, from_arg: int | None) -> int:
         return dim // _DEFAULT_HEAD_DIM
     raise CheckpointError(
         f"cannot determine num_heads: no config.json beside the weights and dim={dim} is not a "
-        f"multiple of the usual head dim {_DEFAULT_HEAD_DIM}; pass num_heads (--num_heads)")
+        f"multiple of the usual head dim {_DEFAULT_HEAD_DIM}; pass num_heads (--num_heads)"
+    )
 
 
-def _reject_image_to_video(names: set[str], layout: K.Layout,
-                           config_json: dict[str, Any] | None) -> None:
+def _reject_image_to_video(
+    names: set[str], layout: K.Layout, config_json: dict[str, Any] | None
+) -> None:
     found = [n for n in names if K.I2V_MARKERS[layout].search(n)]
     config_json = config_json or {}
-    declared = (config_json.get("model_type") in ("i2v", "flf2v")
-                or config_json.get("image_dim") is not None
-                or config_json.get("added_kv_proj_dim") is not None)
+    declared = (
+        config_json.get("model_type") in ("i2v", "flf2v")
+        or config_json.get("image_dim") is not None
+        or config_json.get("added_kv_proj_dim") is not None
+    )
     if found or declared:
         what = f"keys {format_keys(found)}" if found else "its config.json"
-        raise CheckpointError("image-to-video checkpoints are not supported (only the Wan2.1 "
-                              f"text-to-video DiT is); this one is I2V by {what}")
+        raise CheckpointError(
+            "image-to-video checkpoints are not supported (only the Wan2.1 "
+            f"text-to-video DiT is); this one is I2V by {what}"
+        )
 
 
 def _original_names(names: set[str], layout: K.Layout) -> tuple[dict[str, str], list[str]]:
@@ -202,36 +252,49 @@ def _original_names(names: set[str], layout: K.Layout) -> tuple[dict[str, str], 
     return mapping, unknown
 
 
-def _validate(config: WanConfig, original_to_file: dict[str, str], unknown: list[str],
-              shapes: dict[str, tuple[int, ...]]) -> None:
+def _validate(
+    config: WanConfig,
+    original_to_file: dict[str, str],
+    unknown: list[str],
+    shapes: dict[str, tuple[int, ...]],
+) -> None:
     expected = K.expected_keys(config)
     problems = []
     missing = expected.keys() - original_to_file.keys()
     if missing:
-        problems.append(f"missing keys ({len(missing)}, original names): "
-                        f"{format_keys(missing)}")
+        problems.append(f"missing keys ({len(missing)}, original names): {format_keys(missing)}")
     unexpected = unknown + [f for k, f in original_to_file.items() if k not in expected]
     if unexpected:
         problems.append(f"unexpected keys ({len(unexpected)}): {format_keys(unexpected)}")
-    wrong = {original_to_file[k]: (e.torch_shape, shapes[k]) for k, e in expected.items()
-             if k in shapes and shapes[k] != e.torch_shape}
+    wrong = {
+        original_to_file[k]: (e.torch_shape, shapes[k])
+        for k, e in expected.items()
+        if k in shapes and shapes[k] != e.torch_shape
+    }
     if wrong:
-        listed = [f"{name!r} expected {exp} found {got}" for name, (exp, got) in
-                  sorted(wrong.items())[:10]]
+        listed = [
+            f"{name!r} expected {exp} found {got}"
+            for name, (exp, got) in sorted(wrong.items())[:10]
+        ]
         more = f" and {len(wrong) - 10} more" if len(wrong) > 10 else ""
         problems.append(f"wrong shapes ({len(wrong)}): " + ", ".join(listed) + more)
     if problems:
-        raise CheckpointError(f"checkpoint does not match the inferred config ({_brief(config)}): "
-                              + "; ".join(problems))
+        raise CheckpointError(
+            f"checkpoint does not match the inferred config ({_brief(config)}): "
+            + "; ".join(problems)
+        )
 
 
 def _brief(c: WanConfig) -> str:
-    return (f"dim={c.dim}, ffn_dim={c.ffn_dim}, num_layers={c.num_layers}, in_dim={c.in_dim}, "
-            f"out_dim={c.out_dim}, text_dim={c.text_dim}, patch={c.patch_size}")
+    return (
+        f"dim={c.dim}, ffn_dim={c.ffn_dim}, num_layers={c.num_layers}, in_dim={c.in_dim}, "
+        f"out_dim={c.out_dim}, text_dim={c.text_dim}, patch={c.patch_size}"
+    )
 
 
-def _convert(reader: TensorReader, original_to_file: dict[str, str], config: WanConfig,
-             dtype: np.dtype) -> dict[str, Any]:
+def _convert(
+    reader: TensorReader, original_to_file: dict[str, str], config: WanConfig, dtype: np.dtype
+) -> dict[str, Any]:
     """Builds the tree leaf by leaf: each stacked `blocks` leaf is allocated once in `dtype`
     and filled layer by layer, so memory holds at most one leaf beyond the result."""
     params: dict[str, Any] = {}
@@ -241,8 +304,9 @@ def _convert(reader: TensorReader, original_to_file: dict[str, str], config: Wan
     for rel, entry in K.block_entries(config).items():
         stacked = None
         for i in range(config.num_layers):
-            layer = K.apply_transform(reader.read(original_to_file[f"blocks.{i}.{rel}"]),
-                                      entry.transform)
+            layer = K.apply_transform(
+                reader.read(original_to_file[f"blocks.{i}.{rel}"]), entry.transform
+            )
             if stacked is None:
                 stacked = np.empty((config.num_layers, *layer.shape), dtype)
             stacked[i] = layer  # casts to `dtype` (round to nearest even, as torch's .to())

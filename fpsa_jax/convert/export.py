@@ -33,13 +33,16 @@ def check_destination(dst: str | Path, overwrite: bool = False) -> Path:
     if dst.exists() and not dst.is_dir():
         raise FileExistsError(f"destination {dst} exists and is not a directory")
     if dst.is_dir() and any(dst.iterdir()) and not overwrite:
-        raise FileExistsError(f"destination {dst} exists and is not empty; pass --overwrite "
-                              "(overwrite=True) to replace it")
+        raise FileExistsError(
+            f"destination {dst} exists and is not empty; pass --overwrite "
+            "(overwrite=True) to replace it"
+        )
     return dst
 
 
-def save_converted(dst: str | Path, config: WanConfig, params: dict[str, Any], *,
-                   overwrite: bool = False) -> Path:
+def save_converted(
+    dst: str | Path, config: WanConfig, params: dict[str, Any], *, overwrite: bool = False
+) -> Path:
     """Writes `params` (tree of `param_shapes(config)`) and `config` to directory `dst`.
 
     Atomic: everything is written to a temp directory next to `dst`, then renamed to `dst`; on
@@ -67,14 +70,16 @@ def load_converted(dst: str | Path) -> tuple[WanConfig, dict[str, Any]]:
     dst = Path(dst).expanduser().absolute()
     if not (dst / CONFIG_FILE).is_file() or not (dst / PARAMS_DIR).is_dir():
         raise CheckpointNotFoundError(
-            f"{dst} is not a converted checkpoint (needs {CONFIG_FILE} and {PARAMS_DIR}/)")
+            f"{dst} is not a converted checkpoint (needs {CONFIG_FILE} and {PARAMS_DIR}/)"
+        )
     config = WanConfig.load(dst / CONFIG_FILE)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     with ocp.StandardCheckpointer() as checkpointer:
         metadata = checkpointer.metadata(dst / PARAMS_DIR).item_metadata.tree
         # An explicit target: restore onto this host's device whatever device saved it.
-        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                              metadata)
+        target = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata
+        )
         params = checkpointer.restore(dst / PARAMS_DIR, target)
     _check_tree(config, params)
     return config, params
@@ -98,11 +103,16 @@ def _move_into_place(tmp: Path, dst: Path) -> None:
 
 def _check_tree(config: WanConfig, params: dict[str, Any]) -> None:
     expected = {path: shape for path, shape in K.param_shapes(config).items()}
-    found = {tuple(k.key for k in path): tuple(leaf.shape)
-             for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
+    found = {
+        tuple(k.key for k in path): tuple(leaf.shape)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+    }
     if found != expected:
         diff = sorted(".".join(p) for p in expected.keys() ^ found.keys())
-        wrong = sorted(".".join(p) for p in expected.keys() & found.keys()
-                       if expected[p] != found[p])
-        raise CheckpointError(f"params do not match the config: keys only on one side {diff[:10]}"
-                              f", wrong shapes {wrong[:10]}")
+        wrong = sorted(
+            ".".join(p) for p in expected.keys() & found.keys() if expected[p] != found[p]
+        )
+        raise CheckpointError(
+            f"params do not match the config: keys only on one side {diff[:10]}"
+            f", wrong shapes {wrong[:10]}"
+        )

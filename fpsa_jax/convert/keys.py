@@ -40,30 +40,45 @@ _DIFFUSERS_BLOCK = (
 ) + tuple(
     (f"{d}.{dp}.", f"{o}.{op}.")
     for d, o in (("attn1", "self_attn"), ("attn2", "cross_attn"))
-    for dp, op in (("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "o"),
-                   ("norm_q", "norm_q"), ("norm_k", "norm_k"))
+    for dp, op in (
+        ("to_q", "q"),
+        ("to_k", "k"),
+        ("to_v", "v"),
+        ("to_out.0", "o"),
+        ("norm_q", "norm_q"),
+        ("norm_k", "norm_k"),
+    )
 )
 _BLOCK_KEY = re.compile(r"blocks\.(\d+)\.(.+)")
 
 # Keys that only image-to-video (and first-last-frame) models carry.
 I2V_MARKERS = {
     "original": re.compile(r"^img_emb\.|\.cross_attn\.(k_img|v_img|norm_k_img)\."),
-    "diffusers": re.compile(r"^condition_embedder\.image_embedder\.|\.attn2\.(add_k_proj|"
-                            r"add_v_proj|norm_added_k|norm_added_q)\."),
+    "diffusers": re.compile(
+        r"^condition_embedder\.image_embedder\.|\.attn2\.(add_k_proj|"
+        r"add_v_proj|norm_added_k|norm_added_q)\."
+    ),
 }
 # Keys that only one layout has; used to tell them apart.
 _LAYOUT_MARKERS = {
-    "original": re.compile(r"^(time_embedding|text_embedding|time_projection|head)\.|"
-                           r"^blocks\.\d+\.(self_attn|cross_attn|modulation)"),
-    "diffusers": re.compile(r"^(condition_embedder\.|proj_out\.|scale_shift_table$)|"
-                            r"^blocks\.\d+\.(attn1|attn2|scale_shift_table)"),
+    "original": re.compile(
+        r"^(time_embedding|text_embedding|time_projection|head)\.|"
+        r"^blocks\.\d+\.(self_attn|cross_attn|modulation)"
+    ),
+    "diffusers": re.compile(
+        r"^(condition_embedder\.|proj_out\.|scale_shift_table$)|"
+        r"^blocks\.\d+\.(attn1|attn2|scale_shift_table)"
+    ),
 }
 
 
 def detect_layout(names: set[str]) -> Layout | None:
     """'original' or 'diffusers' from the key names; None when neither layout's keys appear."""
-    found = [layout for layout, pattern in _LAYOUT_MARKERS.items()
-             if any(pattern.search(n) for n in names)]
+    found = [
+        layout
+        for layout, pattern in _LAYOUT_MARKERS.items()
+        if any(pattern.search(n) for n in names)
+    ]
     if len(found) == 2:
         raise CheckpointError("checkpoint mixes original Wan2.1 keys and diffusers keys")
     return found[0] if found else None
@@ -72,11 +87,12 @@ def detect_layout(names: set[str]) -> Layout | None:
 def diffusers_to_original(name: str) -> str | None:
     """The original name of diffusers key `name`, or None when it has no counterpart."""
     m = _BLOCK_KEY.fullmatch(name)
-    table, prefix, rest = ((_DIFFUSERS_BLOCK, f"blocks.{m[1]}.", m[2]) if m
-                           else (_DIFFUSERS_TOP, "", name))
+    table, prefix, rest = (
+        (_DIFFUSERS_BLOCK, f"blocks.{m[1]}.", m[2]) if m else (_DIFFUSERS_TOP, "", name)
+    )
     for old, new in table:
         if rest.startswith(old):
-            return prefix + new + rest[len(old):]
+            return prefix + new + rest[len(old) :]
     return None
 
 
@@ -91,16 +107,19 @@ class Entry:
 
 
 def _linear(path: tuple[str, ...], n_in: int, n_out: int, prefix: str) -> dict[str, Entry]:
-    return {f"{prefix}.weight": Entry((*path, "kernel"), "linear", (n_out, n_in)),
-            f"{prefix}.bias": Entry((*path, "bias"), "copy", (n_out,))}
+    return {
+        f"{prefix}.weight": Entry((*path, "kernel"), "linear", (n_out, n_in)),
+        f"{prefix}.bias": Entry((*path, "bias"), "copy", (n_out,)),
+    }
 
 
 def top_level_entries(cfg: WanConfig) -> dict[str, Entry]:
     """Original key -> Entry for everything outside `blocks`."""
     d, p = cfg.dim, cfg.patch_volume
     return {
-        "patch_embedding.weight": Entry(("patch_embedding", "kernel"), "conv3d",
-                                        (d, cfg.in_dim, *cfg.patch_size)),
+        "patch_embedding.weight": Entry(
+            ("patch_embedding", "kernel"), "conv3d", (d, cfg.in_dim, *cfg.patch_size)
+        ),
         "patch_embedding.bias": Entry(("patch_embedding", "bias"), "copy", (d,)),
         **_linear(("text_embedding", "linear_1"), cfg.text_dim, d, "text_embedding.0"),
         **_linear(("text_embedding", "linear_2"), d, d, "text_embedding.2"),
@@ -141,8 +160,12 @@ def expected_keys(cfg: WanConfig) -> dict[str, Entry]:
 def param_shapes(cfg: WanConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
     """Our tree path -> leaf shape; `blocks` leaves carry the leading [num_layers] axis."""
     shapes = {e.path: _flax_shape(e) for e in top_level_entries(cfg).values()}
-    shapes.update({("blocks", *e.path): (cfg.num_layers, *_flax_shape(e))
-                   for e in block_entries(cfg).values()})
+    shapes.update(
+        {
+            ("blocks", *e.path): (cfg.num_layers, *_flax_shape(e))
+            for e in block_entries(cfg).values()
+        }
+    )
     return shapes
 
 

@@ -62,8 +62,10 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
             raise CheckpointError(f"{path} is not a safetensors file (shorter than 8 bytes)")
         (header_len,) = struct.unpack("<Q", prefix)
         if header_len > min(size - 8, _MAX_HEADER_BYTES):
-            raise CheckpointError(f"{path} is not a safetensors file (header size {header_len} "
-                                  f"does not fit in a file of {size} bytes)")
+            raise CheckpointError(
+                f"{path} is not a safetensors file (header size {header_len} "
+                f"does not fit in a file of {size} bytes)"
+            )
         try:
             header = json.loads(f.read(header_len))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -82,10 +84,13 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(
                 f"{path}: unsupported or malformed header entry for {name!r}: {entry!r} "
-                f"(dtypes understood: {sorted(_DTYPES)})") from e
+                f"(dtypes understood: {sorted(_DTYPES)})"
+            ) from e
         if end - begin != math.prod(shape) * dtype.itemsize or base + end > size:
-            raise CheckpointError(f"{path}: tensor {name!r} of shape {shape} {entry['dtype']} "
-                                  f"has a byte range [{begin}, {end}) that does not match")
+            raise CheckpointError(
+                f"{path}: tensor {name!r} of shape {shape} {entry['dtype']} "
+                f"has a byte range [{begin}, {end}) that does not match"
+            )
         infos[name] = TensorInfo(path, dtype, shape, base + begin, base + end)
     return infos
 
@@ -108,8 +113,9 @@ class SafetensorsReader:
             header = read_header(file)
             dupes = infos.keys() & header.keys()
             if dupes:
-                raise CheckpointError(f"tensors {format_keys(dupes)} appear in more than one "
-                                      f"file (second: {file})")
+                raise CheckpointError(
+                    f"tensors {format_keys(dupes)} appear in more than one file (second: {file})"
+                )
             infos.update(header)
         return cls(infos)
 
@@ -122,19 +128,24 @@ class SafetensorsReader:
         try:
             weight_map = json.loads(index_path.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index_path} is not a safetensors index (needs a JSON "
-                                  f"'weight_map' of tensor name -> shard file): {e}") from e
+            raise CheckpointError(
+                f"{index_path} is not a safetensors index (needs a JSON "
+                f"'weight_map' of tensor name -> shard file): {e}"
+            ) from e
         shards = sorted(set(weight_map.values()))
         missing = [s for s in shards if not (index_path.parent / s).is_file()]
         if missing:
             raise CheckpointNotFoundError(
                 f"{index_path} references {len(missing)} shard file(s) missing from "
-                f"{index_path.parent}: {format_keys(missing)}")
+                f"{index_path.parent}: {format_keys(missing)}"
+            )
         headers = {s: read_header(index_path.parent / s) for s in shards}
         absent = [name for name, s in weight_map.items() if name not in headers[s]]
         if absent:
-            raise CheckpointError(f"{index_path} maps tensors {format_keys(absent)} to shards "
-                                  "that do not contain them")
+            raise CheckpointError(
+                f"{index_path} maps tensors {format_keys(absent)} to shards "
+                "that do not contain them"
+            )
         return cls({name: headers[s][name] for name, s in weight_map.items()})
 
     def __iter__(self) -> Iterator[str]:
@@ -148,7 +159,7 @@ class SafetensorsReader:
         info = self._infos[name]
         if info.file not in self._maps:
             self._maps[info.file] = np.memmap(info.file, dtype=np.uint8, mode="r")
-        raw = self._maps[info.file][info.start:info.end]
+        raw = self._maps[info.file][info.start : info.end]
         return raw.view(info.dtype).reshape(info.shape)
 
     def close(self) -> None:

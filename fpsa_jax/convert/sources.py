@@ -59,8 +59,10 @@ def open_source(path: str | Path) -> Source:
     elif name.endswith((".pth", ".pt")):
         reader, what = TorchReader(path), f"torch file {path}"
     else:
-        raise CheckpointError(f"{path}: expected a .safetensors, .safetensors.index.json, .pth "
-                              "or .pt file, or a model directory")
+        raise CheckpointError(
+            f"{path}: expected a .safetensors, .safetensors.index.json, .pth "
+            "or .pt file, or a model directory"
+        )
     folder = path if path.is_dir() else path.parent
     return Source(reader, _read_config_json(folder / "config.json"), what)
 
@@ -72,8 +74,10 @@ def _weights_in_directory(folder: Path) -> Path:
     if len(preferred) == 1 or len(indexes) == 1:
         return (preferred or indexes)[0]
     if len(indexes) > 1:
-        raise CheckpointError(f"{folder} holds several safetensors indexes "
-                              f"({[p.name for p in indexes]}); pass the one to convert")
+        raise CheckpointError(
+            f"{folder} holds several safetensors indexes "
+            f"({[p.name for p in indexes]}); pass the one to convert"
+        )
     files = _safetensors_files(folder)
     if len(files) == 1:
         return files[0]
@@ -81,8 +85,10 @@ def _weights_in_directory(folder: Path) -> Path:
         return folder
     if (folder / "transformer").is_dir():  # diffusers pipeline root
         return _weights_in_directory(folder / "transformer")
-    raise CheckpointError(f"no .safetensors weights found in {folder} (expected "
-                          f"{_WEIGHTS_STEM}*.safetensors, an index, or a transformer/ folder)")
+    raise CheckpointError(
+        f"no .safetensors weights found in {folder} (expected "
+        f"{_WEIGHTS_STEM}*.safetensors, an index, or a transformer/ folder)"
+    )
 
 
 def _safetensors_files(folder: Path) -> list[Path]:

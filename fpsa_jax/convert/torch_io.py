@@ -23,7 +23,8 @@ class TorchReader:
         except ImportError as e:
             raise CheckpointError(
                 f"reading {path} needs torch; install it with `pip install fpsa-jax[convert]` "
-                "or convert the checkpoint to .safetensors") from e
+                "or convert the checkpoint to .safetensors"
+            ) from e
         self._torch = torch
         try:
             state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)

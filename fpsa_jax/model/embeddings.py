@@ -26,8 +26,9 @@ def sinusoidal_embedding(timesteps: jnp.ndarray, dim: int) -> jnp.ndarray:
 
 
 @functools.lru_cache(maxsize=32)
-def rope_tables(grid: tuple[int, int, int], rope_dims: tuple[int, int, int],
-                theta: float = 10000.0) -> tuple[np.ndarray, np.ndarray]:
+def rope_tables(
+    grid: tuple[int, int, int], rope_dims: tuple[int, int, int], theta: float = 10000.0
+) -> tuple[np.ndarray, np.ndarray]:
     """cos and sin of the 3D RoPE angles for every token of a (T, H, W) grid.
 
     rope_dims: real channels rotated by the t, h and w position (e.g. 44/42/42 of 128); axis a

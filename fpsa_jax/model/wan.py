@@ -1,4 +1,4 @@
-"""The Wan2.1 text-to-video DiT in Flax linen, computing what the original `wan/modules/model.py` does.
+"""The Wan2.1 text-to-video DiT in Flax linen, computing what the original `model.py` does.
 
 Latents are channels-last [B, F, H, W, C]; after the (1, 2, 2) patchify the tokens form the grid
 (T, H', W') = (F, H/2, W/2) in row-major order, L = T * H' * W'. Matmuls and attention run in
@@ -23,8 +23,7 @@ import jax.numpy as jnp
 
 from fpsa_jax.attention import FPSAConfig, fpsa_attention
 from fpsa_jax.config import WanConfig
-from fpsa_jax.model.embeddings import apply_rope, fit_text_length, rope_tables, \
-    sinusoidal_embedding
+from fpsa_jax.model.embeddings import apply_rope, fit_text_length, rope_tables, sinusoidal_embedding
 
 Array = jax.Array
 _F32 = jnp.float32
@@ -36,14 +35,28 @@ _REMAT_POLICIES = {
 }
 
 
-def _dense(features: int, axes: tuple[str | None, str | None], dtype: Any, param_dtype: Any,
-           name: str, init: Any = nn.initializers.xavier_uniform()) -> nn.Dense:
+_XAVIER = nn.initializers.xavier_uniform()
+
+
+def _dense(
+    features: int,
+    axes: tuple[str | None, str | None],
+    dtype: Any,
+    param_dtype: Any,
+    name: str,
+    init: Any = _XAVIER,
+) -> nn.Dense:
     # float32 islands ask for full-precision dots (GPUs would otherwise use TF32).
     precision = jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == _F32 else None
     return nn.Dense(
-        features, dtype=dtype, param_dtype=param_dtype, precision=precision, name=name,
+        features,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        precision=precision,
+        name=name,
         kernel_init=nn.with_logical_partitioning(init, axes),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes[1],)))
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes[1],)),
+    )
 
 
 def layer_norm(x: Array, eps: float) -> Array:
@@ -63,10 +76,18 @@ class AffineLayerNorm(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         dim = x.shape[-1]
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
-                           (dim,), self.param_dtype)
-        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
-                          (dim,), self.param_dtype)
+        scale = self.param(
+            "scale",
+            nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+            (dim,),
+            self.param_dtype,
+        )
+        bias = self.param(
+            "bias",
+            nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+            (dim,),
+            self.param_dtype,
+        )
         return layer_norm(x, self.eps) * scale.astype(_F32) + bias.astype(_F32)
 
 
@@ -79,8 +100,12 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("heads",)),
-                           (x.shape[-1],), self.param_dtype)
+        scale = self.param(
+            "scale",
+            nn.with_logical_partitioning(nn.initializers.ones, ("heads",)),
+            (x.shape[-1],),
+            self.param_dtype,
+        )
         x32 = x.astype(_F32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), -1, keepdims=True) + self.eps)
         return normed.astype(x.dtype).astype(_F32) * scale.astype(_F32)
@@ -118,12 +143,23 @@ class Attention(nn.Module):
         if self.grid is not None:
             cos, sin = rope_tables(self.grid, cfg.rope_dims)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            out = fpsa_attention(q.astype(dt), k.astype(dt), v.astype(dt), grid=self.grid,
-                                 config=self.attention, impl=self.attention_impl)
+            out = fpsa_attention(
+                q.astype(dt),
+                k.astype(dt),
+                v.astype(dt),
+                grid=self.grid,
+                config=self.attention,
+                impl=self.attention_impl,
+            )
         else:
             precision = jax.lax.Precision.HIGHEST if dt == _F32 else None
-            logits = jnp.einsum("blnd,bknd->bnlk", q.astype(dt), k.astype(dt),
-                                preferred_element_type=_F32, precision=precision) / math.sqrt(d)
+            logits = jnp.einsum(
+                "blnd,bknd->bnlk",
+                q.astype(dt),
+                k.astype(dt),
+                preferred_element_type=_F32,
+                precision=precision,
+            ) / math.sqrt(d)
             probs = jax.nn.softmax(logits, axis=-1).astype(dt)
             out = jnp.einsum("bnlk,bknd->blnd", probs, v.astype(dt), precision=precision)
         out = nn.with_logical_constraint(out.astype(dt), ("batch", "length", "heads", "kv"))
@@ -156,14 +192,17 @@ class WanBlock(nn.Module):
     def __call__(self, x: Array, e0: Array, context: Array) -> tuple[Array, None]:
         """x: [B, L, dim] float32; e0: [B, 6, dim] float32; context: [B, text_len, dim]."""
         cfg = self.config
-        dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        pdt = jnp.dtype(cfg.param_dtype)
         modulation = self.param(
             "modulation",
-            nn.with_logical_partitioning(nn.initializers.normal(cfg.dim ** -0.5), (None, "embed")),
-            (6, cfg.dim), pdt)
+            nn.with_logical_partitioning(nn.initializers.normal(cfg.dim**-0.5), (None, "embed")),
+            (6, cfg.dim),
+            pdt,
+        )
         mods = modulation.astype(_F32)[None] + e0
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (
-            mods[:, i:i + 1] for i in range(6))
+            mods[:, i : i + 1] for i in range(6)
+        )
 
         h = layer_norm(x, cfg.eps) * (1 + scale_sa) + shift_sa
         y = Attention(cfg, self.grid, self.attention, self.attention_impl, name="self_attn")(h)
@@ -189,8 +228,14 @@ class WanModel(nn.Module):
     attention_impl: str = "auto"
 
     @nn.compact
-    def __call__(self, latents: Array, timesteps: Array, context: Array,
-                 attention: FPSAConfig | None = None, deterministic: bool = True) -> Array:
+    def __call__(
+        self,
+        latents: Array,
+        timesteps: Array,
+        context: Array,
+        attention: FPSAConfig | None = None,
+        deterministic: bool = True,
+    ) -> Array:
         del deterministic  # Wan has no dropout; kept for the familiar Flax signature.
         cfg = self.config
         dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
@@ -208,15 +253,17 @@ class WanModel(nn.Module):
         # Time embedding and its six-way projection, float32 throughout.
         normal = nn.initializers.normal(0.02)
         t = sinusoidal_embedding(timesteps, cfg.freq_dim)
-        e = TwoLayerMLP(cfg.dim, nn.silu, _F32, pdt, (None, "embed"), normal,
-                        name="time_embedding")(t)
+        e = TwoLayerMLP(
+            cfg.dim, nn.silu, _F32, pdt, (None, "embed"), normal, name="time_embedding"
+        )(t)
         e0 = _dense(6 * cfg.dim, ("embed", "mlp"), _F32, pdt, "time_projection")(nn.silu(e))
         e0 = e0.reshape(b, 6, cfg.dim)
 
         context = fit_text_length(context, cfg.text_len).astype(dt)
         gelu = lambda y: nn.gelu(y, approximate=True)  # noqa: E731
-        context = TwoLayerMLP(cfg.dim, gelu, dt, pdt, (None, "embed"), normal,
-                              name="text_embedding")(context)
+        context = TwoLayerMLP(
+            cfg.dim, gelu, dt, pdt, (None, "embed"), normal, name="text_embedding"
+        )(context)
 
         x = _scanned_blocks(cfg, grid, attention, self.attention_impl)(x, e0, context)[0]
         x = Head(cfg, name="head")(x, e)
@@ -239,10 +286,12 @@ class TwoLayerMLP(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        x = _dense(self.features, self.in_axes, self.dtype, self.param_dtype, "linear_1",
-                   self.init)(x.astype(self.dtype))
-        return _dense(self.features, ("mlp", "embed"), self.dtype, self.param_dtype, "linear_2",
-                      self.init)(self.activation(x))
+        x = _dense(
+            self.features, self.in_axes, self.dtype, self.param_dtype, "linear_1", self.init
+        )(x.astype(self.dtype))
+        return _dense(
+            self.features, ("mlp", "embed"), self.dtype, self.param_dtype, "linear_2", self.init
+        )(self.activation(x))
 
 
 class Head(nn.Module):
@@ -257,18 +306,27 @@ class Head(nn.Module):
         pdt = jnp.dtype(cfg.param_dtype)
         modulation = self.param(
             "modulation",
-            nn.with_logical_partitioning(nn.initializers.normal(cfg.dim ** -0.5), (None, "embed")),
-            (2, cfg.dim), pdt)
+            nn.with_logical_partitioning(nn.initializers.normal(cfg.dim**-0.5), (None, "embed")),
+            (2, cfg.dim),
+            pdt,
+        )
         mods = modulation.astype(_F32)[None] + e[:, None, :]
         shift, scale = mods[:, 0:1], mods[:, 1:2]
         x = layer_norm(x, cfg.eps) * (1 + scale) + shift
         # Zero-initialised like the original, so a fresh model predicts zeros.
-        return _dense(cfg.out_dim * cfg.patch_volume, ("embed", None), _F32, pdt, "head",
-                      nn.initializers.zeros)(x)
+        return _dense(
+            cfg.out_dim * cfg.patch_volume,
+            ("embed", None),
+            _F32,
+            pdt,
+            "head",
+            nn.initializers.zeros,
+        )(x)
 
 
-def _scanned_blocks(cfg: WanConfig, grid: tuple[int, int, int],
-                    attention: FPSAConfig | None, attention_impl: str) -> nn.Module:
+def _scanned_blocks(
+    cfg: WanConfig, grid: tuple[int, int, int], attention: FPSAConfig | None, attention_impl: str
+) -> nn.Module:
     block = WanBlock
     if cfg.remat != "none":
         block = nn.remat(WanBlock, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
@@ -283,27 +341,34 @@ def _scanned_blocks(cfg: WanConfig, grid: tuple[int, int, int],
     return scanned(cfg, grid, attention, attention_impl, name="blocks")
 
 
-def _check_inputs(cfg: WanConfig, latents: Array, timesteps: Array,
-                  context: Array) -> tuple[int, int, int, int, int]:
+def _check_inputs(
+    cfg: WanConfig, latents: Array, timesteps: Array, context: Array
+) -> tuple[int, int, int, int, int]:
     if latents.ndim != 5:
-        raise ValueError(f"latents must be [B, F, H, W, C] (channels last), got shape "
-                         f"{latents.shape}")
+        raise ValueError(
+            f"latents must be [B, F, H, W, C] (channels last), got shape {latents.shape}"
+        )
     b, f, h, w, c = latents.shape
     if c != cfg.in_dim:
-        raise ValueError(f"latents have {c} channels but the model expects in_dim={cfg.in_dim} "
-                         f"(shape {latents.shape}; latents are channels-last [B, F, H, W, C])")
+        raise ValueError(
+            f"latents have {c} channels but the model expects in_dim={cfg.in_dim} "
+            f"(shape {latents.shape}; latents are channels-last [B, F, H, W, C])"
+        )
     for axis, size, p in zip("FHW", (f, h, w), cfg.patch_size, strict=True):
         if size % p:
-            raise ValueError(f"latent {axis}={size} is not a multiple of the patch size {p} "
-                             f"along {axis} (patch_size={cfg.patch_size}); latent height and "
-                             f"width must be even")
-    if jnp.ndim(timesteps) not in (0, 1) or (jnp.ndim(timesteps) == 1
-                                            and jnp.shape(timesteps)[0] not in (1, b)):
-        raise ValueError(f"timesteps must be a scalar or [B={b}], got shape "
-                         f"{jnp.shape(timesteps)}")
+            raise ValueError(
+                f"latent {axis}={size} is not a multiple of the patch size {p} "
+                f"along {axis} (patch_size={cfg.patch_size}); latent height and "
+                f"width must be even"
+            )
+    if jnp.ndim(timesteps) not in (0, 1) or (
+        jnp.ndim(timesteps) == 1 and jnp.shape(timesteps)[0] not in (1, b)
+    ):
+        raise ValueError(f"timesteps must be a scalar or [B={b}], got shape {jnp.shape(timesteps)}")
     if context.ndim != 3 or context.shape[0] != b or context.shape[2] != cfg.text_dim:
-        raise ValueError(f"context must be [B={b}, Lt, text_dim={cfg.text_dim}], got shape "
-                         f"{context.shape}")
+        raise ValueError(
+            f"context must be [B={b}, Lt, text_dim={cfg.text_dim}], got shape {context.shape}"
+        )
     return b, f, h, w, c
 
 
@@ -321,8 +386,7 @@ def init_params(config: WanConfig, rng: Array, latent_shape: tuple[int, ...] = (
 def param_logical_axes(config: WanConfig):
     """The logical axis names of every parameter, a pytree of `jax.sharding.PartitionSpec`."""
     latents, timesteps, context = _dummy_inputs(config, (1, 1, 2, 2))
-    abstract = jax.eval_shape(WanModel(config).init, jax.random.key(0), latents, timesteps,
-                              context)
+    abstract = jax.eval_shape(WanModel(config).init, jax.random.key(0), latents, timesteps, context)
     return nn.get_partition_spec(abstract["params"])
 
 

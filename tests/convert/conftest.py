@@ -23,16 +23,31 @@ def diffusers_checkpoints(tmp_path_factory, state) -> dict[str, Path]:
     torch = pytest.importorskip("torch")
     diffusers = pytest.importorskip("diffusers")
     model = diffusers.WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4,
-        out_channels=4, text_dim=16, freq_dim=256, ffn_dim=32, num_layers=2,
-        cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
-    model.load_state_dict({k: torch.from_numpy(v) for k, v in to_diffusers_keys(state).items()},
-                          strict=True)
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=4,
+        out_channels=4,
+        text_dim=16,
+        freq_dim=256,
+        ffn_dim=32,
+        num_layers=2,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    )
+    model.load_state_dict(
+        {k: torch.from_numpy(v) for k, v in to_diffusers_keys(state).items()}, strict=True
+    )
     root = tmp_path_factory.mktemp("diffusers")
     model.save_pretrained(root / "single")
     model.save_pretrained(root / "sharded", max_shard_size="20KB")
     model.save_pretrained(root / "pipeline" / "transformer", max_shard_size="20KB")
     (root / "pipeline" / "model_index.json").write_text("{}")
     torch.save(model.state_dict(), root / "model.pth")
-    return {"single": root / "single", "sharded": root / "sharded",
-            "pipeline": root / "pipeline", "pth": root / "model.pth"}
+    return {
+        "single": root / "single",
+        "sharded": root / "sharded",
+        "pipeline": root / "pipeline",
+        "pth": root / "model.pth",
+    }

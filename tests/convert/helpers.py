@@ -16,8 +16,12 @@ def write_safetensors(path: Path, state: dict[str, np.ndarray]) -> Path:
     return path
 
 
-def write_sharded(folder: Path, state: dict[str, np.ndarray], num_shards: int = 3,
-                  stem: str = "diffusion_pytorch_model") -> Path:
+def write_sharded(
+    folder: Path,
+    state: dict[str, np.ndarray],
+    num_shards: int = 3,
+    stem: str = "diffusion_pytorch_model",
+) -> Path:
     """Shards `state` round-robin and writes `{stem}.safetensors.index.json`; returns the index."""
     folder.mkdir(parents=True, exist_ok=True)
     names = sorted(state)
@@ -40,5 +44,6 @@ def assert_tree_equal(actual, expected) -> None:
     for (path, a), (_, e) in zip(a_paths, e_paths, strict=True):
         a, e = np.ascontiguousarray(a), np.ascontiguousarray(e)
         assert a.dtype == e.dtype and a.shape == e.shape, (path, a.dtype, e.dtype, a.shape)
-        np.testing.assert_array_equal(a.reshape(-1).view(np.uint8), e.reshape(-1).view(np.uint8),
-                                      err_msg=str(path))
+        np.testing.assert_array_equal(
+            a.reshape(-1).view(np.uint8), e.reshape(-1).view(np.uint8), err_msg=str(path)
+        )

@@ -71,8 +71,11 @@ def test_missing_key_needed_for_inference(tmp_path, state):
 
 def test_unexpected_keys_are_listed_in_both_layouts(tmp_path, state):
     extra = {**state, "blocks.0.self_attn.extra.weight": np.ones(2, np.float32)}
-    with pytest.raises(CheckpointError, match=r"unexpected keys \(1\): "
-                                              r"'blocks.0.self_attn.extra.weight'"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"unexpected keys \(1\): "
+        r"'blocks.0.self_attn.extra.weight'",
+    ):
         _load(tmp_path, extra)
     extra = {**to_diffusers_keys(state), "blocks.0.attn1.mystery": np.ones(2, np.float32)}
     with pytest.raises(CheckpointError, match=r"unexpected keys \(1\): 'blocks.0.attn1.mystery'"):
@@ -82,8 +85,11 @@ def test_unexpected_keys_are_listed_in_both_layouts(tmp_path, state):
 def test_wrong_shape_names_key_expected_and_found(tmp_path, state):
     broken = dict(state)
     broken["blocks.1.self_attn.q.weight"] = np.ones((24, 20), np.float32)
-    with pytest.raises(CheckpointError, match=r"'blocks.1.self_attn.q.weight' expected "
-                                              r"\(24, 24\) found \(24, 20\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"'blocks.1.self_attn.q.weight' expected "
+        r"\(24, 24\) found \(24, 20\)",
+    ):
         _load(tmp_path, broken)
     broken = dict(to_diffusers_keys(state))  # named as in the file
     broken["blocks.0.attn2.to_out.0.bias"] = np.ones(5, np.float32)
@@ -106,8 +112,9 @@ def test_wrong_rank_of_an_inference_key(tmp_path, state):
 def test_missing_shard_is_named(tmp_path, state):
     index = write_sharded(tmp_path, state, num_shards=3)
     (tmp_path / "diffusion_pytorch_model-00002-of-00003.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match="missing.*'diffusion_pytorch_model-00002-of-00003"
-                                                ".safetensors'") as info:
+    with pytest.raises(
+        FileNotFoundError, match="missing.*'diffusion_pytorch_model-00002-of-00003.safetensors'"
+    ) as info:
         load_wan_checkpoint(index)
     assert isinstance(info.value, CheckpointError)
 
@@ -129,12 +136,15 @@ def test_malformed_index_is_rejected(tmp_path):
         load_wan_checkpoint(tmp_path / "m.safetensors.index.json")
 
 
-@pytest.mark.parametrize("key, diffusers", [
-    ("blocks.0.cross_attn.k_img.weight", False),
-    ("img_emb.proj.1.weight", False),
-    ("blocks.1.attn2.add_k_proj.weight", True),
-    ("condition_embedder.image_embedder.ff.net.0.proj.weight", True),
-])
+@pytest.mark.parametrize(
+    "key, diffusers",
+    [
+        ("blocks.0.cross_attn.k_img.weight", False),
+        ("img_emb.proj.1.weight", False),
+        ("blocks.1.attn2.add_k_proj.weight", True),
+        ("condition_embedder.image_embedder.ff.net.0.proj.weight", True),
+    ],
+)
 def test_image_to_video_keys_are_rejected(tmp_path, state, key, diffusers):
     file_state = to_diffusers_keys(state) if diffusers else dict(state)
     file_state[key] = np.ones((24, 24), np.float32)
@@ -161,12 +171,17 @@ def test_num_heads_argument_contradicting_config_json(tmp_path, state):
         load_wan_checkpoint(tmp_path, num_heads=3)
 
 
-@pytest.mark.parametrize("config_json, message", [
-    ({"dim": 24, "num_heads": 2, "ffn_dim": 64}, "ffn_dim: config.json says 64, the weights "
-                                                 "say 32"),
-    ({"num_attention_heads": 2, "attention_head_dim": 16}, "dim: config.json says 32"),
-    ({"num_attention_heads": 2, "patch_size": [1, 1, 1]}, "patch_size"),
-])
+@pytest.mark.parametrize(
+    "config_json, message",
+    [
+        (
+            {"dim": 24, "num_heads": 2, "ffn_dim": 64},
+            "ffn_dim: config.json says 64, the weights say 32",
+        ),
+        ({"num_attention_heads": 2, "attention_head_dim": 16}, "dim: config.json says 32"),
+        ({"num_attention_heads": 2, "patch_size": [1, 1, 1]}, "patch_size"),
+    ],
+)
 def test_config_json_disagreeing_with_shapes(tmp_path, state, config_json, message):
     write_safetensors(tmp_path / "diffusion_pytorch_model.safetensors", state)
     (tmp_path / "config.json").write_text(json.dumps(config_json))
@@ -205,8 +220,9 @@ def test_directory_with_several_indexes_asks_which_one(tmp_path, state):
         load_wan_checkpoint(tmp_path)
 
 
-@pytest.mark.parametrize("text, message", [("{nope", "not valid JSON"),
-                                           ("[1, 2]", "does not hold a JSON object")])
+@pytest.mark.parametrize(
+    "text, message", [("{nope", "not valid JSON"), ("[1, 2]", "does not hold a JSON object")]
+)
 def test_broken_config_json_is_rejected(tmp_path, state, text, message):
     write_safetensors(tmp_path / "diffusion_pytorch_model.safetensors", state)
     (tmp_path / "config.json").write_text(text)
@@ -230,8 +246,9 @@ def test_pth_that_is_not_a_state_dict(tmp_path):
 
 def test_pth_wrapped_in_state_dict_key_is_unwrapped(tmp_path, state):
     torch = pytest.importorskip("torch")
-    torch.save({"state_dict": {k: torch.from_numpy(v) for k, v in state.items()}},
-               tmp_path / "model.pt")
+    torch.save(
+        {"state_dict": {k: torch.from_numpy(v) for k, v in state.items()}}, tmp_path / "model.pt"
+    )
     config, _ = load_wan_checkpoint(tmp_path / "model.pt", num_heads=2)
     assert config.num_layers == 2
 

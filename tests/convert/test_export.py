@@ -57,8 +57,11 @@ def test_failed_save_leaves_no_destination_and_no_temp_dir(tmp_path, converted, 
 def test_failed_overwrite_keeps_the_old_destination(tmp_path, converted, monkeypatch):
     _, config, params = converted
     save_converted(tmp_path / "out", config, params)
-    monkeypatch.setattr(ocp.StandardCheckpointer, "save",
-                        lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    monkeypatch.setattr(
+        ocp.StandardCheckpointer,
+        "save",
+        lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")),
+    )
     with pytest.raises(OSError, match="disk full"):
         save_converted(tmp_path / "out", config, params, overwrite=True)
     assert os.listdir(tmp_path) == ["out"]
@@ -72,8 +75,9 @@ def test_non_empty_destination_needs_overwrite(tmp_path, converted, state):
     with pytest.raises(FileExistsError, match="not empty; pass --overwrite"):
         save_converted(tmp_path / "out", config, params)
     params32 = load_wan_checkpoint(converted[0], jnp.float32, num_heads=2)[1]
-    save_converted(tmp_path / "out", config.replace(param_dtype="float32"), params32,
-                   overwrite=True)
+    save_converted(
+        tmp_path / "out", config.replace(param_dtype="float32"), params32, overwrite=True
+    )
     assert_tree_equal(load_converted(tmp_path / "out")[1], params32)
     assert os.listdir(tmp_path) == ["out"]
     (tmp_path / "file").write_text("x")
@@ -95,8 +99,14 @@ def test_load_converted_of_a_missing_directory(tmp_path):
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    return subprocess.run([sys.executable, "-m", "fpsa_jax.convert", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "fpsa_jax.convert", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_cli_round_trip_matches_load_wan_checkpoint(tmp_path, converted):

@@ -44,10 +44,15 @@ def test_bfloat16_params_are_round_to_nearest_casts(tmp_path, state):
     assert_tree_equal(params, _cast(expected_params(state), ml_dtypes.bfloat16))
 
 
-@pytest.mark.parametrize("stored, target", [(ml_dtypes.bfloat16, jnp.float32),
-                                            (ml_dtypes.bfloat16, jnp.bfloat16),
-                                            (np.float16, jnp.float32),
-                                            (np.float16, jnp.float16)])
+@pytest.mark.parametrize(
+    "stored, target",
+    [
+        (ml_dtypes.bfloat16, jnp.float32),
+        (ml_dtypes.bfloat16, jnp.bfloat16),
+        (np.float16, jnp.float32),
+        (np.float16, jnp.float16),
+    ],
+)
 def test_half_precision_checkpoints_convert_exactly(tmp_path, state, stored, target):
     stored_state = _cast(state, stored)
     path = write_safetensors(tmp_path / "model.safetensors", stored_state)
@@ -76,10 +81,23 @@ def test_real_diffusers_save_pretrained_checkpoints(diffusers_checkpoints, state
 
 def test_sharded_index_file_and_its_directory_load_the_same(tmp_path, state):
     index = write_sharded(tmp_path / "wan", state)
-    (tmp_path / "wan" / "config.json").write_text(json.dumps(
-        {"_class_name": "WanModel", "model_type": "t2v", "dim": 24, "num_heads": 2,
-         "ffn_dim": 32, "num_layers": 2, "in_dim": 4, "out_dim": 4, "freq_dim": 256,
-         "text_len": 77, "eps": 1e-5}))
+    (tmp_path / "wan" / "config.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "WanModel",
+                "model_type": "t2v",
+                "dim": 24,
+                "num_heads": 2,
+                "ffn_dim": 32,
+                "num_layers": 2,
+                "in_dim": 4,
+                "out_dim": 4,
+                "freq_dim": 256,
+                "text_len": 77,
+                "eps": 1e-5,
+            }
+        )
+    )
     config, params = load_wan_checkpoint(index, jnp.float32)
     assert config == TINY_CONFIG.replace(param_dtype="float32", text_len=77, eps=1e-5)
     assert_tree_equal(params, expected_params(state))
@@ -96,12 +114,22 @@ def test_unindexed_shards_in_a_directory_are_read_together(tmp_path, state):
     assert_tree_equal(params, expected_params(state))
 
 
-@pytest.mark.parametrize("overrides", [
-    dict(qk_norm=False),
-    dict(cross_attn_norm=False),
-    dict(in_dim=6, out_dim=3, patch_size=(2, 1, 2), num_layers=3, text_dim=8, freq_dim=32,
-         ffn_dim=40),
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(qk_norm=False),
+        dict(cross_attn_norm=False),
+        dict(
+            in_dim=6,
+            out_dim=3,
+            patch_size=(2, 1, 2),
+            num_layers=3,
+            text_dim=8,
+            freq_dim=32,
+            ffn_dim=40,
+        ),
+    ],
+)
 @pytest.mark.parametrize("diffusers", [False, True])
 def test_config_is_inferred_from_shapes(tmp_path, overrides, diffusers):
     state = make_original_state_dict(overrides, seed=1)

@@ -29,8 +29,9 @@ def test_reader_matches_the_safetensors_library_for_every_dtype(tmp_path):
         for name, ref in reference.items():
             got = reader.read(name)
             assert got.dtype == ref.dtype and got.shape == ref.shape == reader.shape(name)
-            np.testing.assert_array_equal(got.reshape(-1).view(np.uint8),
-                                          ref.reshape(-1).view(np.uint8))
+            np.testing.assert_array_equal(
+                got.reshape(-1).view(np.uint8), ref.reshape(-1).view(np.uint8)
+            )
 
 
 def test_reads_are_read_only_views_of_a_memory_map(tmp_path):
@@ -44,12 +45,15 @@ def test_reads_are_read_only_views_of_a_memory_map(tmp_path):
             w[0, 0] = 2.0
 
 
-@pytest.mark.parametrize("content, message", [
-    (b"\x01\x02", "shorter than 8 bytes"),
-    ((10**9).to_bytes(8, "little") + b"{}", "does not fit"),
-    ((4).to_bytes(8, "little") + b"nope", "bad JSON header"),
-    ((2).to_bytes(8, "little") + b"[]", "not a JSON object"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"\x01\x02", "shorter than 8 bytes"),
+        ((10**9).to_bytes(8, "little") + b"{}", "does not fit"),
+        ((4).to_bytes(8, "little") + b"nope", "bad JSON header"),
+        ((2).to_bytes(8, "little") + b"[]", "not a JSON object"),
+    ],
+)
 def test_files_that_are_not_safetensors_are_rejected(tmp_path, content, message):
     path = tmp_path / "bad.safetensors"
     path.write_bytes(content)

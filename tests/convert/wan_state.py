@@ -15,8 +15,19 @@ from typing import Any
 import numpy as np
 
 # The tiny config of the tests: head_dim 12, patch (1, 2, 2).
-TINY = dict(dim=24, num_heads=2, ffn_dim=32, num_layers=2, in_dim=4, out_dim=4, text_dim=16,
-            freq_dim=256, patch_size=(1, 2, 2), qk_norm=True, cross_attn_norm=True)
+TINY = dict(
+    dim=24,
+    num_heads=2,
+    ffn_dim=32,
+    num_layers=2,
+    in_dim=4,
+    out_dim=4,
+    text_dim=16,
+    freq_dim=256,
+    patch_size=(1, 2, 2),
+    qk_norm=True,
+    cross_attn_norm=True,
+)
 
 
 def make_original_state_dict(cfg_kwargs: Any = None, seed: int = 0) -> dict[str, np.ndarray]:
@@ -35,13 +46,12 @@ def make_original_state_dict(cfg_kwargs: Any = None, seed: int = 0) -> dict[str,
 
     def rand(*shape, scale):
         magnitude = rng.uniform(0.25, 1.0, shape)
-        return (np.where(rng.random(shape) < 0.5, -1.0, 1.0) * magnitude * scale).astype(
-            np.float32)
+        return (np.where(rng.random(shape) < 0.5, -1.0, 1.0) * magnitude * scale).astype(np.float32)
 
     state: dict[str, np.ndarray] = {}
 
     def linear(name, n_in, n_out):
-        state[f"{name}.weight"] = rand(n_out, n_in, scale=n_in ** -0.5)
+        state[f"{name}.weight"] = rand(n_out, n_in, scale=n_in**-0.5)
         state[f"{name}.bias"] = rand(n_out, scale=0.1)
 
     def norm(name, bias):
@@ -50,7 +60,7 @@ def make_original_state_dict(cfg_kwargs: Any = None, seed: int = 0) -> dict[str,
             state[f"{name}.bias"] = rand(d, scale=0.1)
 
     fan_in = c["in_dim"] * pt * ph * pw
-    state["patch_embedding.weight"] = rand(d, c["in_dim"], pt, ph, pw, scale=fan_in ** -0.5)
+    state["patch_embedding.weight"] = rand(d, c["in_dim"], pt, ph, pw, scale=fan_in**-0.5)
     state["patch_embedding.bias"] = rand(d, scale=0.1)
     linear("text_embedding.0", c["text_dim"], d)
     linear("text_embedding.2", d, d)
@@ -59,7 +69,7 @@ def make_original_state_dict(cfg_kwargs: Any = None, seed: int = 0) -> dict[str,
     linear("time_projection.1", d, 6 * d)
     for i in range(c["num_layers"]):
         b = f"blocks.{i}"
-        state[f"{b}.modulation"] = rand(1, 6, d, scale=d ** -0.5)
+        state[f"{b}.modulation"] = rand(1, 6, d, scale=d**-0.5)
         for attn in ("self_attn", "cross_attn"):
             for proj in "qkvo":
                 linear(f"{b}.{attn}.{proj}", d, d)
@@ -70,7 +80,7 @@ def make_original_state_dict(cfg_kwargs: Any = None, seed: int = 0) -> dict[str,
             norm(f"{b}.norm3", bias=True)
         linear(f"{b}.ffn.0", d, f)
         linear(f"{b}.ffn.2", f, d)
-    state["head.modulation"] = rand(1, 2, d, scale=d ** -0.5)
+    state["head.modulation"] = rand(1, 2, d, scale=d**-0.5)
     linear("head.head", d, c["out_dim"] * pt * ph * pw)
     return state
 
@@ -88,13 +98,21 @@ _TO_DIFFUSERS = (
     ("ffn.0.", "ffn.net.0.proj."),
     ("ffn.2.", "ffn.net.2."),
     # norm2 <-> norm3 (only norm3 has weights in the original, but swap both ways).
-    (".norm2.", ".__norm_swap__."), (".norm3.", ".norm2."), (".__norm_swap__.", ".norm3."),
-    ("self_attn.q.", "attn1.to_q."), ("self_attn.k.", "attn1.to_k."),
-    ("self_attn.v.", "attn1.to_v."), ("self_attn.o.", "attn1.to_out.0."),
-    ("self_attn.norm_q.", "attn1.norm_q."), ("self_attn.norm_k.", "attn1.norm_k."),
-    ("cross_attn.q.", "attn2.to_q."), ("cross_attn.k.", "attn2.to_k."),
-    ("cross_attn.v.", "attn2.to_v."), ("cross_attn.o.", "attn2.to_out.0."),
-    ("cross_attn.norm_q.", "attn2.norm_q."), ("cross_attn.norm_k.", "attn2.norm_k."),
+    (".norm2.", ".__norm_swap__."),
+    (".norm3.", ".norm2."),
+    (".__norm_swap__.", ".norm3."),
+    ("self_attn.q.", "attn1.to_q."),
+    ("self_attn.k.", "attn1.to_k."),
+    ("self_attn.v.", "attn1.to_v."),
+    ("self_attn.o.", "attn1.to_out.0."),
+    ("self_attn.norm_q.", "attn1.norm_q."),
+    ("self_attn.norm_k.", "attn1.norm_k."),
+    ("cross_attn.q.", "attn2.to_q."),
+    ("cross_attn.k.", "attn2.to_k."),
+    ("cross_attn.v.", "attn2.to_v."),
+    ("cross_attn.o.", "attn2.to_out.0."),
+    ("cross_attn.norm_q.", "attn2.norm_q."),
+    ("cross_attn.norm_k.", "attn2.norm_k."),
 )
 
 
@@ -110,6 +128,7 @@ def to_diffusers_keys(state: dict[str, Any]) -> dict[str, Any]:
 
 def expected_params(state: dict[str, np.ndarray]) -> dict[str, Any]:
     """Our Flax parameter tree from an original-layout state dict, as numpy arrays."""
+
     def lin(name):
         return {"kernel": state[f"{name}.weight"].T, "bias": state[f"{name}.bias"]}
 
@@ -118,24 +137,34 @@ def expected_params(state: dict[str, np.ndarray]) -> dict[str, Any]:
     layers = []
     for i in range(num_layers):
         b = f"blocks.{i}"
-        layer = {"modulation": state[f"{b}.modulation"][0],
-                 "ffn": {"fc1": lin(f"{b}.ffn.0"), "fc2": lin(f"{b}.ffn.2")}}
+        layer = {
+            "modulation": state[f"{b}.modulation"][0],
+            "ffn": {"fc1": lin(f"{b}.ffn.0"), "fc2": lin(f"{b}.ffn.2")},
+        }
         for attn in ("self_attn", "cross_attn"):
             layer[attn] = {p: lin(f"{b}.{attn}.{p}") for p in "qkvo"}
             for n in ("norm_q", "norm_k"):
                 if f"{b}.{attn}.{n}.weight" in state:
                     layer[attn][n] = {"scale": state[f"{b}.{attn}.{n}.weight"]}
         if f"{b}.norm3.weight" in state:
-            layer["cross_attn_norm"] = {"scale": state[f"{b}.norm3.weight"],
-                                        "bias": state[f"{b}.norm3.bias"]}
+            layer["cross_attn_norm"] = {
+                "scale": state[f"{b}.norm3.weight"],
+                "bias": state[f"{b}.norm3.bias"],
+            }
         layers.append(layer)
     return {
-        "patch_embedding": {"kernel": conv.transpose(2, 3, 4, 1, 0).reshape(-1, conv.shape[0]),
-                            "bias": state["patch_embedding.bias"]},
-        "text_embedding": {"linear_1": lin("text_embedding.0"),
-                           "linear_2": lin("text_embedding.2")},
-        "time_embedding": {"linear_1": lin("time_embedding.0"),
-                           "linear_2": lin("time_embedding.2")},
+        "patch_embedding": {
+            "kernel": conv.transpose(2, 3, 4, 1, 0).reshape(-1, conv.shape[0]),
+            "bias": state["patch_embedding.bias"],
+        },
+        "text_embedding": {
+            "linear_1": lin("text_embedding.0"),
+            "linear_2": lin("text_embedding.2"),
+        },
+        "time_embedding": {
+            "linear_1": lin("time_embedding.0"),
+            "linear_2": lin("time_embedding.2"),
+        },
         "time_projection": lin("time_projection.1"),
         "blocks": _stack(layers),
         "head": {"modulation": state["head.modulation"][0], "head": lin("head.head")},

@@ -4,8 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fpsa_jax.model.embeddings import apply_rope, fit_text_length, rope_tables, \
-    sinusoidal_embedding
+from fpsa_jax.model.embeddings import apply_rope, fit_text_length, rope_tables, sinusoidal_embedding
 
 
 def _rope_numpy(x, grid, head_dim):
@@ -19,11 +18,14 @@ def _rope_numpy(x, grid, head_dim):
         inv = 1.0 / np.power(10000.0, np.arange(0, d, 2, dtype=np.float64) / d)
         freqs.append(np.exp(1j * np.outer(np.arange(1024), inv)))
     t, h, w = grid
-    per_token = np.concatenate([
-        np.broadcast_to(freqs[0][:t, None, None, :], (t, h, w, split[0])),
-        np.broadcast_to(freqs[1][None, :h, None, :], (t, h, w, split[1])),
-        np.broadcast_to(freqs[2][None, None, :w, :], (t, h, w, split[2])),
-    ], axis=-1).reshape(t * h * w, 1, c)
+    per_token = np.concatenate(
+        [
+            np.broadcast_to(freqs[0][:t, None, None, :], (t, h, w, split[0])),
+            np.broadcast_to(freqs[1][None, :h, None, :], (t, h, w, split[1])),
+            np.broadcast_to(freqs[2][None, None, :w, :], (t, h, w, split[2])),
+        ],
+        axis=-1,
+    ).reshape(t * h * w, 1, c)
     xc = x.astype(np.float64).reshape(*x.shape[:-1], c, 2)
     xc = xc[..., 0] + 1j * xc[..., 1]
     out = xc * per_token[None]
@@ -65,5 +67,5 @@ def test_text_is_zero_padded_or_cut_to_text_len(length):
     ctx = np.random.default_rng(2).standard_normal((2, length, 5)).astype(np.float32)
     out = np.asarray(fit_text_length(jnp.asarray(ctx), 32))
     ref = np.zeros((2, 32, 5), np.float32)
-    ref[:, :min(length, 32)] = ctx[:, :32]
+    ref[:, : min(length, 32)] = ctx[:, :32]
     np.testing.assert_array_equal(out, ref)

@@ -13,8 +13,17 @@ from fpsa_jax.convert import load_wan_checkpoint
 from fpsa_jax.model.wan import WanModel
 from tests.convert.wan_state import make_original_state_dict, to_diffusers_keys
 
-TINY = dict(dim=24, num_heads=2, ffn_dim=32, num_layers=2, in_dim=4, out_dim=4, text_dim=16,
-            freq_dim=256, patch_size=(1, 2, 2))
+TINY = dict(
+    dim=24,
+    num_heads=2,
+    ffn_dim=32,
+    num_layers=2,
+    in_dim=4,
+    out_dim=4,
+    text_dim=16,
+    freq_dim=256,
+    patch_size=(1, 2, 2),
+)
 TEXT_LEN = 512  # what the converted config uses; diffusers gets the zero-padded context
 
 
@@ -24,11 +33,22 @@ def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("wan")
     original = make_original_state_dict(TINY, seed=3)
     model = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4,
-        out_channels=4, text_dim=16, freq_dim=256, ffn_dim=32, num_layers=2,
-        cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32).eval()
-    diffusers_state = {k: torch.from_numpy(np.ascontiguousarray(v))
-                       for k, v in to_diffusers_keys(original).items()}
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=4,
+        out_channels=4,
+        text_dim=16,
+        freq_dim=256,
+        ffn_dim=32,
+        num_layers=2,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    ).eval()
+    diffusers_state = {
+        k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in to_diffusers_keys(original).items()
+    }
     model.load_state_dict(diffusers_state, strict=True)
     assert float(model.proj_out.weight.abs().min()) > 0  # non-zero output projection
 
@@ -36,8 +56,11 @@ def checkpoints(tmp_path_factory):
     model.save_pretrained(root / "diffusers")
     model.save_pretrained(root / "sharded", max_shard_size="20KB")
     assert list((root / "sharded").glob("*.safetensors.index.json"))
-    return {"original": root / "original.safetensors", "diffusers": root / "diffusers",
-            "sharded": root / "sharded"}, model
+    return {
+        "original": root / "original.safetensors",
+        "diffusers": root / "diffusers",
+        "sharded": root / "sharded",
+    }, model
 
 
 def _inputs(seed=0, b=2, f=3, h=10, w=14, lt=7):
@@ -50,10 +73,15 @@ def _inputs(seed=0, b=2, f=3, h=10, w=14, lt=7):
 
 def _diffusers_forward(model, latents, timesteps, context):
     padded = np.concatenate(
-        [context, np.zeros((context.shape[0], TEXT_LEN - context.shape[1], 16), np.float32)], 1)
+        [context, np.zeros((context.shape[0], TEXT_LEN - context.shape[1], 16), np.float32)], 1
+    )
     with torch.no_grad():
-        out = model(torch.from_numpy(latents.transpose(0, 4, 1, 2, 3)),
-                    torch.from_numpy(timesteps), torch.from_numpy(padded), return_dict=False)[0]
+        out = model(
+            torch.from_numpy(latents.transpose(0, 4, 1, 2, 3)),
+            torch.from_numpy(timesteps),
+            torch.from_numpy(padded),
+            return_dict=False,
+        )[0]
     return out.numpy().transpose(0, 2, 3, 4, 1)
 
 
@@ -65,8 +93,9 @@ def test_forward_matches_diffusers(checkpoints, layout):
     assert config.text_len == TEXT_LEN and config.num_heads == 2
     latents, timesteps, context = _inputs()
     ref = _diffusers_forward(model, latents, timesteps, context)
-    out = np.asarray(jax.jit(WanModel(config).apply)({"params": params}, latents, timesteps,
-                                                      context))
+    out = np.asarray(
+        jax.jit(WanModel(config).apply)({"params": params}, latents, timesteps, context)
+    )
     assert out.shape == ref.shape == (2, 3, 10, 14, 4)
     rel = np.abs(out - ref).max() / np.abs(ref).max()
     assert rel <= 1e-5, f"max |diff| / max |ref| = {rel:.2e}"

@@ -8,8 +8,17 @@ import pytest
 from fpsa_jax.config import WanConfig
 from fpsa_jax.model.wan import WanModel, init_params
 
-CFG = WanConfig(dim=24, ffn_dim=32, num_heads=2, num_layers=2, in_dim=4, out_dim=4, text_dim=16,
-                text_len=12, dtype="float32")
+CFG = WanConfig(
+    dim=24,
+    ffn_dim=32,
+    num_heads=2,
+    num_layers=2,
+    in_dim=4,
+    out_dim=4,
+    text_dim=16,
+    text_len=12,
+    dtype="float32",
+)
 
 
 def _random_params(cfg, seed=0):
@@ -17,15 +26,19 @@ def _random_params(cfg, seed=0):
     params = init_params(cfg, jax.random.key(seed))
     leaves, tree = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-    noisy = [x + 0.1 * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]
+    noisy = [
+        x + 0.1 * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves, strict=True)
+    ]
     return jax.tree.unflatten(tree, noisy)
 
 
 def _inputs(b=2, f=3, h=10, w=14, lt=5, cfg=CFG, seed=0):
     rng = np.random.default_rng(seed)
-    return (rng.standard_normal((b, f, h, w, cfg.in_dim)).astype(np.float32),
-            rng.uniform(0, 1000, (b,)).astype(np.float32),
-            rng.standard_normal((b, lt, cfg.text_dim)).astype(np.float32))
+    return (
+        rng.standard_normal((b, f, h, w, cfg.in_dim)).astype(np.float32),
+        rng.uniform(0, 1000, (b,)).astype(np.float32),
+        rng.standard_normal((b, lt, cfg.text_dim)).astype(np.float32),
+    )
 
 
 def test_fresh_model_predicts_zeros_because_the_head_starts_at_zero():
@@ -40,11 +53,15 @@ def test_short_context_equals_explicit_zero_padding_and_long_context_is_cut():
     lat, t, ctx = _inputs(lt=5)
     model = WanModel(CFG)
     padded = np.concatenate([ctx, np.zeros((2, CFG.text_len - 5, CFG.text_dim), np.float32)], 1)
-    np.testing.assert_array_equal(model.apply({"params": params}, lat, t, ctx),
-                                  model.apply({"params": params}, lat, t, padded))
+    np.testing.assert_array_equal(
+        model.apply({"params": params}, lat, t, ctx),
+        model.apply({"params": params}, lat, t, padded),
+    )
     longer = np.concatenate([padded, np.ones((2, 4, CFG.text_dim), np.float32)], 1)
-    np.testing.assert_array_equal(model.apply({"params": params}, lat, t, longer),
-                                  model.apply({"params": params}, lat, t, padded))
+    np.testing.assert_array_equal(
+        model.apply({"params": params}, lat, t, longer),
+        model.apply({"params": params}, lat, t, padded),
+    )
     # and the padding is not a no-op: zero rows still pass through text_embedding's biases
     out_short = WanModel(CFG.replace(text_len=5)).apply({"params": params}, lat, t, ctx)
     assert not np.allclose(out_short, model.apply({"params": params}, lat, t, ctx))
@@ -61,8 +78,9 @@ def test_remat_changes_neither_outputs_nor_gradients(policy):
     base_loss, base_grad = jax.value_and_grad(loss)(params, CFG)
     remat_loss, remat_grad = jax.value_and_grad(loss)(params, CFG.replace(remat=policy))
     np.testing.assert_allclose(remat_loss, base_loss, rtol=1e-6)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
-                 remat_grad, base_grad)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), remat_grad, base_grad
+    )
 
 
 def test_bfloat16_compute_stays_close_to_float32():
@@ -75,12 +93,15 @@ def test_bfloat16_compute_stays_close_to_float32():
     assert float(jnp.abs(out - ref).max() / jnp.abs(ref).max()) < 3e-2
 
 
-@pytest.mark.parametrize("shape,message", [
-    ((1, 3, 9, 14, 4), "H=9 is not a multiple of the patch size 2"),
-    ((1, 3, 10, 7, 4), "W=7 is not a multiple of the patch size 2"),
-    ((1, 3, 10, 14, 16), "latents have 16 channels but the model expects in_dim=4"),
-    ((3, 10, 14, 4), r"latents must be \[B, F, H, W, C\]"),
-])
+@pytest.mark.parametrize(
+    "shape,message",
+    [
+        ((1, 3, 9, 14, 4), "H=9 is not a multiple of the patch size 2"),
+        ((1, 3, 10, 7, 4), "W=7 is not a multiple of the patch size 2"),
+        ((1, 3, 10, 14, 16), "latents have 16 channels but the model expects in_dim=4"),
+        ((3, 10, 14, 4), r"latents must be \[B, F, H, W, C\]"),
+    ],
+)
 def test_bad_latents_are_rejected_with_the_reason(shape, message):
     params = init_params(CFG, jax.random.key(0))
     _, t, ctx = _inputs(b=shape[0] if len(shape) == 5 else 1)

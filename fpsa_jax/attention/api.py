@@ -1,0 +1,114 @@
+"""`fpsa_attention` and its closed registry of implementations."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Literal, get_args
+
+import jax
+import jax.numpy as jnp
+
+from fpsa_jax.attention.config import FPSAConfig, validate_grid
+from fpsa_jax.attention.cudnn import cudnn_attention, cudnn_fp8_attention
+from fpsa_jax.attention.reference import reference_attention
+from fpsa_jax.attention.xla import xla_attention
+
+Impl = Literal["auto", "reference", "xla", "cudnn", "cudnn_fp8", "triton", "pallas"]
+IMPLS: tuple[str, ...] = get_args(Impl)
+
+# Every implementation: (q, k, v, *, grid, config, scale) -> o, all [B, L, N, D].
+AttentionFn = Callable[..., jax.Array]
+
+
+def _not_built(name: str) -> AttentionFn:
+    def fn(q, k, v, *, grid, config, scale):
+        raise NotImplementedError(
+            f"impl={name!r} is planned (DESIGN.md section 4) but not implemented yet; available: "
+            f"{', '.join(n for n in IMPLS if n not in _PLANNED)}."
+        )
+
+    return fn
+
+
+_PLANNED = ("triton", "pallas")
+
+REGISTRY: dict[str, AttentionFn] = {
+    "reference": reference_attention,
+    "xla": xla_attention,
+    "cudnn": cudnn_attention,
+    "cudnn_fp8": cudnn_fp8_attention,
+    "triton": _not_built("triton"),
+    "pallas": _not_built("pallas"),
+}
+
+
+def resolve_impl(impl: str, config: FPSAConfig | None, dtype, head_dim: int) -> str:
+    """The concrete implementation `impl` stands for (only "auto" is resolved).
+
+    "auto" is "xla" everywhere for now (it becomes "triton" on Hopper once that kernel exists),
+    except dense (config=None) 16-bit attention on a GPU, which goes to cuDNN.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"unknown impl {impl!r}; valid: {', '.join(IMPLS)}")
+    if impl != "auto":
+        return impl
+    if (
+        config is None
+        and jax.default_backend() == "gpu"
+        and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+        and head_dim % 8 == 0
+        and head_dim <= 256
+    ):
+        return "cudnn"
+    return "xla"
+
+
+def _check_inputs(q, k, v, grid) -> tuple[int, int, int]:
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.ndim != 4:
+            raise ValueError(f"{name} must be [B, L, N, D], got shape {x.shape}")
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(f"{name} must be a floating dtype, got {x.dtype}")
+    if not q.shape == k.shape == v.shape:
+        raise ValueError(
+            f"q, k, v must have the same [B, L, N, D] shape, got q {q.shape}, "
+            f"k {k.shape}, v {v.shape}"
+        )
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    g = validate_grid(grid)
+    if math.prod(g) != q.shape[1]:
+        raise ValueError(f"grid {g} has T*H*W = {math.prod(g)} tokens but L = {q.shape[1]}")
+    return g
+
+
+def fpsa_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    grid,
+    config=None,
+    impl: Impl = "auto",
+    scale: float | None = None,
+) -> jax.Array:
+    """FPSA attention (DESIGN.md section 3) over a 3D token grid.
+
+    Args:
+      q, k, v: [B, L, N, D] with L = T * H * W tokens in row-major (t, h, w) order.
+      grid: (T, H, W), static.
+      config: an `FPSAConfig` (tile, window, FP8), or None for dense unquantized attention.
+      impl: one of `IMPLS`; see `resolve_impl` for "auto".
+      scale: softmax scale; None means 1 / sqrt(D).
+
+    Returns:
+      o: [B, L, N, D] in q's dtype.
+    """
+    g = _check_inputs(q, k, v, grid)
+    if config is not None and not isinstance(config, FPSAConfig):
+        raise ValueError(f"config must be an FPSAConfig or None, got {type(config).__name__}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    name = resolve_impl(impl, config, q.dtype, q.shape[-1])
+    return REGISTRY[name](q, k, v, grid=g, config=config, scale=scale)

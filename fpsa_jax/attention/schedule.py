@@ -1,0 +1,211 @@
+"""`StepSchedule`: which FPSA operator each denoising step uses.
+
+Step i of N (i = 0 first, noisiest) uses the first phase with i / N < end_fraction. Training maps a
+noise level sigma to the inference step whose (shifted) sigma is nearest, so training and inference
+see the same operator for the same noise level.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import numbers
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from fpsa_jax.attention.config import FPSAConfig
+
+# Wan2.1's flow-matching inference sigmas start just below 1 (sigma_max = 1 - 1/1000).
+WAN_SIGMA_MAX = 0.999
+
+
+def wan_sigmas(num_steps: int, shift: float) -> np.ndarray:
+    """float64 [num_steps]: Wan's shifted inference sigmas, step 0 (noisiest) first.
+
+    sigmas = linspace(0.999, 0, N + 1)[:-1], then shift * s / (1 + (shift - 1) * s).
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if not shift > 0:
+        raise ValueError(f"shift must be > 0, got {shift}")
+    s = np.linspace(WAN_SIGMA_MAX, 0.0, num_steps + 1)[:-1]
+    return shift * s / (1.0 + (shift - 1.0) * s)
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """Steps with i / N < end_fraction (and past the previous phase) use `config` (None = dense)."""
+
+    end_fraction: float
+    config: FPSAConfig | None
+
+
+def _as_phase(p: Any) -> Phase:
+    if isinstance(p, Phase):
+        return p
+    if isinstance(p, Sequence) and len(p) == 2:
+        return Phase(p[0], p[1])
+    raise ValueError(f"StepSchedule.phases entries must be (end_fraction, config), got {p!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSchedule:
+    """An ordered tuple of `Phase`s; end fractions strictly increase and the last is 1.0."""
+
+    phases: tuple[Phase, ...]
+
+    def __post_init__(self):
+        if isinstance(self.phases, (str, bytes)) or not isinstance(self.phases, Sequence):
+            raise ValueError(
+                f"StepSchedule.phases must be a sequence of phases, got {self.phases!r}"
+            )
+        phases = tuple(_as_phase(p) for p in self.phases)
+        if not phases:
+            raise ValueError("StepSchedule.phases must not be empty")
+        prev = 0.0
+        for i, p in enumerate(phases):
+            e = p.end_fraction
+            if isinstance(e, bool) or not isinstance(e, numbers.Real):
+                raise ValueError(
+                    f"StepSchedule.phases[{i}].end_fraction must be a number, got {e!r}"
+                )
+            if not prev < e <= 1.0:
+                raise ValueError(
+                    f"StepSchedule.phases[{i}].end_fraction must be in ({prev}, 1.0] (strictly "
+                    f"increasing), got {e}"
+                )
+            if p.config is not None and not isinstance(p.config, FPSAConfig):
+                raise ValueError(
+                    f"StepSchedule.phases[{i}].config must be an FPSAConfig or None, "
+                    f"got {type(p.config).__name__}"
+                )
+            prev = e
+        if phases[-1].end_fraction != 1.0:
+            raise ValueError(
+                f"StepSchedule.phases[-1].end_fraction must be 1.0, got {phases[-1].end_fraction}"
+            )
+        object.__setattr__(
+            self, "phases", tuple(Phase(float(p.end_fraction), p.config) for p in phases)
+        )
+
+    @property
+    def configs(self) -> tuple[FPSAConfig | None, ...]:
+        return tuple(p.config for p in self.phases)
+
+    def phase_index(self, step, num_steps: int):
+        """Index of the phase of `step` (an int, or an int array; works under jit)."""
+        # Steps [0, ends[p]) belong to phases <= p. The counts are taken on the host in float64,
+        # i / N < end literally, so traced lookups reduce to integer compares (no float32 i / N).
+        steps = np.arange(num_steps) / max(num_steps, 1)
+        ends = np.array([(steps < p.end_fraction).sum() for p in self.phases[:-1]], np.int32)
+        if isinstance(step, numbers.Integral):
+            _check_step(int(step), num_steps)
+            return int((step >= ends).sum())
+        step = jnp.asarray(step)
+        return (step[..., None] >= jnp.asarray(ends)).sum(axis=-1)
+
+    def config_for_step(self, step: int, num_steps: int) -> FPSAConfig | None:
+        """The operator of denoising step `step` in [0, num_steps) (0 = noisiest)."""
+        return self.phases[self.phase_index(int(step), num_steps)].config
+
+    def step_for_sigma(self, sigma, num_steps: int, shift: float):
+        """The inference step whose shifted Wan sigma is nearest to `sigma` (float or array)."""
+        sigmas = wan_sigmas(num_steps, shift)
+        if isinstance(sigma, numbers.Real):
+            return int(np.argmin(np.abs(sigmas - float(sigma))))
+        sigma = jnp.asarray(sigma)
+        return jnp.argmin(jnp.abs(jnp.asarray(sigmas, sigma.dtype) - sigma[..., None]), axis=-1)
+
+    def phase_index_for_sigma(self, sigma, num_steps: int, shift: float):
+        """`phase_index(step_for_sigma(...))`; with arrays it is jit-friendly (for lax.switch)."""
+        return self.phase_index(self.step_for_sigma(sigma, num_steps, shift), num_steps)
+
+    def config_for_sigma(self, sigma: float, num_steps: int, shift: float) -> FPSAConfig | None:
+        """The operator for a training sample at noise level `sigma` (a host float)."""
+        return self.config_for_step(self.step_for_sigma(float(sigma), num_steps, shift), num_steps)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "phases": [
+                {
+                    "end_fraction": p.end_fraction,
+                    "config": None if p.config is None else p.config.to_dict(),
+                }
+                for p in self.phases
+            ]
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> StepSchedule:
+        if set(d) != {"phases"}:
+            raise ValueError(
+                f"StepSchedule dict must have exactly the key 'phases', got {sorted(d)}"
+            )
+        return cls(
+            tuple(
+                Phase(
+                    p["end_fraction"],
+                    None if p["config"] is None else FPSAConfig.from_dict(p["config"]),
+                )
+                for p in d["phases"]
+            )
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> StepSchedule:
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def preset(cls, name: str) -> StepSchedule:
+        """A named schedule: "wan-480p", "wan-720p" or "dense".
+
+        The Wan presets follow the paper's three-phase shape: early (noisiest) steps use coarse
+        quantization groups and a sparse window, middle steps the finest groups (one scale per
+        tile) and the densest window, late steps intermediate groups and window. The paper
+        publishes no split points or per-phase values: the split points (25% / 75% of the steps),
+        windows and groups here are our choice, not the paper's, to be calibrated with
+        `fpsa_jax.attention.metrics`, and are overridable (build a StepSchedule or load one from
+        JSON).
+
+        Tile (3, 8, 8) = 192 tokens (a multiple of 64) for both resolutions: on the 480p token grid
+        (21, 30, 52) the tile grid is (7, 4, 7) = 196 tiles (87% of slots hold tokens); on the 720p
+        grid (21, 45, 80) it is (7, 6, 10) = 420 tiles (94%).
+
+        Densities (window tiles / all tiles):
+          wan-480p: early (3, 3, 5) 45/196 = 23%, middle (5, 4, 5) 100/196 = 51%,
+                    late (3, 4, 5) 60/196 = 31%.
+          wan-720p: early (3, 3, 5) 45/420 = 11%, middle (5, 4, 7) 140/420 = 33%,
+                    late (3, 4, 5) 60/420 = 14%.
+        Groups (q_group = k_group): early (2, 2, 2), middle (1, 1, 1), late (1, 2, 2).
+        """
+        if name == "dense":
+            return cls((Phase(1.0, None),))
+        windows = {
+            "wan-480p": ((3, 3, 5), (5, 4, 5), (3, 4, 5)),
+            "wan-720p": ((3, 3, 5), (5, 4, 7), (3, 4, 5)),
+        }
+        if name not in windows:
+            raise ValueError(
+                f"unknown StepSchedule preset {name!r}; valid: dense, {', '.join(windows)}"
+            )
+        ends = (0.25, 0.75, 1.0)
+        groups = ((2, 2, 2), (1, 1, 1), (1, 2, 2))
+        return cls(
+            tuple(
+                Phase(e, FPSAConfig(tile=(3, 8, 8), window=w, quant="fp8", q_group=g, k_group=g))
+                for e, w, g in zip(ends, windows[name], groups, strict=True)
+            )
+        )
+
+
+def _check_step(step: int, num_steps: int) -> None:
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if not 0 <= step < num_steps:
+        raise ValueError(f"step must be in [0, {num_steps}), got {step}")

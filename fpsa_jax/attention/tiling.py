@@ -1,0 +1,125 @@
+"""Tile geometry: the tile grid, tile-major token reorder and its inverse, the window rule.
+
+Vocabulary: G = (T, H, W) token grid, tau = (tt, th, tw) tile, n = (nt, nh, nw) tile grid,
+P = tt * th * tw tokens per tile, n_tiles = nt * nh * nw. Tiles are numbered row-major over n and
+tokens row-major inside a tile; edge tiles are padded up to P slots.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fpsa_jax.attention.config import Int3, validate_grid
+
+
+def tile_grid(grid: Int3, tile: Int3) -> Int3:
+    """(nt, nh, nw) = ceil(grid / tile) per axis."""
+    g = validate_grid(grid)
+    return (-(-g[0] // tile[0]), -(-g[1] // tile[1]), -(-g[2] // tile[2]))
+
+
+def to_tiles(x: jax.Array, grid: Int3, tile: Int3) -> jax.Array:
+    """Reorders tokens tile-major, padding edge tiles with zeros.
+
+    Args:
+      x: [B, L, N, D] with L = T * H * W in row-major (t, h, w) order.
+      grid: (T, H, W).
+      tile: (tt, th, tw).
+
+    Returns:
+      [B, n_tiles, P, N, D]; padded slots are zero.
+    """
+    b, length, n_heads, d = x.shape
+    t, h, w = grid
+    if length != t * h * w:
+        raise ValueError(f"to_tiles: L={length} != T*H*W={t * h * w} for grid {grid}")
+    nt, nh, nw = tile_grid(grid, tile)
+    tt, th, tw = tile
+    x = x.reshape(b, t, h, w, n_heads, d)
+    # Pad at the end of each axis: padded slots only ever sit at the far edge of a tile grid.
+    pad = ((0, 0), (0, nt * tt - t), (0, nh * th - h), (0, nw * tw - w), (0, 0), (0, 0))
+    x = jnp.pad(x, pad)
+    x = x.reshape(b, nt, tt, nh, th, nw, tw, n_heads, d)
+    x = jnp.einsum("bTtHhWwnd->bTHWthwnd", x)
+    return x.reshape(b, nt * nh * nw, tt * th * tw, n_heads, d)
+
+
+def from_tiles(x: jax.Array, grid: Int3, tile: Int3) -> jax.Array:
+    """Inverse of `to_tiles`: [B, n_tiles, P, N, D] -> [B, L, N, D], padded slots dropped."""
+    b, n_tiles, p, n_heads, d = x.shape
+    t, h, w = grid
+    nt, nh, nw = tile_grid(grid, tile)
+    tt, th, tw = tile
+    if n_tiles != nt * nh * nw or p != tt * th * tw:
+        raise ValueError(
+            f"from_tiles: expected [B, {nt * nh * nw}, {tt * th * tw}, N, D] for grid {grid} and "
+            f"tile {tile}, got {x.shape}"
+        )
+    x = x.reshape(b, nt, nh, nw, tt, th, tw, n_heads, d)
+    x = jnp.einsum("bTHWthwnd->bTtHhWwnd", x)
+    x = x.reshape(b, nt * tt, nh * th, nw * tw, n_heads, d)[:, :t, :h, :w]
+    return x.reshape(b, t * h * w, n_heads, d)
+
+
+@functools.lru_cache(maxsize=256)
+def slot_valid(grid: Int3, tile: Int3) -> np.ndarray:
+    """bool [n_tiles, P]: whether each tile-major slot holds a real token (False = padding)."""
+    n = tile_grid(grid, tile)
+    axes = []
+    for g, ta, na in zip(grid, tile, n, strict=True):
+        # Coordinate of slot (tile u, offset r) along this axis is u * ta + r.
+        coord = np.arange(na)[:, None] * ta + np.arange(ta)[None, :]
+        axes.append(coord < g)  # [na, ta]
+
+    vt, vh, vw = axes
+    valid = (
+        vt[:, None, None, :, None, None]
+        & vh[None, :, None, None, :, None]
+        & vw[None, None, :, None, None, :]
+    )  # [nt, nh, nw, tt, th, tw]
+    valid = valid.reshape(n[0] * n[1] * n[2], tile[0] * tile[1] * tile[2])
+    valid.flags.writeable = False  # cached: callers must not mutate it
+    return valid
+
+
+def window_starts(n_axis: int, window_axis: int) -> tuple[int, np.ndarray]:
+    """The window rule along one axis.
+
+    Returns (w, start) with w = min(window_axis, n_axis) and start int32 [n_axis]:
+    start[u] = clamp(u - (w - 1) // 2, 0, n_axis - w). Query tile u attends key tiles
+    start[u] <= v < start[u] + w: the window is shifted, never cut, at the borders.
+    """
+    w = min(window_axis, n_axis)
+    u = np.arange(n_axis)
+    start = np.clip(u - (w - 1) // 2, 0, n_axis - w).astype(np.int32)
+    return w, start
+
+
+def axis_allowed(n_axis: int, window_axis: int | None) -> np.ndarray:
+    """bool [n_axis, n_axis]: allowed[u, v] for query tile u and key tile v along one axis."""
+    if window_axis is None:
+        return np.ones((n_axis, n_axis), dtype=bool)
+    w, start = window_starts(n_axis, window_axis)
+    v = np.arange(n_axis)[None, :]
+    return (v >= start[:, None]) & (v < start[:, None] + w)
+
+
+def token_mask(grid: Int3, tile: Int3, window: Int3 | None) -> np.ndarray:
+    """Dense bool [L, L] mask in token order (row = query, column = key), built from the rule.
+
+    Materialises L^2 booleans: for the reference path and tests only.
+    """
+    t, h, w = validate_grid(grid)
+    coords = np.stack(np.meshgrid(np.arange(t), np.arange(h), np.arange(w), indexing="ij"), -1)
+    coords = coords.reshape(-1, 3)
+    n = tile_grid(grid, tile)
+    mask = np.ones((t * h * w, t * h * w), dtype=bool)
+    for a in range(3):
+        allowed = axis_allowed(n[a], None if window is None else window[a])
+        tiles_a = coords[:, a] // tile[a]
+        mask &= allowed[tiles_a[:, None], tiles_a[None, :]]
+    return mask

@@ -1,0 +1,97 @@
+"""StepSchedule: phase lookup by step and by sigma, JSON round trip, presets."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fpsa_jax.attention import FPSAConfig, Phase, StepSchedule
+from fpsa_jax.attention.schedule import wan_sigmas
+
+A = FPSAConfig(tile=(1, 2, 2), window=(1, 1, 1), quant="fp8", q_group=(2, 2, 2))
+B = FPSAConfig(tile=(1, 2, 2), window=(3, 3, 3), quant="fp8")
+SCHED = StepSchedule((Phase(0.2, A), Phase(0.7, B), Phase(1.0, None)))
+
+
+@pytest.mark.parametrize("name", ["wan-480p", "wan-720p", "dense"])
+def test_json_round_trip(name):
+    s = StepSchedule.preset(name)
+    assert StepSchedule.from_json(s.to_json()) == s
+    assert StepSchedule.from_json(SCHED.to_json()) == SCHED
+
+
+def test_config_for_step_uses_first_phase_with_fraction_below_end():
+    got = [SCHED.config_for_step(i, 10) for i in range(10)]
+    assert got == [A, A, B, B, B, B, B, None, None, None]  # 2/10 is not < 0.2
+
+
+@settings(max_examples=40)
+@given(num_steps=st.integers(1, 80))
+def test_phase_index_agrees_on_host_and_under_jit(num_steps):
+    steps = np.arange(num_steps)
+    host = [SCHED.phase_index(int(i), num_steps) for i in steps]
+    want = [
+        next(p for p, ph in enumerate(SCHED.phases) if i / num_steps < ph.end_fraction)
+        for i in steps
+    ]
+    assert host == want
+    np.testing.assert_array_equal(jax.jit(lambda s: SCHED.phase_index(s, num_steps))(steps), want)
+
+
+def test_sigma_maps_to_nearest_shifted_inference_sigma():
+    sig = wan_sigmas(50, 5.0)
+    np.testing.assert_allclose(sig[0], 5 * 0.999 / (1 + 4 * 0.999))
+    assert np.all(np.diff(sig) < 0) and sig[-1] > 0
+    for i in (0, 7, 31, 49):
+        assert SCHED.step_for_sigma(float(sig[i]), 50, 5.0) == i
+        assert SCHED.config_for_sigma(float(sig[i]), 50, 5.0) == SCHED.config_for_step(i, 50)
+    assert SCHED.step_for_sigma(1.0, 50, 5.0) == 0 and SCHED.step_for_sigma(0.0, 50, 5.0) == 49
+    traced = jax.jit(lambda s: SCHED.phase_index_for_sigma(s, 50, 5.0))(
+        jnp.asarray(sig[[0, 20, 45]])
+    )
+    np.testing.assert_array_equal(traced, [SCHED.phase_index(i, 50) for i in (0, 20, 45)])
+
+
+def test_presets_follow_the_papers_shape():
+    for name, grid in (("wan-480p", (21, 30, 52)), ("wan-720p", (21, 45, 80))):
+        early, middle, late = StepSchedule.preset(name).configs
+        assert all(c.tile_volume % 64 == 0 and c.quant == "fp8" for c in (early, middle, late))
+        assert early.density(grid) < late.density(grid) < middle.density(grid)
+        assert middle.q_group == (1, 1, 1)
+        assert np.prod(early.q_group) > np.prod(late.q_group) > np.prod(middle.q_group)
+    assert StepSchedule.preset("dense").configs == (None,)
+
+
+@pytest.mark.parametrize(
+    "phases, field",
+    [
+        ((), "must not be empty"),
+        ((Phase(0.5, A), Phase(0.5, B), Phase(1.0, None)), r"phases\[1\].end_fraction"),
+        ((Phase(0.5, A), Phase(0.9, B)), r"phases\[-1\].end_fraction must be 1.0"),
+        ((Phase(1.5, A),), r"phases\[0\].end_fraction"),
+        ((Phase("x", A),), r"phases\[0\].end_fraction must be a number"),
+        ((Phase(1.0, {"tile": (1, 1, 1)}),), r"phases\[0\].config"),
+        (((0.5, A, 3),), "must be \\(end_fraction, config\\)"),
+        ("abc", "must be a sequence"),
+    ],
+)
+def test_invalid_schedules_name_the_field(phases, field):
+    with pytest.raises(ValueError, match=field):
+        StepSchedule(phases)
+
+
+def test_invalid_lookups_raise():
+    with pytest.raises(ValueError, match="step must be in"):
+        SCHED.config_for_step(10, 10)
+    with pytest.raises(ValueError, match="num_steps"):
+        SCHED.config_for_step(0, 0)
+    with pytest.raises(ValueError, match="shift"):
+        SCHED.config_for_sigma(0.5, 10, 0.0)
+    with pytest.raises(ValueError, match="num_steps"):
+        wan_sigmas(0, 1.0)
+    with pytest.raises(ValueError, match="unknown StepSchedule preset"):
+        StepSchedule.preset("wan-1080p")
+    with pytest.raises(ValueError, match="exactly the key 'phases'"):
+        StepSchedule.from_dict({"phases": [], "extra": 1})
