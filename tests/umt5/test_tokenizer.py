@@ -1,0 +1,126 @@
+"""Tokenizer: Wan's cleaning, EOS appended, truncation and padding to max_length, numpy out.
+
+The tokenizer under test is a tiny Unigram model trained here with `tokenizers` and wrapped as a
+transformers T5Tokenizer (pad 0, EOS 1, like google/umt5-xxl); nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fpsa_jax.model.umt5 import Tokenizer, clean_text
+
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+_SENTENCES = [
+    "a cat sits on the mat",
+    "the dog runs in the park",
+    "fish & chips on a plate",
+    "a red car drives down the road",
+    "the cat and the dog play",
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    model = tokenizers.Tokenizer(tokenizers.models.Unigram())
+    model.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace()
+    trainer = tokenizers.trainers.UnigramTrainer(
+        vocab_size=60,
+        special_tokens=["<pad>", "</s>", "<unk>"],
+        unk_token="<unk>",
+        show_progress=False,
+    )
+    model.train_from_iterator(_SENTENCES * 3, trainer)
+    vocab = [tuple(v) for v in json.loads(model.to_str())["model"]["vocab"]]
+    path = tmp_path_factory.mktemp("tokenizer")
+    transformers.T5Tokenizer(vocab=vocab, extra_ids=0).save_pretrained(path)
+    return path
+
+
+@pytest.fixture()
+def no_ftfy(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ftfy", None)  # import ftfy now raises ImportError
+
+
+def _make(path, max_length):
+    with pytest.warns(UserWarning, match="ftfy is not installed"):
+        return Tokenizer(path, max_length=max_length)
+
+
+def test_ids_are_the_tokens_then_eos_then_pad(tokenizer_dir, no_ftfy):
+    tok = _make(tokenizer_dir, 40)
+    reference = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+    texts = ["a cat sits", "the dog runs in the park"]
+    ids, mask = tok(texts)
+    assert ids.dtype == mask.dtype == np.int32 and ids.shape == mask.shape == (2, 40)
+    assert (tok.pad_id, tok.eos_id) == (0, 1)
+    for row, row_mask, text in zip(ids, mask, texts, strict=True):
+        pieces = reference.encode(text, add_special_tokens=False)
+        expected = pieces + [1] + [0] * (40 - len(pieces) - 1)
+        assert row.tolist() == expected
+        assert row_mask.tolist() == [1] * (len(pieces) + 1) + [0] * (40 - len(pieces) - 1)
+
+
+def test_long_text_is_truncated_with_eos_last(tokenizer_dir, no_ftfy):
+    ids, mask = _make(tokenizer_dir, 5)(" ".join(_SENTENCES))
+    assert ids.shape == (1, 5) and mask.tolist() == [[1] * 5]
+    assert ids[0, -1] == 1
+
+
+def test_text_is_cleaned_before_tokenizing(tokenizer_dir, no_ftfy):
+    tok = _make(tokenizer_dir, 64)
+    messy = tok(["  fish &amp;amp; chips \n\t on a   plate "])
+    np.testing.assert_array_equal(messy[0], tok(["fish & chips on a plate"])[0])
+
+
+def test_clean_text_without_ftfy_unescapes_twice_and_collapses_whitespace(no_ftfy):
+    assert clean_text("  a &amp;lt;b&amp;gt;\n\n c\t ") == "a <b> c"
+    assert clean_text("caf\u00c3\u00a9") == "caf\u00c3\u00a9"  # mojibake is left alone
+
+
+def test_clean_text_uses_ftfy_when_installed(monkeypatch):
+    fake = types.ModuleType("ftfy")
+    fake.fix_text = lambda text: text.replace("\u00c3\u00a9", "\u00e9")
+    monkeypatch.setitem(sys.modules, "ftfy", fake)
+    assert clean_text(" caf\u00c3\u00a9  au lait ") == "caf\u00e9 au lait"
+
+
+def test_missing_transformers_is_a_clear_import_error(tokenizer_dir, monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    with pytest.raises(ImportError, match="needs the `transformers` package"):
+        Tokenizer(tokenizer_dir)
+
+
+def test_missing_directory_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="tokenizer directory not found"):
+        Tokenizer(tmp_path / "umt5-xxl")
+
+
+def test_max_length_below_one_is_rejected(tokenizer_dir):
+    with pytest.raises(ValueError, match="max_length must be >= 1"):
+        Tokenizer(tokenizer_dir, max_length=0)
+
+
+def test_encoder_module_imports_without_transformers():
+    code = (
+        "import sys; sys.modules['transformers'] = None; "
+        "import fpsa_jax.model.umt5 as m; print(m.UMT5Config.preset('tiny').d_model)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parents[2],
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "32"
