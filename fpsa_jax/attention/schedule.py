@@ -17,22 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fpsa_jax.attention.config import FPSAConfig
-
-# Wan2.1's flow-matching inference sigmas start just below 1 (sigma_max = 1 - 1/1000).
-WAN_SIGMA_MAX = 0.999
-
-
-def wan_sigmas(num_steps: int, shift: float) -> np.ndarray:
-    """float64 [num_steps]: Wan's shifted inference sigmas, step 0 (noisiest) first.
-
-    sigmas = linspace(0.999, 0, N + 1)[:-1], then shift * s / (1 + (shift - 1) * s).
-    """
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    if not shift > 0:
-        raise ValueError(f"shift must be > 0, got {shift}")
-    s = np.linspace(WAN_SIGMA_MAX, 0.0, num_steps + 1)[:-1]
-    return shift * s / (1.0 + (shift - 1.0) * s)
+from fpsa_jax.flow_schedule import flow_schedule
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,7 +98,7 @@ class StepSchedule:
 
     def step_for_sigma(self, sigma, num_steps: int, shift: float):
         """The inference step whose shifted Wan sigma is nearest to `sigma` (float or array)."""
-        sigmas = wan_sigmas(num_steps, shift)
+        sigmas = flow_schedule(num_steps, shift).sigmas[:-1]
         if isinstance(sigma, numbers.Real):
             return int(np.argmin(np.abs(sigmas - float(sigma))))
         sigma = jnp.asarray(sigma)

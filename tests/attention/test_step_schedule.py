@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fpsa_jax.attention import FPSAConfig, Phase, StepSchedule
-from fpsa_jax.attention.schedule import wan_sigmas
+from fpsa_jax.flow_schedule import flow_schedule
 
 A = FPSAConfig(tile=(1, 2, 2), window=(1, 1, 1), quant="fp8", q_group=(2, 2, 2))
 B = FPSAConfig(tile=(1, 2, 2), window=(3, 3, 3), quant="fp8")
@@ -41,8 +41,8 @@ def test_phase_index_agrees_on_host_and_under_jit(num_steps):
 
 
 def test_sigma_maps_to_nearest_shifted_inference_sigma():
-    sig = wan_sigmas(50, 5.0)
-    np.testing.assert_allclose(sig[0], 5 * 0.999 / (1 + 4 * 0.999))
+    sig = flow_schedule(50, 5.0).sigmas[:-1]
+    np.testing.assert_allclose(sig[0], 5 * 0.999 / (1 + 4 * 0.999), rtol=1e-6)
     assert np.all(np.diff(sig) < 0) and sig[-1] > 0
     for i in (0, 7, 31, 49):
         assert SCHED.step_for_sigma(float(sig[i]), 50, 5.0) == i
@@ -89,8 +89,6 @@ def test_invalid_lookups_raise():
         SCHED.config_for_step(0, 0)
     with pytest.raises(ValueError, match="shift"):
         SCHED.config_for_sigma(0.5, 10, 0.0)
-    with pytest.raises(ValueError, match="num_steps"):
-        wan_sigmas(0, 1.0)
     with pytest.raises(ValueError, match="unknown StepSchedule preset"):
         StepSchedule.preset("wan-1080p")
     with pytest.raises(ValueError, match="exactly the key 'phases'"):

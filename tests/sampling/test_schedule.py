@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 
-from fpsa_jax.attention.schedule import wan_sigmas
 from fpsa_jax.sampling import flow_schedule
 from tests.sampling.reference import wan_schedule
 
@@ -31,11 +30,6 @@ def test_unshifted_timesteps_truncate_not_round():
     np.testing.assert_array_equal(
         flow_schedule(10, 1.0).timesteps, [999, 899, 799, 699, 599, 499, 399, 299, 199, 99]
     )
-
-
-def test_sigmas_agree_with_attention_step_lookup_to_float32_rounding():
-    for n, s in [(50, 5.0), (10, 8.0)]:
-        np.testing.assert_allclose(flow_schedule(n, s).sigmas[:-1], wan_sigmas(n, s), atol=1e-7)
 
 
 @pytest.mark.parametrize("bad", [0, -3, 2.5, True, "10"])

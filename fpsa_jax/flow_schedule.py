@@ -1,5 +1,8 @@
 """Wan2.1's flow-matching inference schedule: sigmas and integer timesteps for N steps.
 
+Shared by the sampler (`fpsa_jax.sampling`) and the training-time step lookup of
+`fpsa_jax.attention.StepSchedule`, so both see the same steps.
+
 Flow convention: x_sigma = (1 - sigma) x0 + sigma eps, the model predicts v = eps - x0, and
 sampling integrates dx/dsigma = v from sigma near 1 down to 0.
 
