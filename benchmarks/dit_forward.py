@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from fpsa_jax.config import WanConfig
+from fpsa_jax.model.random_weights import random_weights
 from fpsa_jax.model.wan import WanModel, init_params
 
 # name: (preset, frames, latent H, latent W) -- 81 frames -> 21 latent frames; pixels / 8.
@@ -29,23 +30,11 @@ CASES = {
 }
 
 
-def _random_weights(config: WanConfig, key: jax.Array):
-    """Random normal weights of the right shapes, made on device without a zero-init copy."""
-    shapes = jax.eval_shape(functools.partial(init_params, config), key)
-    leaves, tree = jax.tree_util.tree_flatten_with_path(shapes)
-    keys = jax.random.split(key, len(leaves))
-    out = []
-    for k, (path, leaf) in zip(keys, leaves, strict=True):
-        noise = 0.02 * jax.random.normal(k, leaf.shape, leaf.dtype)
-        out.append(noise + 1 if jax.tree_util.keystr(path).endswith("['scale']") else noise)
-    return jax.tree.unflatten(tree, out)
-
-
 def run_case(name: str, repeats: int, impl: str) -> dict:
     preset, f, h, w = CASES[name]
     config = WanConfig.preset(preset, dtype="bfloat16", param_dtype="bfloat16")
     key = jax.random.key(0)
-    params = jax.jit(_random_weights, static_argnums=0)(config, key)
+    params = random_weights(functools.partial(init_params, config), key)
     k1, k2, k3 = jax.random.split(jax.random.key(1), 3)
     latents = jax.random.normal(k1, (1, f, h, w, config.in_dim), jnp.float32)
     timesteps = jax.random.uniform(k2, (1,), jnp.float32, 0, 1000)

@@ -1,124 +1,256 @@
-"""`python -m infer`: run the Wan2.1 DiT.
+"""`python -m infer`: text to video with Wan2.1, dense or FPSA attention.
 
-Until the sampler lands (issue 5) this runs one DiT forward on random latents, with the tiny preset
-or a real checkpoint (`--ckpt_dir`), and reports what it did. Flags follow Wan2.1's generate.py.
+Flags follow Wan2.1's generate.py (--task, --ckpt_dir, --prompt, --size, --frame_num,
+--sample_solver, --sample_steps, --sample_shift, --sample_guide_scale, --base_seed, --save_file),
+plus --negative_prompt, --attention, --schedule, --save_latents and --attention_impl.
+
+Without --ckpt_dir it runs the embedded default model so the whole path can be tried anywhere.
 """
 
 from __future__ import annotations
 
+import re
 import time
+from pathlib import Path
 
 from absl import app, flags, logging
 
 _TASK = flags.DEFINE_enum(
     "task",
-    "tiny",
-    ["tiny", "t2v-1.3B", "t2v-14B"],
-    "Model preset; ignored when --ckpt_dir is given (read from the weights).",
+    "t2v-1.3B",
+    ["t2v-1.3B", "t2v-14B"],
+    "Wan2.1 task; picks defaults (size) when --ckpt_dir is given. The model's shape is read "
+    "from the weights.",
 )
 _CKPT_DIR = flags.DEFINE_string(
     "ckpt_dir",
     None,
-    "A Wan2.1 DiT checkpoint: model directory (original or diffusers layout), .safetensors file, "
-    "sharded index JSON, or a directory written by `python -m fpsa_jax.convert`. "
-    "Without it, random weights of --task are used.",
+    "Wan2.1 text-to-video model directory, original layout (config.json, diffusion_pytorch_model"
+    "*.safetensors, Wan2.1_VAE.pth, models_t5_umt5-xxl-enc-bf16.pth, google/umt5-xxl/) or "
+    "diffusers layout (transformer/, vae/, text_encoder/, tokenizer/). Without it the embedded "
+    "default model runs.",
+)
+_PROMPT = flags.DEFINE_string(
+    "prompt",
+    "A red square slides from left to right across a dark background.",
+    "Text prompt of the video.",
+)
+_NEGATIVE_PROMPT = flags.DEFINE_string(
+    "negative_prompt", "", "Negative prompt for classifier-free guidance; empty = Wan's default."
 )
 _SIZE = flags.DEFINE_string(
-    "size", "64*48", "Video size as WIDTH*HEIGHT in pixels (multiple of 16)."
+    "size",
+    None,
+    "Video size WIDTH*HEIGHT in pixels, multiples of 16 (e.g. 832*480, 1280*720). Default: "
+    "832*480 for t2v-1.3B, 1280*720 for t2v-14B, 128*128 for the embedded default.",
 )
-_FRAME_NUM = flags.DEFINE_integer("frame_num", 5, "Number of video frames, 4k+1.")
-_BASE_SEED = flags.DEFINE_integer("base_seed", 0, "Seed of the random latents (and weights).")
+_FRAME_NUM = flags.DEFINE_integer(
+    "frame_num", None, "Frames to generate, 4k+1. Default: 81 (17 for the embedded default)."
+)
+_SAMPLE_SOLVER = flags.DEFINE_enum("sample_solver", "unipc", ["unipc", "euler"], "Sampler.")
+_SAMPLE_STEPS = flags.DEFINE_integer(
+    "sample_steps", None, "Denoising steps. Default: 50 (20 for the embedded default)."
+)
+_SAMPLE_SHIFT = flags.DEFINE_float(
+    "sample_shift", 5.0, "Noise schedule shift (Wan suggests 8-12 for 1.3B at 480p)."
+)
+_GUIDE_SCALE = flags.DEFINE_float(
+    "sample_guide_scale", 5.0, "Classifier-free guidance scale (>= 0; 1 = no guidance)."
+)
+_BASE_SEED = flags.DEFINE_integer("base_seed", 0, "Seed of the initial noise.")
+_SAVE_FILE = flags.DEFINE_string(
+    "save_file", None, "Output .mp4 path. Default: outputs/<task>_<size>_<seed>_<prompt>.mp4."
+)
+_SAVE_LATENTS = flags.DEFINE_string(
+    "save_latents", None, "Also write the denoised latents [B, f, h, w, 16] to this .npy file."
+)
+_ATTENTION = flags.DEFINE_enum(
+    "attention",
+    "dense",
+    ["dense", "fpsa"],
+    "Self-attention: dense, or FPSA (FP8 + sparse tiles) switched per step by --schedule.",
+)
+_SCHEDULE = flags.DEFINE_string(
+    "schedule",
+    None,
+    "FPSA step schedule: a preset (wan-480p, wan-720p, dense) or a JSON file written by "
+    "StepSchedule.to_json. Default: the preset of the video's resolution.",
+)
 _ATTENTION_IMPL = flags.DEFINE_string(
-    "attention_impl", "auto", "FPSA operator implementation (auto, xla, reference, cudnn, ...)."
+    "attention_impl",
+    "auto",
+    "Implementation of the attention operator: auto, xla, reference, cudnn, cudnn_fp8.",
 )
+
+_FPS = 16  # Wan2.1's sample_fps
 
 
 def _parse_size(size: str) -> tuple[int, int]:
+    match = re.fullmatch(r"\s*(\d+)\s*[*x]\s*(\d+)\s*", size)
+    if not match:
+        raise app.UsageError(f"--size must look like 832*480 (WIDTH*HEIGHT), got {size!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+def _resolve_schedule(height: int, width: int):
+    from fpsa_jax.attention import StepSchedule
+
+    if _ATTENTION.value == "dense":
+        if _SCHEDULE.value:
+            raise app.UsageError("--schedule needs --attention=fpsa")
+        return None, "dense"
+    name = _SCHEDULE.value or ("wan-480p" if height * width <= 480 * 832 else "wan-720p")
     try:
-        width, height = (int(s) for s in size.split("*"))
-    except ValueError:
-        raise app.UsageError(
-            f"--size must look like 832*480 (WIDTH*HEIGHT), got {size!r}"
-        ) from None
-    if width <= 0 or height <= 0 or width % 16 or height % 16:
-        raise app.UsageError(f"--size {size}: width and height must be positive multiples of 16")
-    return width, height
+        if name.endswith(".json"):
+            if not Path(name).is_file():
+                raise app.UsageError(f"--schedule file not found: {name}")
+            return StepSchedule.from_json(Path(name).read_text()), name
+        return StepSchedule.preset(name), name
+    except ValueError as e:
+        raise app.UsageError(f"--schedule {name}: {e}") from None
 
 
-def _load_weights(path: str):
-    """A directory written by `python -m fpsa_jax.convert`, else any Wan2.1 DiT checkpoint."""
-    from pathlib import Path
+def _default_weights(seed: int):
+    """The embedded default: the tiny DiT and tiny VAE with random weights (placeholder until the
+    trained demo model ships) and no text encoder."""
+    import functools
 
-    from fpsa_jax.convert import CheckpointError, load_converted, load_wan_checkpoint
+    import jax
 
-    try:
-        if (Path(path) / "params").is_dir() and (Path(path) / "config.json").is_file():
-            return load_converted(path)
-        return load_wan_checkpoint(path)
-    except CheckpointError as e:
-        raise app.UsageError(f"--ckpt_dir {path}: {e}") from None
+    from fpsa_jax.config import WanConfig
+    from fpsa_jax.model import vae as wan_vae
+    from fpsa_jax.model import wan
+    from fpsa_jax.model.random_weights import random_weights
+    from fpsa_jax.pipeline import T2VWeights
+
+    dit_config = WanConfig.preset("tiny")
+    vae_config = wan_vae.WanVAEConfig.preset("tiny")
+    k1, k2 = jax.random.split(jax.random.key(seed))
+    dit = random_weights(functools.partial(wan.init_params, dit_config), k1)
+    vae = random_weights(functools.partial(wan_vae.init_params, vae_config), k2, std=0.2)
+    return T2VWeights(dit_config, dit, vae_config, vae)
+
+
+def _pseudo_embeddings(prompt: str, text_len: int, text_dim: int):
+    """Stand-in text embeddings for a model without a text encoder: deterministic in the prompt."""
+    import zlib
+
+    import jax
+
+    key = jax.random.key(zlib.crc32(prompt.encode("utf-8")))
+    return jax.random.normal(key, (1, min(text_len, 16), text_dim))
+
+
+def _default_save_file(size: str, seed: int, prompt: str) -> Path:
+    task = _TASK.value if _CKPT_DIR.value else "default"
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", prompt)[:50].strip("_") or "video"
+    return Path("outputs") / f"{task}_{size.replace('*', 'x')}_{seed}_{slug}.mp4"
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    width, height = _parse_size(_SIZE.value)
-    if _FRAME_NUM.value < 1 or (_FRAME_NUM.value - 1) % 4:
-        raise app.UsageError(f"--frame_num must be 4k+1 (1, 5, ..., 81), got {_FRAME_NUM.value}")
+    embedded = not _CKPT_DIR.value
+    default_size = (
+        "128*128" if embedded else ("832*480" if _TASK.value == "t2v-1.3B" else "1280*720")
+    )
+    size = _SIZE.value or default_size
+    width, height = _parse_size(size)
+    frames = _FRAME_NUM.value if _FRAME_NUM.value is not None else (17 if embedded else 81)
+    steps = _SAMPLE_STEPS.value if _SAMPLE_STEPS.value is not None else (20 if embedded else 50)
+    if steps < 1:
+        raise app.UsageError(f"--sample_steps must be >= 1, got {steps}")
+    if not _GUIDE_SCALE.value >= 0:
+        raise app.UsageError(f"--sample_guide_scale must be >= 0, got {_GUIDE_SCALE.value}")
+
+    from fpsa_jax import pipeline
+
+    try:
+        pipeline.check_video_request(width, height, frames)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
+    schedule, schedule_name = _resolve_schedule(height, width)
+    save_file = Path(_SAVE_FILE.value or _default_save_file(size, _BASE_SEED.value, _PROMPT.value))
+    if save_file.suffix.lower() != ".mp4":
+        raise app.UsageError(f"--save_file must end in .mp4, got {save_file}")
+    if _SAVE_LATENTS.value and not _SAVE_LATENTS.value.endswith(".npy"):
+        raise app.UsageError(f"--save_latents must end in .npy, got {_SAVE_LATENTS.value}")
 
     import jax
-    import jax.numpy as jnp
+    import numpy as np
+    from tqdm import tqdm
 
-    from fpsa_jax.config import WanConfig
-    from fpsa_jax.model.wan import WanModel, init_params
+    from infer.video import save_npy, save_video
 
-    key = jax.random.key(_BASE_SEED.value)
-    if _CKPT_DIR.value:
-        config, params = _load_weights(_CKPT_DIR.value)
-        source = _CKPT_DIR.value
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    if embedded:
+        logging.warning(
+            "No --ckpt_dir: running the embedded default, a tiny Wan-architecture model with "
+            "RANDOM weights and no text encoder (the prompt seeds stand-in embeddings). Expect "
+            "noise, not a picture; pass --ckpt_dir for real Wan2.1 weights."
+        )
+        weights = _default_weights(_BASE_SEED.value)
     else:
-        config = WanConfig.preset(_TASK.value)
-        if _TASK.value == "tiny":
-            logging.warning(
-                "No --ckpt_dir: using RANDOM weights of the tiny preset. The embedded "
-                "trained demo model and the sampler arrive in later releases."
-            )
-        params = init_params(config, key)
-        source = f"random {_TASK.value} weights"
+        try:
+            weights = pipeline.load_t2v_weights(_CKPT_DIR.value)
+        except (FileNotFoundError, ValueError) as e:
+            raise app.UsageError(f"--ckpt_dir {_CKPT_DIR.value}: {e}") from None
+    timings["loading weights"] = time.perf_counter() - start
 
-    frames = (_FRAME_NUM.value - 1) // 4 + 1
-    shape = (1, frames, height // 8, width // 8, config.in_dim)
-    k1, k2, k3 = jax.random.split(key, 3)
-    latents = jax.random.normal(k1, shape, jnp.float32)
-    timesteps = jax.random.uniform(k2, (1,), jnp.float32, 0.0, 1000.0)
-    context = jax.random.normal(k3, (1, min(config.text_len, 16), config.text_dim), jnp.float32)
-
-    model = WanModel(config, attention_impl=_ATTENTION_IMPL.value)
-    forward = jax.jit(lambda p, x, t, c: model.apply({"params": p}, x, t, c))
     start = time.perf_counter()
-    out = jax.block_until_ready(forward(params, latents, timesteps, context))
-    first = time.perf_counter() - start
-    start = time.perf_counter()
-    out = jax.block_until_ready(forward(params, latents, timesteps, context))
-    second = time.perf_counter() - start
+    negative = _NEGATIVE_PROMPT.value or pipeline.WAN_NEGATIVE_PROMPT
+    cfg = weights.dit_config
+    if weights.tokenizer is None:
+        context = _pseudo_embeddings(_PROMPT.value, cfg.text_len, cfg.text_dim)
+        negative_context = _pseudo_embeddings(negative, cfg.text_len, cfg.text_dim)
+    else:
+        context = pipeline.encode_prompts(weights, [_PROMPT.value])
+        negative_context = pipeline.encode_prompts(weights, [negative])
+    jax.block_until_ready((context, negative_context))
+    timings["text encoding"] = time.perf_counter() - start
 
-    grid = (
-        shape[1] // config.patch_size[0],
-        shape[2] // config.patch_size[1],
-        shape[3] // config.patch_size[2],
-    )
+    shape = pipeline.latent_shape(1, width, height, frames, cfg.in_dim)
+    noise = pipeline.initial_noise(_BASE_SEED.value, shape)
+    tokens = shape[1] * (shape[2] // 2) * (shape[3] // 2)
     print(
-        f"DiT forward ({source}): {config.num_params():,} parameters, "
-        f"latents {shape} -> token grid {grid} = {grid[0] * grid[1] * grid[2]} tokens"
+        f"{cfg.num_params() / 1e6:,.1f}M-parameter DiT, {size} x {frames} frames -> latents "
+        f"{shape[1:]} = {tokens:,} tokens; {steps} {_SAMPLE_SOLVER.value} steps, attention "
+        f"{schedule_name}"
     )
-    print(
-        f"  output {out.shape} {out.dtype}, mean {float(out.mean()):+.4f}, "
-        f"std {float(out.std()):.4f}, finite: {bool(jnp.isfinite(out).all())}"
-    )
-    print(f"  time: {first:.2f} s first call (with compilation), {second * 1e3:.1f} ms second")
-    if not _CKPT_DIR.value:
-        print("  (fresh weights: Wan zero-initialises the output head, so the prediction is zero)")
-    print("  (video sampling arrives with the sampler; this run checks the model end to end)")
+    start = time.perf_counter()
+    with tqdm(total=steps, desc="denoising", unit="step") as bar:
+
+        def progress(done: int, total: int) -> None:
+            bar.n = done
+            bar.refresh()
+
+        latents = pipeline.denoise(
+            weights,
+            noise,
+            context,
+            negative_context,
+            num_steps=steps,
+            shift=_SAMPLE_SHIFT.value,
+            guide_scale=_GUIDE_SCALE.value,
+            solver=_SAMPLE_SOLVER.value,
+            schedule=schedule,
+            attention_impl=_ATTENTION_IMPL.value,
+            progress=progress,
+        )
+    timings["denoising (incl. compilation)"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    video = jax.block_until_ready(pipeline.decode_latents(weights, latents))
+    timings["decoding"] = time.perf_counter() - start
+
+    save_video(save_file, np.asarray(video[0]), fps=_FPS)
+    if _SAVE_LATENTS.value:
+        save_npy(Path(_SAVE_LATENTS.value), np.asarray(latents))
+    print("time per phase: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
+    print(f"wrote {video.shape[1]} frames at {_FPS} fps to {save_file.resolve()}")
+    if _SAVE_LATENTS.value:
+        print(f"wrote latents {tuple(latents.shape)} to {Path(_SAVE_LATENTS.value).resolve()}")
 
 
 if __name__ == "__main__":

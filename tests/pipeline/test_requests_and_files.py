@@ -1,0 +1,115 @@
+"""Video requests the pipeline refuses, and locating the files of a Wan2.1 model directory."""
+
+from __future__ import annotations
+
+import pytest
+
+from fpsa_jax.attention import StepSchedule
+from fpsa_jax.pipeline import ModelFiles, check_video_request, find_model_files, latent_shape
+
+SIZE = r"video size {}\*{} \(width\*height\): both must be positive multiples of 16"
+FRAMES = r"frame count must be 4k\+1 .*; got {}$"
+
+
+@pytest.mark.parametrize(
+    "width, height, frames, message",
+    [
+        (840, 480, 81, SIZE.format(840, 480)),
+        (832, 472, 81, SIZE.format(832, 472)),
+        (0, 480, 81, SIZE.format(0, 480)),
+        (832, 480, 80, FRAMES.format(80)),
+        (832, 480, 0, FRAMES.format(0)),
+    ],
+)
+def test_bad_video_request_is_refused_naming_the_problem(width, height, frames, message):
+    with pytest.raises(ValueError, match=message):
+        check_video_request(width, height, frames)
+    with pytest.raises(ValueError, match=message):
+        latent_shape(1, width, height, frames)
+
+
+@pytest.mark.parametrize(
+    "batch, width, height, frames, shape",
+    [(1, 832, 480, 81, (1, 21, 60, 104, 16)), (2, 48, 32, 1, (2, 1, 4, 6, 16))],
+)
+def test_latent_shape_of_a_valid_request(batch, width, height, frames, shape):
+    check_video_request(width, height, frames)
+    assert latent_shape(batch, width, height, frames) == shape
+
+
+def _touch(root, *names):
+    for name in names:
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if name.endswith("/"):
+            path.mkdir(exist_ok=True)
+        else:
+            path.write_bytes(b"")
+
+
+ORIGINAL = (
+    "config.json",
+    "diffusion_pytorch_model-00001-of-00002.safetensors",
+    "Wan2.1_VAE.pth",
+    "models_t5_umt5-xxl-enc-bf16.pth",
+    "google/umt5-xxl/",
+)
+DIFFUSERS = ("model_index.json", "transformer/", "vae/", "text_encoder/", "tokenizer/")
+
+
+def test_finds_the_parts_of_an_original_directory(tmp_path):
+    _touch(tmp_path, *ORIGINAL)
+    assert find_model_files(tmp_path) == ModelFiles(
+        layout="original",
+        dit=tmp_path,
+        vae=tmp_path / "Wan2.1_VAE.pth",
+        text_encoder=tmp_path / "models_t5_umt5-xxl-enc-bf16.pth",
+        tokenizer=tmp_path / "google" / "umt5-xxl",
+    )
+
+
+def test_finds_the_parts_of_a_diffusers_directory(tmp_path):
+    _touch(tmp_path, *DIFFUSERS)
+    assert find_model_files(str(tmp_path)) == ModelFiles(
+        layout="diffusers",
+        dit=tmp_path / "transformer",
+        vae=tmp_path / "vae",
+        text_encoder=tmp_path / "text_encoder",
+        tokenizer=tmp_path / "tokenizer",
+    )
+
+
+def test_missing_model_directory_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model directory not found: .*nowhere"):
+        find_model_files(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize(
+    "layout, leave_out, named",
+    [
+        ("original", "Wan2.1_VAE.pth", "Wan2.1_VAE.pth"),
+        (
+            "original",
+            "diffusion_pytorch_model-00001-of-00002.safetensors",
+            "diffusion_pytorch_model*.safetensors",
+        ),
+        ("diffusers", "vae/", "vae"),
+        ("diffusers", "tokenizer/", "tokenizer"),
+    ],
+)
+def test_incomplete_model_directory_names_the_missing_part(tmp_path, layout, leave_out, named):
+    _touch(
+        tmp_path, *(n for n in (ORIGINAL if layout == "original" else DIFFUSERS) if n != leave_out)
+    )
+    with pytest.raises(FileNotFoundError) as err:
+        find_model_files(tmp_path)
+    message = str(err.value)
+    assert f"({layout} layout)" in message
+    assert message.endswith(f"missing: {tmp_path / named}")
+
+
+def test_unknown_schedule_preset_names_the_valid_ones():
+    with pytest.raises(
+        ValueError, match="unknown StepSchedule preset 'nope'; valid: dense, wan-480p, wan-720p"
+    ):
+        StepSchedule.preset("nope")
