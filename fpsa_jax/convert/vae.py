@@ -166,7 +166,10 @@ def load_wan_vae(path: str | Path, dtype: Any = jnp.float32) -> tuple[WanVAEConf
     with source.reader as reader:
         names = set(reader)
         layout = detect_layout(names, source.description)
-        config = infer_config(reader, names, layout, source.config_json)
+        # A config.json describes the weights only in a diffusers `vae/` folder: beside a
+        # Wan2.1_VAE.pth it is the DiT's (an original model directory keeps both at its root).
+        config_json = source.config_json if layout == DIFFUSERS else None
+        config = infer_config(reader, names, layout, config_json)
         entries = vae_keys(config)
         _check_names(names, {getattr(e, layout) for e in entries}, source.description)
         shapes = _flax_shapes(config)

@@ -129,3 +129,13 @@ def test_config_json_disagreements_are_reported(diffusers_dir, tmp_path, changes
 def test_config_json_latent_statistics_are_used(diffusers_dir, tmp_path):
     config, _ = load_wan_vae(_with_config(diffusers_dir, tmp_path, latents_std=[2.0] * 16))
     assert config.latents_std == (2.0,) * 16
+
+
+def test_a_dit_config_json_beside_the_original_pth_is_ignored(original_state, tmp_path):
+    # An original Wan2.1 directory keeps the DiT's config.json next to Wan2.1_VAE.pth.
+    path = _save(original_state, tmp_path)
+    (tmp_path / "config.json").write_text(
+        json.dumps({"_class_name": "WanModel", "patch_size": [1, 2, 2], "in_dim": 16})
+    )
+    config, _ = load_wan_vae(path)
+    assert config.z_dim == TINY["z_dim"]
