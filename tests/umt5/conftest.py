@@ -1,8 +1,10 @@
 """Fixtures of the UMT5 tests: a tiny random transformers UMT5EncoderModel, saved in the
-transformers layout (save_pretrained) and in Wan's .pth layout (renamed in `to_wan_keys`)."""
+transformers layout (save_pretrained) and in Wan's .pth layout (renamed in `to_wan_keys`), and a
+tiny tokenizer trained here (`save_tiny_tokenizer`)."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -28,6 +30,34 @@ TINY_HF = dict(
     dropout_rate=0.0,
     layer_norm_epsilon=1e-6,
 )
+
+
+# The corpus of the tiny tokenizer.
+SENTENCES = [
+    "a cat sits on the mat",
+    "the dog runs in the park",
+    "fish & chips on a plate",
+    "a red car drives down the road",
+    "the cat and the dog play",
+]
+
+
+def save_tiny_tokenizer(path: Path) -> Path:
+    """Trains a 60-piece Unigram model on SENTENCES with `tokenizers` and saves it at `path` as a
+    transformers T5Tokenizer (pad 0, EOS 1, like google/umt5-xxl); nothing is downloaded."""
+    tokenizers = pytest.importorskip("tokenizers")
+    model = tokenizers.Tokenizer(tokenizers.models.Unigram())
+    model.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace()
+    trainer = tokenizers.trainers.UnigramTrainer(
+        vocab_size=60,
+        special_tokens=["<pad>", "</s>", "<unk>"],
+        unk_token="<unk>",
+        show_progress=False,
+    )
+    model.train_from_iterator(SENTENCES * 3, trainer)
+    vocab = [tuple(v) for v in json.loads(model.to_str())["model"]["vocab"]]
+    transformers.T5Tokenizer(vocab=vocab, extra_ids=0).save_pretrained(path)
+    return path
 
 
 def to_wan_keys(state: dict) -> dict:
@@ -58,10 +88,11 @@ def to_wan_keys(state: dict) -> dict:
     return out
 
 
-@pytest.fixture(scope="session")
-def hf_model():
+def random_umt5(**overrides):
+    """The tiny transformers UMT5EncoderModel (TINY_HF with `overrides`) with every parameter
+    random (norm scales around 1)."""
     torch.manual_seed(0)
-    config = transformers.UMT5Config(**TINY_HF, attn_implementation="eager")
+    config = transformers.UMT5Config(**{**TINY_HF, **overrides}, attn_implementation="eager")
     model = transformers.UMT5EncoderModel(config).eval()
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -76,6 +107,11 @@ def hf_model():
             else:
                 p.copy_(noise * p.shape[1] ** -0.5)
     return model
+
+
+@pytest.fixture(scope="session")
+def hf_model():
+    return random_umt5()
 
 
 @pytest.fixture(scope="session")

@@ -1,12 +1,12 @@
 """Tokenizer: Wan's cleaning, EOS appended, truncation and padding to max_length, numpy out.
 
-The tokenizer under test is a tiny Unigram model trained here with `tokenizers` and wrapped as a
-transformers T5Tokenizer (pad 0, EOS 1, like google/umt5-xxl); nothing is downloaded.
+The tokenizer under test is a tiny Unigram model trained with `tokenizers` and wrapped as a
+transformers T5Tokenizer (pad 0, EOS 1, like google/umt5-xxl) by conftest.save_tiny_tokenizer;
+nothing is downloaded.
 """
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import types
@@ -16,34 +16,15 @@ import numpy as np
 import pytest
 
 from fpsa_jax.model.umt5 import Tokenizer, clean_text
+from tests.umt5.conftest import SENTENCES, save_tiny_tokenizer
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
-_SENTENCES = [
-    "a cat sits on the mat",
-    "the dog runs in the park",
-    "fish & chips on a plate",
-    "a red car drives down the road",
-    "the cat and the dog play",
-]
-
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
-    model = tokenizers.Tokenizer(tokenizers.models.Unigram())
-    model.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace()
-    trainer = tokenizers.trainers.UnigramTrainer(
-        vocab_size=60,
-        special_tokens=["<pad>", "</s>", "<unk>"],
-        unk_token="<unk>",
-        show_progress=False,
-    )
-    model.train_from_iterator(_SENTENCES * 3, trainer)
-    vocab = [tuple(v) for v in json.loads(model.to_str())["model"]["vocab"]]
-    path = tmp_path_factory.mktemp("tokenizer")
-    transformers.T5Tokenizer(vocab=vocab, extra_ids=0).save_pretrained(path)
-    return path
+    return save_tiny_tokenizer(tmp_path_factory.mktemp("tokenizer"))
 
 
 @pytest.fixture()
@@ -71,7 +52,7 @@ def test_ids_are_the_tokens_then_eos_then_pad(tokenizer_dir, no_ftfy):
 
 
 def test_long_text_is_truncated_with_eos_last(tokenizer_dir, no_ftfy):
-    ids, mask = _make(tokenizer_dir, 5)(" ".join(_SENTENCES))
+    ids, mask = _make(tokenizer_dir, 5)(" ".join(SENTENCES))
     assert ids.shape == (1, 5) and mask.tolist() == [[1] * 5]
     assert ids[0, -1] == 1
 
