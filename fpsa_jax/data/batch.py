@@ -1,0 +1,73 @@
+"""The batch every training source yields, and the padding of text embeddings to a fixed length.
+
+Shapes: B batch, f/h/w latent frames/height/width, C latent channels (16), L text rows
+(`text_len`, 512 for Wan), E text width (4096 for UMT5-XXL), Lt one caption's true length.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    """One host's batch, NumPy arrays ready for `jax.device_put`.
+
+    latents: [B, f, h, w, C] clean (normalised) video latents.
+    context: [B, L, E] text embeddings, each cut to its true length and zero beyond it, as Wan's
+      DiT consumes them.
+    context_lengths: int32 [B], the true length of each row of `context` (after the cut to L).
+    captions: B strings.
+    example_ids: int64 [B], the examples' global indices in their source (for debugging and
+      tests).
+    """
+
+    latents: np.ndarray
+    context: np.ndarray
+    context_lengths: np.ndarray
+    captions: tuple[str, ...]
+    example_ids: np.ndarray
+
+
+def pad_text(texts: list[np.ndarray], text_len: int, dtype=None) -> tuple[np.ndarray, np.ndarray]:
+    """B embeddings [Lt_b, E] -> ([B, text_len, E] zero-padded, each cut at text_len; int32 [B]
+    lengths after the cut)."""
+    if text_len < 1:
+        raise ValueError(f"text_len must be >= 1, got {text_len}")
+    if not texts:
+        raise ValueError("pad_text needs at least one embedding")
+    dim = texts[0].shape[-1]
+    dtype = texts[0].dtype if dtype is None else dtype
+    out = np.zeros((len(texts), text_len, dim), dtype)
+    lengths = np.zeros(len(texts), np.int32)
+    for i, t in enumerate(texts):
+        if t.ndim != 2 or t.shape[1] != dim:
+            raise ValueError(f"text embedding {i} must be [Lt, {dim}], got shape {t.shape}")
+        n = min(t.shape[0], text_len)
+        out[i, :n] = t[:n]
+        lengths[i] = n
+    return out, lengths
+
+
+def check_hosts(batch_size: int, process_index: int, process_count: int) -> None:
+    """Raises ValueError naming the argument when a batch size or host split is impossible."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if process_count < 1:
+        raise ValueError(f"process_count must be >= 1, got {process_count}")
+    if not 0 <= process_index < process_count:
+        raise ValueError(
+            f"process_index must be in [0, process_count = {process_count}), got {process_index}"
+        )
+
+
+def host_positions(
+    step: int, batch_size: int, process_index: int, process_count: int
+) -> np.ndarray:
+    """Positions (in an epoch's order) of host `process_index`'s examples at global step `step`:
+    the global batch of process_count * batch_size consecutive positions, split in contiguous
+    blocks of batch_size, host 0 first."""
+    start = (step * process_count + process_index) * batch_size
+    return np.arange(start, start + batch_size, dtype=np.int64)
