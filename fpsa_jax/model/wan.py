@@ -6,10 +6,12 @@ Latents are channels-last [B, F, H, W, C]; after the (1, 2, 2) patchify the toke
 head stay float32, as in the original (its residual stream is float32 after the first block).
 
 Self-attention goes through `fpsa_jax.attention.fpsa_attention`, given the token grid and a
-per-call `FPSAConfig` (None = dense). Parameters carry logical axis names ('embed', 'heads',
-'mlp', 'layers', ...) and activations logical constraints, so a mesh can shard them; both are
-no-ops without one. The blocks run under `nn.scan` (parameters stacked on a leading 'layers' axis)
-with the remat policy of `config.remat`.
+per-call `FPSAConfig` (None = dense), by way of `fpsa_jax.parallel.ulysses_attention`: under a
+mesh in context whose 'seq' axis is larger than one (`fpsa_jax.parallel.use_sharding`) it runs
+sequence-parallel (Ulysses), otherwise it is exactly `fpsa_attention`. Parameters carry logical
+axis names ('embed', 'heads', 'mlp', 'layers', ...) and activations logical constraints, so a mesh
+can shard them; both are no-ops without one. The blocks run under `nn.scan` (parameters stacked on
+a leading 'layers' axis) with the remat policy of `config.remat`.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fpsa_jax.attention import FPSAConfig, fpsa_attention
+from fpsa_jax.attention import FPSAConfig
 from fpsa_jax.config import WanConfig
 from fpsa_jax.model.embeddings import apply_rope, fit_text_length, rope_tables, sinusoidal_embedding
+from fpsa_jax.parallel import ulysses_attention
 
 Array = jax.Array
 _F32 = jnp.float32
@@ -143,7 +146,7 @@ class Attention(nn.Module):
         if self.grid is not None:
             cos, sin = rope_tables(self.grid, cfg.rope_dims)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            out = fpsa_attention(
+            out = ulysses_attention(  # fpsa_attention, sequence-parallel under a 'seq' mesh
                 q.astype(dt),
                 k.astype(dt),
                 v.astype(dt),
