@@ -1,0 +1,154 @@
+"""`python -m train`: quantization-aware FPSA fine-tuning of the Wan2.1 DiT (flow matching).
+
+Hyper-parameters come from a TrainConfig JSON (--config; defaults: the paper's recipe) with
+--set overrides; the run's shape (model, data, steps, checkpoints) from the flags below. A
+workdir holds checkpoints/ (orbax, keep-last-N, async), metrics.csv and tb/ (TensorBoard); running
+the same command again resumes from its latest checkpoint.
+
+    python -m train --workdir runs/demo --model tiny --schedule wan-480p --num_steps 200
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from absl import app, flags, logging
+
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Run directory: checkpoints, metrics.csv, tb/. Re-running resumes from it."
+)
+_CONFIG = flags.DEFINE_string(
+    "config", None, "TrainConfig JSON (TrainConfig.to_json); omitted = the paper's recipe."
+)
+_SET = flags.DEFINE_multi_string(
+    "set",
+    [],
+    "Override one TrainConfig field, KEY=VALUE with a JSON value (repeatable), e.g. "
+    "--set learning_rate=1e-4 --set warmup_steps=10.",
+)
+_MODEL = flags.DEFINE_string(
+    "model",
+    "tiny",
+    "A WanConfig preset (tiny, t2v-1.3b, t2v-14b) to start from fresh weights, "
+    "or a checkpoint: a `python -m fpsa_jax.convert` directory or a Wan2.1 DiT checkpoint.",
+)
+_SCHEDULE = flags.DEFINE_string(
+    "schedule",
+    None,
+    "FPSA StepSchedule: a preset (wan-480p, wan-720p, dense) or a JSON file. "
+    "Omitted = the config's (dense when it has none).",
+)
+_DATA = flags.DEFINE_string(
+    "data",
+    "synthetic",
+    "'synthetic' (stand-in latents of moving-shape clips, no files) or a "
+    "records directory written by `python -m train.prepare`.",
+)
+_SIZE = flags.DEFINE_string("size", "64*64", "Synthetic clips: WIDTH*HEIGHT in pixels.")
+_FRAME_NUM = flags.DEFINE_integer("frame_num", 17, "Synthetic clips: frames, 4k+1.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 1, "Samples per step and host.")
+_NUM_STEPS = flags.DEFINE_integer("num_steps", 100, "Train until this step (micro-steps).")
+_SAVE_EVERY = flags.DEFINE_integer("save_every", 50, "Checkpoint every N steps (and at the end).")
+_KEEP = flags.DEFINE_integer("keep", 3, "Checkpoints kept (the newest N).")
+_LOG_EVERY = flags.DEFINE_integer("log_every", 1, "Log metrics every N steps.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the weights (fresh), data order and noise.")
+_ATTENTION_IMPL = flags.DEFINE_string(
+    "attention_impl", "xla", "FPSA operator implementation for training (xla is differentiable)."
+)
+
+flags.mark_flag_as_required("workdir")
+
+
+def _train_config():
+    from fpsa_jax.attention import StepSchedule
+    from fpsa_jax.training import TrainConfig
+
+    try:
+        fields = json.loads(Path(_CONFIG.value).read_text()) if _CONFIG.value else {}
+    except (OSError, json.JSONDecodeError) as e:
+        raise app.UsageError(f"--config {_CONFIG.value}: {e}") from None
+    for item in _SET.value:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise app.UsageError(f"--set takes KEY=VALUE, got {item!r}")
+        try:
+            fields[key] = json.loads(value)
+        except json.JSONDecodeError:
+            fields[key] = value  # a bare string, e.g. --set lr_schedule=cosine
+    if _SCHEDULE.value:
+        name = _SCHEDULE.value
+        try:
+            schedule = (
+                StepSchedule.from_json(Path(name).read_text())
+                if name.endswith(".json")
+                else StepSchedule.preset(name)
+            )
+        except (OSError, ValueError) as e:
+            raise app.UsageError(f"--schedule {name}: {e}") from None
+        fields["schedule"] = schedule.to_dict()
+    try:
+        return TrainConfig.from_dict(fields)
+    except (TypeError, ValueError) as e:
+        raise app.UsageError(f"bad training config: {e}") from None
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+    from fpsa_jax.config import PRESETS, WanConfig
+    from fpsa_jax.pipeline import check_video_request
+    from train.loop import RunSettings, run
+
+    width, _, height = _SIZE.value.partition("*")
+    try:
+        width, height = int(width), int(height)
+        check_video_request(width, height, _FRAME_NUM.value)
+    except ValueError as e:
+        raise app.UsageError(f"--size/--frame_num: {e}") from None
+    for name, flag in (
+        ("batch_size", _BATCH_SIZE),
+        ("num_steps", _NUM_STEPS),
+        ("save_every", _SAVE_EVERY),
+        ("keep", _KEEP),
+        ("log_every", _LOG_EVERY),
+    ):
+        if flag.value < 1:
+            raise app.UsageError(f"--{name} must be >= 1, got {flag.value}")
+    train_config = _train_config()
+    if _MODEL.value.lower() in PRESETS:
+        model_config, init = WanConfig.preset(_MODEL.value), "preset"
+    elif Path(_MODEL.value).exists():
+        model_config, init = None, _MODEL.value
+    else:
+        raise app.UsageError(
+            f"--model {_MODEL.value!r} is neither a preset ({', '.join(PRESETS)}) nor a path"
+        )
+    if _DATA.value != "synthetic" and not Path(_DATA.value, "index.json").is_file():
+        raise app.UsageError(f"--data {_DATA.value}: not 'synthetic' and no records index.json")
+    settings = RunSettings(
+        workdir=Path(_WORKDIR.value),
+        model_config=model_config,
+        train_config=train_config,
+        init=init,
+        data=_DATA.value,
+        batch_size=_BATCH_SIZE.value,
+        num_steps=_NUM_STEPS.value,
+        save_every=_SAVE_EVERY.value,
+        keep=_KEEP.value,
+        log_every=_LOG_EVERY.value,
+        seed=_SEED.value,
+        frames=_FRAME_NUM.value,
+        height=height,
+        width=width,
+        attention_impl=_ATTENTION_IMPL.value,
+    )
+    last = run(settings)
+    print("last step: " + ", ".join(f"{k} {v:.4g}" for k, v in last.items()))
+    print(f"checkpoints and logs in {settings.workdir.resolve()}")
+
+
+if __name__ == "__main__":
+    app.run(main)
