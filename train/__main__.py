@@ -57,6 +57,13 @@ _ATTENTION_IMPL = flags.DEFINE_string(
     "attention_impl", "xla", "FPSA operator implementation for training (xla is differentiable)."
 )
 
+_MESH = flags.DEFINE_string(
+    "mesh",
+    "1,1,1",
+    "Device mesh DATA,FSDP,SEQ: batch over data x fsdp, parameters FSDP over "
+    "fsdp, self-attention sequence-parallel (Ulysses) over seq; uses the first D*F*S devices.",
+)
+
 flags.mark_flag_as_required("workdir")
 
 
@@ -117,6 +124,12 @@ def main(argv):
     ):
         if flag.value < 1:
             raise app.UsageError(f"--{name} must be >= 1, got {flag.value}")
+    try:
+        mesh_shape = tuple(int(x) for x in _MESH.value.split(","))
+    except ValueError:
+        mesh_shape = ()
+    if len(mesh_shape) != 3 or min(mesh_shape) < 1:
+        raise app.UsageError(f"--mesh must be DATA,FSDP,SEQ positive ints, got {_MESH.value!r}")
     train_config = _train_config()
     if _MODEL.value.lower() in PRESETS:
         model_config, init = WanConfig.preset(_MODEL.value), "preset"
@@ -144,6 +157,7 @@ def main(argv):
         height=height,
         width=width,
         attention_impl=_ATTENTION_IMPL.value,
+        mesh_shape=mesh_shape,
     )
     last = run(settings)
     print("last step: " + ", ".join(f"{k} {v:.4g}" for k, v in last.items()))

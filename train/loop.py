@@ -12,14 +12,20 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 from fpsa_jax.config import WanConfig
 from fpsa_jax.data import Loader, StandInEncoder, SyntheticLatentSource
-from fpsa_jax.model.wan import init_params
+from fpsa_jax.model.wan import init_params, param_logical_axes
+from fpsa_jax.parallel import logical_to_mesh_sharding, make_mesh, use_sharding
 from fpsa_jax.training import (
     TrainConfig,
+    TrainState,
     init_train_state,
+    make_optimizer,
     phase_attention,
     sample_phase_and_sigmas,
     train_step,
@@ -37,6 +43,8 @@ class RunSettings:
     data: "synthetic" (stand-in latents of synthetic clips, no files) or a records directory
       written by `python -m train.prepare`.
     frames, height, width: video size of the synthetic source (pixels, 4k+1 frames).
+    mesh_shape: (data, fsdp, seq) over the first data*fsdp*seq devices; batch over data x fsdp,
+      parameters and optimizer state FSDP over fsdp, self-attention sequence-parallel over seq.
     """
 
     workdir: Path
@@ -54,6 +62,7 @@ class RunSettings:
     height: int = 64
     width: int = 64
     attention_impl: str = "xla"
+    mesh_shape: tuple[int, int, int] = (1, 1, 1)
 
 
 def _initial_params(settings: RunSettings) -> tuple[WanConfig, Any]:
@@ -94,18 +103,53 @@ def _data_source(settings: RunSettings, config: WanConfig, state: dict | None):
     )
 
 
+@dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: a cache key per run
+class _Layout:
+    """Where the state and the batches live on the mesh."""
+
+    mesh: Mesh
+    state: Any  # NamedSharding tree shaped like the TrainState
+    batch: NamedSharding
+
+
+def _layout(settings: RunSettings, config: WanConfig, state: TrainState) -> _Layout:
+    size = int(np.prod(settings.mesh_shape))
+    if size > jax.device_count():
+        raise ValueError(
+            f"mesh {settings.mesh_shape} needs {size} devices, {jax.device_count()} available"
+        )
+    mesh = make_mesh(*settings.mesh_shape, devices=jax.devices()[:size])
+    replicated = NamedSharding(mesh, P())
+    params = logical_to_mesh_sharding(param_logical_axes(config), mesh, shapes=state.params)
+    opt_state = optax.tree_map_params(
+        make_optimizer(settings.train_config),
+        lambda _, sharding: sharding,
+        state.opt_state,
+        params,
+        transform_non_params=lambda _: replicated,
+    )
+    shardings = TrainState(
+        step=replicated, params=params, opt_state=opt_state, ema_params=params, rng=replicated
+    )
+    return _Layout(mesh, shardings, NamedSharding(mesh, P(("data", "fsdp"))))
+
+
 @functools.cache
-def _compiled_step(model_config, train_config, attention, impl):
+def _compiled_step(model_config, train_config, attention, impl, layout):
     # One program per distinct FPSA operator: a three-phase schedule compiles three times.
+    step = functools.partial(
+        train_step,
+        model_config=model_config,
+        train_config=train_config,
+        attention=attention,
+        impl=impl,
+    )
+    batch = {"latents": layout.batch, "context": layout.batch, "sigmas": layout.batch}
     return jax.jit(
-        functools.partial(
-            train_step,
-            model_config=model_config,
-            train_config=train_config,
-            attention=attention,
-            impl=impl,
-        ),
+        step,
+        in_shardings=(layout.state, batch),
         donate_argnums=0,
+        out_shardings=(layout.state, NamedSharding(layout.mesh, P())),
     )
 
 
@@ -120,6 +164,8 @@ def run(settings: RunSettings) -> dict[str, float]:
     train_config = settings.train_config
     state = init_train_state(config, train_config, params, jax.random.key(settings.seed))
     del params
+    layout = _layout(settings, config, state)
+    state = jax.device_put(state, layout.state)
     meta = {"model_config": config.to_dict(), "train_config": train_config.to_dict()}
 
     checkpoints = Checkpoints(workdir, settings.keep)
@@ -151,15 +197,21 @@ def run(settings: RunSettings) -> dict[str, float]:
             phase, sigmas = sample_phase_and_sigmas(key, settings.batch_size, train_config)
             attention = phase_attention(train_config, phase)
             batch = next(batches)
-            inputs = {
-                "latents": jnp.asarray(batch.latents, jnp.float32),
-                "context": jnp.asarray(batch.context),
-                "sigmas": sigmas,
-            }
+            inputs = jax.device_put(
+                {
+                    "latents": np.asarray(batch.latents, np.float32),
+                    "context": np.asarray(batch.context),
+                    "sigmas": np.asarray(sigmas),
+                },
+                layout.batch,
+            )
             tokens = tokens or _tokens_per_sample(batch.latents.shape, config)
             start = time.perf_counter()
-            step_fn = _compiled_step(config, train_config, attention, settings.attention_impl)
-            state, metrics = step_fn(state, inputs)
+            step_fn = _compiled_step(
+                config, train_config, attention, settings.attention_impl, layout
+            )
+            with use_sharding(layout.mesh):  # traced (first call per phase) under the rules
+                state, metrics = step_fn(state, inputs)
             metrics = {k: float(v) for k, v in metrics.items()}  # waits for the step
             elapsed = time.perf_counter() - start
             if (step + 1) % settings.log_every == 0 or step + 1 == settings.num_steps:
