@@ -64,6 +64,13 @@ _MESH = flags.DEFINE_string(
     "fsdp, self-attention sequence-parallel (Ulysses) over seq; uses the first D*F*S devices.",
 )
 
+_REMAT = flags.DEFINE_enum(
+    "remat",
+    "full",
+    ["none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"],
+    "Per-block rematerialisation: recompute activations in the backward pass to save memory.",
+)
+
 flags.mark_flag_as_required("workdir")
 
 
@@ -158,6 +165,7 @@ def main(argv):
         width=width,
         attention_impl=_ATTENTION_IMPL.value,
         mesh_shape=mesh_shape,
+        remat=_REMAT.value,
     )
     last = run(settings)
     print("last step: " + ", ".join(f"{k} {v:.4g}" for k, v in last.items()))

@@ -45,6 +45,7 @@ class RunSettings:
     frames, height, width: video size of the synthetic source (pixels, 4k+1 frames).
     mesh_shape: (data, fsdp, seq) over the first data*fsdp*seq devices; batch over data x fsdp,
       parameters and optimizer state FSDP over fsdp, self-attention sequence-parallel over seq.
+    remat: the DiT's per-block rematerialisation policy (WanConfig.remat) for training.
     """
 
     workdir: Path
@@ -63,6 +64,7 @@ class RunSettings:
     width: int = 64
     attention_impl: str = "xla"
     mesh_shape: tuple[int, int, int] = (1, 1, 1)
+    remat: str = "full"
 
 
 def _initial_params(settings: RunSettings) -> tuple[WanConfig, Any]:
@@ -161,6 +163,7 @@ def run(settings: RunSettings) -> dict[str, float]:
     workdir = settings.workdir
     workdir.mkdir(parents=True, exist_ok=True)
     config, params = _initial_params(settings)
+    config = config.replace(remat=settings.remat)
     train_config = settings.train_config
     state = init_train_state(config, train_config, params, jax.random.key(settings.seed))
     del params

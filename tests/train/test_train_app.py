@@ -98,6 +98,28 @@ def test_logs_record_every_step_with_its_phase(tmp_path):
     assert list((tmp_path / "tb").iterdir())
 
 
+def test_trains_from_prepared_records(tmp_path):
+    prep = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "train.prepare",
+            "--synthetic=4",
+            f"--out_dir={tmp_path / 'rec'}",
+            "--size=32*32",
+            "--frame_num=5",
+            f"--standin_text_dim={MODEL.text_dim}",
+        ],
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert prep.returncode == 0, prep.stderr[-2000:]
+    last = run(_settings(tmp_path / "w", 2, data=str(tmp_path / "rec")))
+    assert np.isfinite(last["loss"]) and (tmp_path / "w" / "checkpoints" / "2").is_dir()
+
+
 def test_training_on_a_2x2x2_mesh_matches_one_device():
     """Loss, gradient norm and updated parameters of 3 steps (FP8 windowed and dense phases) on a
     (data, fsdp, seq) = (2, 2, 2) mesh of 8 CPU devices against one device."""
