@@ -8,6 +8,7 @@ bars and timing. Shapes: latents [B, f, h, w, 16] with f = (frames - 1) / 4 + 1 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import numbers
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +22,7 @@ from fpsa_jax.config import WanConfig
 from fpsa_jax.model import vae as wan_vae
 from fpsa_jax.model.umt5 import Tokenizer, UMT5Config, encode_text
 from fpsa_jax.model.vae import WanVAEConfig
+from fpsa_jax.parallel import use_sharding
 from fpsa_jax.sampling import sample, wan_model_fn
 
 # Wan2.1's default negative prompt (`sample_neg_prompt` of its shared config), used when the
@@ -97,14 +99,18 @@ def denoise(
     schedule: StepSchedule | None = None,
     attention_impl: str = "auto",
     progress: Callable[[int, int], None] | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> jax.Array:
     """Runs Wan's sampler from `noise` [B, f, h, w, 16] to clean latents (same shape).
 
     `schedule` picks the FPSA operator of each step (None = dense attention throughout); the
-    loop compiles once per distinct phase (see `fpsa_jax.sampling.sample`).
+    loop compiles once per distinct phase (see `fpsa_jax.sampling.sample`). With a `mesh`
+    (`fpsa_jax.parallel.make_mesh`) the loop runs under its sharding rules: self-attention is
+    sequence-parallel (Ulysses) over the mesh's 'seq' axis, the CFG batch spread over data/fsdp.
     """
     model_fn = wan_model_fn(weights.dit_config, weights.dit_params, attention_impl)
-    return sample(
+    run = functools.partial(
+        sample,
         model_fn,
         noise,
         context,
@@ -116,6 +122,10 @@ def denoise(
         schedule=schedule,
         progress=progress,
     )
+    if mesh is None:
+        return run()
+    with use_sharding(mesh):
+        return run()
 
 
 def decode_latents(weights: T2VWeights, latents: jax.Array) -> jax.Array:

@@ -76,6 +76,12 @@ _SCHEDULE = flags.DEFINE_string(
     "FPSA step schedule: a preset (wan-480p, wan-720p, dense) or a JSON file written by "
     "StepSchedule.to_json. Default: the preset of the video's resolution.",
 )
+_ULYSSES_SIZE = flags.DEFINE_integer(
+    "ulysses_size",
+    1,
+    "Sequence-parallel degree (as in Wan's generate.py): self-attention is split over this many "
+    "devices by heads (Ulysses all-to-all); the heads and tokens must divide by it.",
+)
 _ATTENTION_IMPL = flags.DEFINE_string(
     "attention_impl",
     "auto",
@@ -180,6 +186,17 @@ def main(argv):
     import numpy as np
     from tqdm import tqdm
 
+    from fpsa_jax.parallel import make_mesh
+
+    if not 1 <= _ULYSSES_SIZE.value <= jax.device_count():
+        raise app.UsageError(
+            f"--ulysses_size must be in [1, {jax.device_count()}] (devices), got "
+            f"{_ULYSSES_SIZE.value}"
+        )
+    mesh = None
+    if _ULYSSES_SIZE.value > 1:
+        mesh = make_mesh(seq=_ULYSSES_SIZE.value, devices=jax.devices()[: _ULYSSES_SIZE.value])
+
     from infer.video import save_npy, save_video
 
     timings: dict[str, float] = {}
@@ -237,6 +254,7 @@ def main(argv):
             schedule=schedule,
             attention_impl=_ATTENTION_IMPL.value,
             progress=progress,
+            mesh=mesh,
         )
     timings["denoising (incl. compilation)"] = time.perf_counter() - start
 

@@ -1,5 +1,6 @@
 """`python -m infer` end to end on the embedded default, and its refusals of bad flags."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -63,3 +64,21 @@ def test_bad_flags_are_refused_with_the_reason(tmp_path, flags, message):
     assert result.returncode != 0
     assert message in result.stderr
     assert not (tmp_path / "outputs").exists()
+
+
+def test_sequence_parallel_sampling_matches_one_device():
+    """The denoising loop on a (data=2, seq=2) mesh of forced CPU devices: CFG batch split over
+    data, self-attention Ulysses over seq (each device sees all 16 tokens for 1 of 2 heads)."""
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+    }
+    script = Path(__file__).with_name("multidevice_sampling.py")
+    result = subprocess.run(
+        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["inside"] and all(shape == [1, 16, 1, 32] for shape in out["inside"])
+    assert out["rel"] < 1e-5  # float32, same math per head; only data movement differs
