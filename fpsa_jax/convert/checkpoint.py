@@ -21,8 +21,8 @@ from fpsa_jax.config import WanConfig
 from fpsa_jax.convert import keys as K
 from fpsa_jax.convert.errors import CheckpointError, format_keys
 from fpsa_jax.convert.sources import TensorReader, open_source
+from fpsa_jax.convert.tree import dtype_name, set_path, stack_layers
 
-_DTYPE_NAMES = ("bfloat16", "float32", "float16")
 # Every Wan2.1 model uses 128-channel heads; the fallback when nothing gives num_heads.
 _DEFAULT_HEAD_DIM = 128
 # Tensors the config is inferred from (original names).
@@ -102,7 +102,7 @@ def read_wan_checkpoint(
     path: str | Path, dtype: Any = jnp.bfloat16, *, num_heads: int | None = None
 ) -> LoadedCheckpoint:
     """`load_wan_checkpoint` plus what the CLI reports (layout, files read)."""
-    dtype_name = _dtype_name(dtype)
+    target = dtype_name(dtype)
     source = open_source(path)
     with source.reader as reader:
         names = set(reader)
@@ -115,11 +115,9 @@ def read_wan_checkpoint(
         _reject_image_to_video(names, layout, source.config_json)
         original_to_file, unknown = _original_names(names, layout)
         shapes = {k: reader.shape(f) for k, f in original_to_file.items()}
-        config = infer_config(
-            shapes, source.config_json, num_heads=num_heads, param_dtype=dtype_name
-        )
+        config = infer_config(shapes, source.config_json, num_heads=num_heads, param_dtype=target)
         _validate(config, original_to_file, unknown, shapes)
-        params = _convert(reader, original_to_file, config, np.dtype(dtype_name))
+        params = _convert(reader, original_to_file, config, np.dtype(target))
     return LoadedCheckpoint(config, params, layout, source.description)
 
 
@@ -300,32 +298,10 @@ def _convert(
     params: dict[str, Any] = {}
     for key, entry in K.top_level_entries(config).items():
         leaf = K.apply_transform(reader.read(original_to_file[key]), entry.transform)
-        _set(params, entry.path, jax.device_put(leaf.astype(dtype)))
+        set_path(params, entry.path, jax.device_put(leaf.astype(dtype)))
     for rel, entry in K.block_entries(config).items():
-        stacked = None
-        for i in range(config.num_layers):
-            layer = K.apply_transform(
-                reader.read(original_to_file[f"blocks.{i}.{rel}"]), entry.transform
-            )
-            if stacked is None:
-                stacked = np.empty((config.num_layers, *layer.shape), dtype)
-            stacked[i] = layer  # casts to `dtype` (round to nearest even, as torch's .to())
-        _set(params, ("blocks", *entry.path), jax.device_put(stacked))
-        del stacked
+        read = lambda i, rel=rel, entry=entry: K.apply_transform(  # noqa: E731
+            reader.read(original_to_file[f"blocks.{i}.{rel}"]), entry.transform
+        )
+        set_path(params, ("blocks", *entry.path), stack_layers(read, config.num_layers, dtype))
     return params
-
-
-def _set(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
-    for name in path[:-1]:
-        tree = tree.setdefault(name, {})
-    tree[path[-1]] = value
-
-
-def _dtype_name(dtype: Any) -> str:
-    try:
-        name = np.dtype(dtype).name
-    except TypeError as e:
-        raise CheckpointError(f"unknown dtype {dtype!r}; valid: {_DTYPE_NAMES}") from e
-    if name not in _DTYPE_NAMES:
-        raise CheckpointError(f"dtype must be one of {_DTYPE_NAMES}, got {name!r}")
-    return name

@@ -64,7 +64,7 @@ def open_source(path: str | Path) -> Source:
             "or .pt file, or a model directory"
         )
     folder = path if path.is_dir() else path.parent
-    return Source(reader, _read_config_json(folder / "config.json"), what)
+    return Source(reader, read_config_json(folder / "config.json"), what)
 
 
 def _weights_in_directory(folder: Path) -> Path:
@@ -98,7 +98,7 @@ def _safetensors_files(folder: Path) -> list[Path]:
     return preferred or files
 
 
-def _read_config_json(path: Path) -> dict[str, Any] | None:
+def read_config_json(path: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:

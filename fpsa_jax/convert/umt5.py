@@ -12,7 +12,6 @@ the tensors are converted one by one (stacked over layers), so memory holds one 
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -23,11 +22,10 @@ import numpy as np
 
 from fpsa_jax.convert.errors import CheckpointError, CheckpointNotFoundError, format_keys
 from fpsa_jax.convert.safetensors_io import SafetensorsReader
-from fpsa_jax.convert.sources import TensorReader
+from fpsa_jax.convert.sources import TensorReader, read_config_json
 from fpsa_jax.convert.torch_io import TorchReader
+from fpsa_jax.convert.tree import dtype_name, set_path, stack_layers
 from fpsa_jax.model.umt5 import UMT5Config
-
-_DTYPE_NAMES = ("bfloat16", "float32", "float16")
 
 # Wan name relative to `blocks.N.` -> (path under params["blocks"], transpose?).
 _BLOCK_KEYS: dict[str, tuple[tuple[str, ...], bool]] = {
@@ -93,14 +91,14 @@ def load_umt5(path: str | Path, dtype: Any = jnp.bfloat16) -> tuple[UMT5Config, 
       CheckpointError: the message names the offending files, keys or shapes. Missing paths raise
         its FileNotFoundError subclass.
     """
-    dtype_name = _dtype_name(dtype)
+    target = dtype_name(dtype)
     reader, config_json, what = _open(Path(path).expanduser())
     with reader:
         wan_to_file, unexpected = _wan_names(set(reader), what)
         shapes = {k: tuple(reader.shape(f)) for k, f in wan_to_file.items()}
-        config = infer_config(shapes, config_json, param_dtype=dtype_name)
+        config = infer_config(shapes, config_json, param_dtype=target)
         _validate(config, wan_to_file, unexpected, shapes)
-        params = _convert(reader, wan_to_file, config, np.dtype(dtype_name))
+        params = _convert(reader, wan_to_file, config, np.dtype(target))
     return config, params
 
 
@@ -125,7 +123,7 @@ def _open(path: Path) -> tuple[TensorReader, dict[str, Any] | None, str]:
             ".safetensors.index.json file, or a model directory"
         )
     folder = path if path.is_dir() else path.parent
-    return reader, _read_config_json(folder / "config.json"), what
+    return reader, read_config_json(folder / "config.json"), what
 
 
 def _weights_in_directory(folder: Path) -> Path:
@@ -150,18 +148,6 @@ def _weights_in_directory(folder: Path) -> Path:
         f"no UMT5 weights found in {folder} (expected *.safetensors, an index, "
         "a text_encoder/ folder or one models_t5*.pth file)"
     )
-
-
-def _read_config_json(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path} does not hold a JSON object")
-    return config
 
 
 def _wan_names(names: set[str], what: str) -> tuple[dict[str, str], list[str]]:
@@ -327,31 +313,14 @@ def _convert(
     and filled layer by layer."""
     params: dict[str, Any] = {}
     for key, path in _TOP_KEYS.items():
-        _set(params, path, jax.device_put(np.asarray(reader.read(wan_to_file[key])).astype(dtype)))
+        set_path(
+            params, path, jax.device_put(np.asarray(reader.read(wan_to_file[key])).astype(dtype))
+        )
     for rel, (path, transpose) in _BLOCK_KEYS.items():
-        stacked = None
-        for n in range(config.num_layers):
+
+        def read(n, rel=rel, transpose=transpose):
             layer = reader.read(wan_to_file[f"blocks.{n}.{rel}"])
-            layer = layer.T if transpose else layer
-            if stacked is None:
-                stacked = np.empty((config.num_layers, *layer.shape), dtype)
-            stacked[n] = layer
-        _set(params, ("blocks", *path), jax.device_put(stacked))
-        del stacked
+            return layer.T if transpose else layer
+
+        set_path(params, ("blocks", *path), stack_layers(read, config.num_layers, dtype))
     return params
-
-
-def _set(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
-    for name in path[:-1]:
-        tree = tree.setdefault(name, {})
-    tree[path[-1]] = value
-
-
-def _dtype_name(dtype: Any) -> str:
-    try:
-        name = np.dtype(dtype).name
-    except TypeError as e:
-        raise CheckpointError(f"unknown dtype {dtype!r}; valid: {_DTYPE_NAMES}") from e
-    if name not in _DTYPE_NAMES:
-        raise CheckpointError(f"dtype must be one of {_DTYPE_NAMES}, got {name!r}")
-    return name

@@ -24,6 +24,7 @@ import numpy as np
 
 from fpsa_jax.convert.errors import CheckpointError, format_keys
 from fpsa_jax.convert.sources import TensorReader, open_source
+from fpsa_jax.convert.tree import set_path
 from fpsa_jax.model.vae import WanVAEConfig, init_params
 
 ORIGINAL, DIFFUSERS = "original", "diffusers"
@@ -183,7 +184,7 @@ def load_wan_vae(path: str | Path, dtype: Any = jnp.float32) -> tuple[WanVAEConf
                     f"{reader.shape(name)}, expected {want} for {_brief(config)}"
                 )
             value = _to_flax(np.asarray(reader.read(name)), e)
-            _set(params, e.flax, jnp.asarray(value.astype(np.float32), dtype=dtype))
+            set_path(params, e.flax, jnp.asarray(value.astype(np.float32), dtype=dtype))
     return config, params
 
 
@@ -307,12 +308,6 @@ def _to_flax(x: np.ndarray, e: VAEKey) -> np.ndarray:
     if leaf == "kernel":
         return x.transpose(2, 3, 1, 0)[None] if e.image else x.transpose(2, 3, 4, 1, 0)
     return x.reshape(-1) if leaf == "scale" else x
-
-
-def _set(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
-    for part in path[:-1]:
-        tree = tree.setdefault(part, {})
-    tree[path[-1]] = value
 
 
 def _plain(v: Any) -> Any:
