@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.convert.wan_state import TINY, make_original_state_dict, to_diffusers_keys
+from tests.convert.wan_state import TINY, diffusers_model, make_original_state_dict
 
 
 @pytest.fixture(scope="session")
@@ -21,24 +21,8 @@ def diffusers_checkpoints(tmp_path_factory, state) -> dict[str, Path]:
     """`state` loaded into a real diffusers WanTransformer3DModel (strict, so our diffusers names
     are the real ones) and saved with `save_pretrained`: single file, sharded, pipeline root."""
     torch = pytest.importorskip("torch")
-    diffusers = pytest.importorskip("diffusers")
-    model = diffusers.WanTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=12,
-        in_channels=4,
-        out_channels=4,
-        text_dim=16,
-        freq_dim=256,
-        ffn_dim=32,
-        num_layers=2,
-        cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=32,
-    )
-    model.load_state_dict(
-        {k: torch.from_numpy(v) for k, v in to_diffusers_keys(state).items()}, strict=True
-    )
+    pytest.importorskip("diffusers")
+    model = diffusers_model(TINY, state)
     root = tmp_path_factory.mktemp("diffusers")
     model.save_pretrained(root / "single")
     model.save_pretrained(root / "sharded", max_shard_size="20KB")

@@ -5,6 +5,7 @@ the converter against a second implementation:
   make_original_state_dict(cfg_kwargs, seed) -> {original key: np.ndarray (float32)}
   to_diffusers_keys(state)                   -> same tensors under diffusers' names
   expected_params(state)                     -> our Flax tree, built by hand from `state`
+  diffusers_model(cfg_kwargs, state)         -> diffusers' WanTransformer3DModel holding `state`
 """
 
 from __future__ import annotations
@@ -124,6 +125,34 @@ def to_diffusers_keys(state: dict[str, Any]) -> dict[str, Any]:
             key = key.replace(old, new)
         out[key] = value
     return out
+
+
+def diffusers_model(cfg_kwargs: Any, state: dict[str, np.ndarray]):
+    """diffusers' WanTransformer3DModel of `cfg_kwargs` (TINY's keys) in eval mode, loaded with
+    the original-layout `state` renamed to diffusers keys (strict: every name must be real)."""
+    import torch
+    from diffusers import WanTransformer3DModel
+
+    cfg = {**TINY, **(cfg_kwargs or {})}
+    model = WanTransformer3DModel(
+        patch_size=tuple(cfg["patch_size"]),
+        num_attention_heads=cfg["num_heads"],
+        attention_head_dim=cfg["dim"] // cfg["num_heads"],
+        in_channels=cfg["in_dim"],
+        out_channels=cfg["out_dim"],
+        text_dim=cfg["text_dim"],
+        freq_dim=cfg["freq_dim"],
+        ffn_dim=cfg["ffn_dim"],
+        num_layers=cfg["num_layers"],
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    ).eval()
+    tensors = {
+        k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in to_diffusers_keys(state).items()
+    }
+    model.load_state_dict(tensors, strict=True)
+    return model
 
 
 def expected_params(state: dict[str, np.ndarray]) -> dict[str, Any]:

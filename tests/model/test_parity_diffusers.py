@@ -7,23 +7,11 @@ import numpy as np
 import pytest
 import safetensors.numpy
 import torch
-from diffusers import WanTransformer3DModel
 
 from fpsa_jax.convert import load_wan_checkpoint
 from fpsa_jax.model.wan import WanModel
-from tests.convert.wan_state import make_original_state_dict, to_diffusers_keys
+from tests.convert.wan_state import TINY, diffusers_model, make_original_state_dict
 
-TINY = dict(
-    dim=24,
-    num_heads=2,
-    ffn_dim=32,
-    num_layers=2,
-    in_dim=4,
-    out_dim=4,
-    text_dim=16,
-    freq_dim=256,
-    patch_size=(1, 2, 2),
-)
 TEXT_LEN = 512  # what the converted config uses; diffusers gets the zero-padded context
 
 
@@ -32,24 +20,7 @@ def checkpoints(tmp_path_factory):
     """One set of random weights (head included), written in three ways, plus diffusers' model."""
     root = tmp_path_factory.mktemp("wan")
     original = make_original_state_dict(TINY, seed=3)
-    model = WanTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=12,
-        in_channels=4,
-        out_channels=4,
-        text_dim=16,
-        freq_dim=256,
-        ffn_dim=32,
-        num_layers=2,
-        cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=32,
-    ).eval()
-    diffusers_state = {
-        k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in to_diffusers_keys(original).items()
-    }
-    model.load_state_dict(diffusers_state, strict=True)
+    model = diffusers_model(TINY, original)
     assert float(model.proj_out.weight.abs().min()) > 0  # non-zero output projection
 
     safetensors.numpy.save_file(original, str(root / "original.safetensors"))

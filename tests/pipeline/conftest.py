@@ -15,7 +15,7 @@ import torch
 from fpsa_jax.convert import load_wan_checkpoint
 from fpsa_jax.convert.vae import load_wan_vae
 from fpsa_jax.pipeline import T2VWeights, latent_shape
-from tests.convert.wan_state import make_original_state_dict, to_diffusers_keys
+from tests.convert.wan_state import diffusers_model, make_original_state_dict
 from tests.vae.conftest import random_wan_vae
 
 DIT = dict(
@@ -37,24 +37,7 @@ PROMPT_LEN, NEGATIVE_LEN = 7, 5
 def tiny_diffusers_dit():
     """diffusers' WanTransformer3DModel of the tiny config with every parameter random and
     non-zero (output projection included), from `make_original_state_dict`."""
-    from diffusers import WanTransformer3DModel
-
-    model = WanTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=12,
-        in_channels=16,
-        out_channels=16,
-        text_dim=16,
-        freq_dim=256,
-        ffn_dim=32,
-        num_layers=2,
-        cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=32,
-    ).eval()
-    state = to_diffusers_keys(make_original_state_dict(DIT, seed=11))
-    model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=True)
+    model = diffusers_model(DIT, make_original_state_dict(DIT, seed=11))
     assert float(model.proj_out.weight.detach().abs().min()) > 0
     return model
 
