@@ -13,6 +13,8 @@ from fpsa_jax.attention.config import FPSAConfig, validate_grid
 from fpsa_jax.attention.cudnn import cudnn_attention, cudnn_fp8_attention
 from fpsa_jax.attention.reference import reference_attention
 from fpsa_jax.attention.xla import xla_attention
+from pallas_kernels.pallas_fpsa import pallas_attention
+from pallas_kernels.triton_fpsa_fwd import triton_attention
 
 Impl = Literal["auto", "reference", "xla", "cudnn", "cudnn_fp8", "triton", "pallas"]
 IMPLS: tuple[str, ...] = get_args(Impl)
@@ -21,25 +23,13 @@ IMPLS: tuple[str, ...] = get_args(Impl)
 AttentionFn = Callable[..., jax.Array]
 
 
-def _not_built(name: str) -> AttentionFn:
-    def fn(q, k, v, *, grid, config, scale):
-        raise NotImplementedError(
-            f"impl={name!r} is planned (DESIGN.md section 4) but not implemented yet; available: "
-            f"{', '.join(n for n in IMPLS if n not in _PLANNED)}."
-        )
-
-    return fn
-
-
-_PLANNED = ("triton", "pallas")
-
 REGISTRY: dict[str, AttentionFn] = {
     "reference": reference_attention,
     "xla": xla_attention,
     "cudnn": cudnn_attention,
     "cudnn_fp8": cudnn_fp8_attention,
-    "triton": _not_built("triton"),
-    "pallas": _not_built("pallas"),
+    "triton": triton_attention,
+    "pallas": pallas_attention,
 }
 
 

@@ -1,0 +1,140 @@
+"""The quantization pre-pass of the Triton FPSA kernel: tile reorder, FP8 cast, kernel layouts.
+
+Runs in XLA (one jit-fused pass over Q, K, V) and produces exactly the FP8 values and scales of
+`fpsa_jax.attention.quant` (it calls its scale functions), laid out for the kernel:
+
+- Q, K values: [B, N, Lp, D] with Lp = n_tiles * Pp; slot r of tile u sits at row u * Pp + r. The
+  tile volume P is padded to Pp (a multiple of the kernel's key block); padded slots are zero.
+- V values: [B, N, D, Lp], transposed so that the P.V dot reads V K-major (FP8 wgmma needs it).
+- q_scale, k_scale: float32 [B, N, n_tiles], the scale of each tile's quantization group.
+- v_scale: float32 [B, N, D], one per channel.
+- key_bias: float32 [n_tiles * Pp], 0 for real key slots and -inf for padding (edge tiles have
+  holes in the middle of a tile, not only at its end, so a per-tile count is not enough).
+
+With quant="none" (16-bit inputs only) the values keep the input dtype and every scale is 1.
+Shapes: B batch, L tokens, N heads, D head dim, P tokens per tile, Pp padded tile length.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fpsa_jax.attention.config import E4M3_MAX, FPSAConfig
+from fpsa_jax.attention.quant import FP8, channel_scales, quantize_tiles
+from fpsa_jax.attention.tiling import from_tiles, slot_valid, tile_grid, to_tiles
+
+
+def padded_tile_length(p: int, multiple: int) -> int:
+    """Pp: the tile volume P rounded up to a multiple of `multiple` (the kernel's key block)."""
+    return -(-p // multiple) * multiple
+
+
+@flax.struct.dataclass
+class KernelOperands:
+    """Q, K, V in the Triton kernel's layout (see the module docstring for shapes and dtypes).
+
+    x ~= values * scale broadcast per tile (Q, K) or per channel (V). The static fields describe
+    the layout: grid (T, H, W), tile (tt, th, tw) and the padded tile length Pp.
+    """
+
+    q: jax.Array
+    k: jax.Array
+    v_t: jax.Array
+    q_scale: jax.Array
+    k_scale: jax.Array
+    v_scale: jax.Array
+    key_bias: jax.Array
+    grid: tuple = flax.struct.field(pytree_node=False, default=(1, 1, 1))
+    tile: tuple = flax.struct.field(pytree_node=False, default=(1, 1, 1))
+    padded_tile: int = flax.struct.field(pytree_node=False, default=1)
+
+    def dequantize(self) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(q_hat, k_hat, v_hat) float32 [B, L, N, D] in token order: the kernel's exact inputs."""
+        p = math.prod(self.tile)
+        n_tiles = math.prod(tile_grid(self.grid, self.tile))
+
+        def tokens(x, scale):  # [B, N, Lp, D] values, [B, N, n_tiles] scales
+            b, n, _, d = x.shape
+            x = x.astype(jnp.float32).reshape(b, n, n_tiles, self.padded_tile, d)
+            x = x[:, :, :, :p] * scale[..., None, None]
+            return from_tiles(jnp.einsum("bnupd->bupnd", x), self.grid, self.tile)
+
+        q_hat = tokens(self.q, self.q_scale)
+        k_hat = tokens(self.k, self.k_scale)
+        v = jnp.swapaxes(self.v_t, 2, 3).astype(jnp.float32)  # [B, N, Lp, D]
+        v_hat = tokens(v * self.v_scale[:, :, None, :], jnp.ones_like(self.q_scale))
+        return q_hat, k_hat, v_hat
+
+
+def _kernel_layout(xt: jax.Array, pp: int) -> jax.Array:
+    """[B, n_tiles, P, N, D] -> [B, N, n_tiles * Pp, D], padding each tile with zero slots."""
+    b, n_tiles, p, n, d = xt.shape
+    xt = jnp.pad(xt, ((0, 0), (0, 0), (0, pp - p), (0, 0), (0, 0)))
+    return jnp.einsum("bupnd->bnupd", xt).reshape(b, n, n_tiles * pp, d)
+
+
+def quantize_for_kernel(q, k, v, grid, config: FPSAConfig, *, block_n: int) -> KernelOperands:
+    """Reorders Q, K, V tile-major, quantizes them as FPSA does, lays them out for the kernel.
+
+    Args:
+      q, k, v: [B, L, N, D], L = T * H * W in row-major (t, h, w) order.
+      grid: (T, H, W).
+      config: the operator; quant "fp8" (E4M3 values) or "none" (values keep q's dtype).
+      block_n: the kernel's key block; the tile volume is padded to a multiple of it.
+
+    Returns:
+      `KernelOperands`.
+    """
+    tile = config.tile
+    tiles = tile_grid(grid, tile)
+    n_tiles = math.prod(tiles)
+    p = math.prod(tile)
+    pp = padded_tile_length(p, block_n)
+    valid = slot_valid(grid, tile)  # host bool [n_tiles, P]
+    b, _, n_heads, d = q.shape
+
+    qt, kt, vt = (to_tiles(x, grid, tile) for x in (q, k, v))  # padded slots are zero
+    if config.quant == "fp8":
+        qq = quantize_tiles(qt, valid, tiles, config.q_group)
+        kq = quantize_tiles(kt, valid, tiles, config.k_group)
+        # Per-channel V scales over all tokens (= the valid slots), as quant.quantize_channels.
+        v_scale = channel_scales(v)  # [B, 1, N, D]
+        v_vals = jnp.clip(vt.astype(jnp.float32) / v_scale[:, None], -E4M3_MAX, E4M3_MAX)
+        q_vals, k_vals, v_vals = qq.values, kq.values, v_vals.astype(FP8)
+        q_scale = qq.scales.reshape(b, n_tiles, n_heads).transpose(0, 2, 1)
+        k_scale = kq.scales.reshape(b, n_tiles, n_heads).transpose(0, 2, 1)
+        v_scale = v_scale.reshape(b, n_heads, d)
+    else:
+        q_vals, k_vals, v_vals = qt, kt, vt
+        q_scale = k_scale = jnp.ones((b, n_heads, n_tiles), jnp.float32)
+        v_scale = jnp.ones((b, n_heads, d), jnp.float32)
+
+    valid_pp = np.zeros((n_tiles, pp), dtype=bool)
+    valid_pp[:, :p] = valid
+    key_bias = np.where(valid_pp, 0.0, -np.inf).astype(np.float32).reshape(-1)
+    return KernelOperands(
+        q=_kernel_layout(q_vals, pp),
+        k=_kernel_layout(k_vals, pp),
+        v_t=jnp.swapaxes(_kernel_layout(v_vals, pp), 2, 3),
+        q_scale=q_scale.astype(jnp.float32),
+        k_scale=k_scale.astype(jnp.float32),
+        v_scale=v_scale.astype(jnp.float32),
+        key_bias=jnp.asarray(key_bias),
+        grid=tuple(grid),
+        tile=tuple(tile),
+        padded_tile=pp,
+    )
+
+
+def output_from_kernel(o: jax.Array, ops: KernelOperands) -> jax.Array:
+    """Kernel output [B, N, Lp, D] -> [B, L, N, D] in token order (padded slots dropped)."""
+    b, n, _, d = o.shape
+    p = math.prod(ops.tile)
+    n_tiles = math.prod(tile_grid(ops.grid, ops.tile))
+    o = o.reshape(b, n, n_tiles, ops.padded_tile, d)[:, :, :, :p]
+    return from_tiles(jnp.einsum("bnupd->bupnd", o), ops.grid, ops.tile)
