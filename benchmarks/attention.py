@@ -16,13 +16,12 @@ import dataclasses
 import datetime
 import json
 import math
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+from timing import median_seconds  # benchmarks/timing.py (scripts run from their folder)
 
 from fpsa_jax.attention import FPSAConfig, fpsa_attention
 
@@ -63,18 +62,6 @@ def pick_window(grid, tile, sparsity):
     return best[1]
 
 
-def time_fn(fn, args, warmup, iters):
-    """Median seconds of `iters` synchronised calls after `warmup` calls (compilation included)."""
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def cases(shape, tile, quant):
     """(impl, config, label) triples for one shape."""
     yield "cudnn", None, "dense"
@@ -106,7 +93,7 @@ def run(args) -> list[dict]:
                 )
             )
             try:
-                t = time_fn(fn, (q, k, v), args.warmup, args.iters)
+                t = median_seconds(fn, (q, k, v), args.warmup, args.iters)
             except Exception as e:  # noqa: BLE001 - report and go on with the other rows
                 print(f"FAILED {impl} {shape.name} {label}: {type(e).__name__}: {e}")
                 continue

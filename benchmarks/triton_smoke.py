@@ -12,27 +12,15 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
+from timing import median_seconds  # benchmarks/timing.py (scripts run from their folder)
 
 from fpsa_jax.attention import FPSAConfig, fpsa_attention
 from pallas_kernels.triton_fpsa_fwd import triton_attention
 
 GRID, HEADS, D, TILE = (21, 30, 52), 12, 128, (3, 8, 8)
-
-
-def median_seconds(fn, args, warmup, iters):
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main():

@@ -21,7 +21,7 @@ from fpsa_jax.config import WanConfig
 from fpsa_jax.convert import keys as K
 from fpsa_jax.convert.errors import CheckpointError, format_keys
 from fpsa_jax.convert.sources import TensorReader, open_source
-from fpsa_jax.convert.tree import dtype_name, set_path, stack_layers
+from fpsa_jax.convert.tree import dtype_name, require_shapes, set_path, stack_layers
 
 # Every Wan2.1 model uses 128-channel heads; the fallback when nothing gives num_heads.
 _DEFAULT_HEAD_DIM = 128
@@ -129,16 +129,7 @@ def infer_config(
     param_dtype: str,
 ) -> WanConfig:
     """WanConfig from original-name tensor shapes, cross-checked against `config_json`."""
-    missing = [k for k in _SHAPE_KEYS if k not in shapes]
-    if missing:
-        raise CheckpointError(
-            f"cannot infer the model config: missing keys (original names) {format_keys(missing)}"
-        )
-    for key, ndim in _SHAPE_KEYS.items():
-        if len(shapes[key]) != ndim:
-            raise CheckpointError(
-                f"key {key!r}: expected a {ndim}-d tensor, found shape {shapes[key]}"
-            )
+    require_shapes(shapes, _SHAPE_KEYS, "original names")
     dim, in_dim, *patch = shapes["patch_embedding.weight"]
     head_rows = shapes["head.head.weight"][0]
     if head_rows % math.prod(patch):

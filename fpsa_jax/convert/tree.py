@@ -8,7 +8,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from fpsa_jax.convert.errors import CheckpointError
+from fpsa_jax.convert.errors import CheckpointError, format_keys
 
 DTYPE_NAMES = ("bfloat16", "float32", "float16")
 
@@ -22,6 +22,21 @@ def dtype_name(dtype: Any) -> str:
     if name not in DTYPE_NAMES:
         raise CheckpointError(f"dtype must be one of {DTYPE_NAMES}, got {name!r}")
     return name
+
+
+def require_shapes(shapes: dict, needed: dict[str, int], naming: str) -> None:
+    """CheckpointError unless every key of `needed` is in `shapes` with that many dimensions;
+    `naming` says which key names the message lists (e.g. "original names")."""
+    missing = [k for k in needed if k not in shapes]
+    if missing:
+        raise CheckpointError(
+            f"cannot infer the model config: missing keys ({naming}) {format_keys(missing)}"
+        )
+    for key, ndim in needed.items():
+        if len(shapes[key]) != ndim:
+            raise CheckpointError(
+                f"key {key!r}: expected a {ndim}-d tensor, found shape {shapes[key]}"
+            )
 
 
 def set_path(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:

@@ -24,7 +24,7 @@ from fpsa_jax.convert.errors import CheckpointError, CheckpointNotFoundError, fo
 from fpsa_jax.convert.safetensors_io import SafetensorsReader
 from fpsa_jax.convert.sources import TensorReader, read_config_json
 from fpsa_jax.convert.torch_io import TorchReader
-from fpsa_jax.convert.tree import dtype_name, set_path, stack_layers
+from fpsa_jax.convert.tree import dtype_name, require_shapes, set_path, stack_layers
 from fpsa_jax.model.umt5 import UMT5Config
 
 # Wan name relative to `blocks.N.` -> (path under params["blocks"], transpose?).
@@ -192,16 +192,7 @@ def infer_config(
         "blocks.0.pos_embedding.embedding.weight": 2,
         "blocks.0.ffn.fc1.weight": 2,
     }
-    missing = [k for k in needed if k not in shapes]
-    if missing:
-        raise CheckpointError(
-            f"cannot infer the model config: missing keys (Wan names) {format_keys(missing)}"
-        )
-    for key, ndim in needed.items():
-        if len(shapes[key]) != ndim:
-            raise CheckpointError(
-                f"key {key!r}: expected a {ndim}-d tensor, found shape {shapes[key]}"
-            )
+    require_shapes(shapes, needed, "Wan names")
     vocab, d_model = shapes["token_embedding.weight"]
     buckets, heads = shapes["blocks.0.pos_embedding.embedding.weight"]
     inner = shapes["blocks.0.attn.q.weight"][0]
