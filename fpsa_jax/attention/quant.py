@@ -43,14 +43,35 @@ class QuantizedTensor:
         return (self.values.astype(jnp.float32) * self.scales).astype(dtype)
 
 
+E4M3_MIN_NORMAL = 2.0**-6
+E4M3_SUBNORMAL_STEP = 2.0**-9
+
+
 def e4m3_round(x: jax.Array) -> jax.Array:
     """Rounds float32 values to the nearest E4M3 value (round-to-nearest-even), back in float32.
 
     Inputs are clipped to +-448 first: E4M3 has no infinity and an overflowing cast would give NaN.
     Callers scale into range, so the clip only absorbs float32 round-off at the top (448.00003).
+
+    Arithmetic, not a cast round trip: inside a jit, XLA on GPU (default
+    `xla_allow_excess_precision`) deletes f32 -> f8 -> f32 convert pairs, which silently skipped
+    the rounding (measured on an H100 with jax 0.11.2). Normal values keep 3 mantissa bits
+    (`reduce_precision` with a wider exponent, so 256..448 stay finite); below 2^-6 E4M3 is
+    subnormal with a fixed step of 2^-9, rounded to nearest even by `jnp.round`.
     """
     x = jnp.clip(x.astype(jnp.float32), -E4M3_MAX, E4M3_MAX)
-    return x.astype(FP8).astype(jnp.float32)
+    normal = jax.lax.reduce_precision(x, exponent_bits=5, mantissa_bits=3)
+    subnormal = jnp.round(x / E4M3_SUBNORMAL_STEP) * E4M3_SUBNORMAL_STEP
+    return jnp.where(jnp.abs(x) < E4M3_MIN_NORMAL, subnormal, normal)
+
+
+def to_e4m3(x: jax.Array) -> jax.Array:
+    """float32 values (within +-448 after clipping) -> float8_e4m3fn, rounded to nearest even.
+
+    Rounds with `e4m3_round` first so the cast itself is exact: whatever XLA does with a later
+    upcast inside the same jit, the values are the E4M3 ones.
+    """
+    return e4m3_round(x).astype(FP8)
 
 
 def _straight_through(x: jax.Array, x_hat: jax.Array) -> jax.Array:
@@ -94,7 +115,7 @@ def tile_group_scales(x: jax.Array, valid: np.ndarray, tiles: Int3, group: Int3)
 def quantize_tiles(x: jax.Array, valid: np.ndarray, tiles: Int3, group: Int3) -> QuantizedTensor:
     """Q or K in tile layout [B, n_tiles, P, N, D] -> FP8 with one scale per group of tiles."""
     scales = jax.lax.stop_gradient(tile_group_scales(x, valid, tiles, group))
-    values = jnp.clip(x.astype(jnp.float32) / scales, -E4M3_MAX, E4M3_MAX).astype(FP8)
+    values = to_e4m3(x.astype(jnp.float32) / scales)
     return QuantizedTensor(values, scales, layout=f"tiles:group={tuple(group)}")
 
 
@@ -106,7 +127,7 @@ def channel_scales(x: jax.Array) -> jax.Array:
 def quantize_channels(x: jax.Array) -> QuantizedTensor:
     """V in token layout [B, L, N, D] (every token valid) -> FP8 with per-channel scales."""
     scales = jax.lax.stop_gradient(channel_scales(x))
-    values = jnp.clip(x.astype(jnp.float32) / scales, -E4M3_MAX, E4M3_MAX).astype(FP8)
+    values = to_e4m3(x.astype(jnp.float32) / scales)
     return QuantizedTensor(values, scales, layout="tokens:channel")
 
 
@@ -136,6 +157,6 @@ def fake_quant_channels_tiles(x: jax.Array, valid: np.ndarray) -> jax.Array:
     mask = jnp.asarray(valid)[None, :, :, None, None]
     amax = jnp.where(mask, jnp.abs(xf), 0).max(axis=(1, 2), keepdims=True)  # [B, 1, 1, N, D]
     scales = jax.lax.stop_gradient(_safe_scale(amax))
-    values = jnp.clip(xf / scales, -E4M3_MAX, E4M3_MAX).astype(FP8)
+    values = to_e4m3(xf / scales)
     x_hat = QuantizedTensor(values, scales, layout="tiles:channel").dequantize()
     return _straight_through(xf, x_hat)
