@@ -1,12 +1,18 @@
-"""FPSA attention kernel benchmark: `xla` at several window sparsities against dense cuDNN.
+"""FPSA attention benchmark: the Triton kernels at several sparsities against dense cuDNN.
 
     python benchmarks/attention.py                 # 1.3B/480p and 14B/720p shapes (H100)
-    python benchmarks/attention.py --quick         # small shapes; runs on CPU (skips cuDNN)
+    python benchmarks/attention.py --xla           # also the portable `xla` path
+    python benchmarks/attention.py --quick         # small shapes; runs on CPU (xla only)
     python benchmarks/attention.py --out rows.json # also write rows (.json or .md)
 
-Forward only, bf16 random-normal inputs, B = 1, D = 128. Reports the median of --iters timed
-runs after warm-up, each synchronised with block_until_ready. Dense-equivalent TFLOP/s counts
-4 * B * N * L^2 * D flops whatever the sparsity; effective TFLOP/s multiplies it by the density.
+bf16 random-normal inputs, B = 1, D = 128, tile (3, 8, 8). Forward rows: cuDNN bf16 and FP8
+(dense), `triton` FP8 with the full window and at ~50/75/90% sparsity, `pallas` bf16 at ~90%.
+Backward rows: the pullback of cuDNN bf16 (dense) and of `triton` FP8 at ~90% (its bf16
+block-sparse backward), timed alone on saved residuals. Each row is the median of --iters timed
+runs after warm-up, each synchronised with block_until_ready; times include the XLA pre/post
+passes (tile reorder, quantization). Dense-equivalent TFLOP/s counts 4 * B * N * L^2 * D flops
+forward and 2.5x that backward, whatever the sparsity; effective TFLOP/s multiplies it by the
+density; speedup is against cuDNN bf16 for the same pass.
 """
 
 from __future__ import annotations
@@ -62,15 +68,43 @@ def pick_window(grid, tile, sparsity):
     return best[1]
 
 
-def cases(shape, tile, quant):
-    """(impl, config, label) triples for one shape."""
-    yield "cudnn", None, "dense"
-    yield "cudnn_fp8", None, "dense"
-    yield "xla", None, "dense"
-    for s in TARGET_SPARSITIES:
-        window = pick_window(shape.grid, tile, s)
-        for q in quant:
-            yield "xla", FPSAConfig(tile=tile, window=window, quant=q), f"{window} {q}"
+def cases(shape, tile, with_xla: bool, on_gpu: bool):
+    """(pass, impl, config, label) rows for one shape."""
+    window_90 = pick_window(shape.grid, tile, 0.9)
+    if on_gpu:
+        yield "fwd", "cudnn", None, "dense"
+        yield "fwd", "cudnn_fp8", None, "dense"
+        yield "fwd", "triton", FPSAConfig(tile=tile, quant="fp8"), "full window fp8"
+        for s in TARGET_SPARSITIES:
+            window = pick_window(shape.grid, tile, s)
+            yield (
+                "fwd",
+                "triton",
+                FPSAConfig(tile=tile, window=window, quant="fp8"),
+                f"{window} fp8",
+            )
+        yield "fwd", "pallas", FPSAConfig(tile=tile, window=window_90), f"{window_90} bf16"
+        yield "bwd", "cudnn", None, "dense"
+        yield (
+            "bwd",
+            "triton",
+            FPSAConfig(tile=tile, window=window_90, quant="fp8"),
+            f"{window_90} fp8",
+        )
+    if with_xla or not on_gpu:
+        for s in TARGET_SPARSITIES:
+            window = pick_window(shape.grid, tile, s)
+            yield "fwd", "xla", FPSAConfig(tile=tile, window=window, quant="fp8"), f"{window} fp8"
+
+
+def timed_call(kind, impl, config, grid, q, k, v):
+    """(jitted fn, its args): the forward, or the pullback alone on saved residuals."""
+    attend = lambda q, k, v: fpsa_attention(q, k, v, grid=grid, config=config, impl=impl)
+    if kind == "fwd":
+        return jax.jit(attend), (q, k, v)
+    out, pullback = jax.vjp(attend, q, k, v)  # a pytree (Partial) holding the residuals
+    do = jax.random.normal(jax.random.key(1), out.shape, out.dtype)
+    return jax.jit(lambda pullback, do: pullback(do)), (pullback, do)
 
 
 def run(args) -> list[dict]:
@@ -82,38 +116,47 @@ def run(args) -> list[dict]:
         b, n, d, length = shape.batch, shape.heads, shape.head_dim, shape.tokens
         keys = jax.random.split(jax.random.key(0), 3)
         q, k, v = (jax.random.normal(kk, (b, length, n, d), jnp.bfloat16) for kk in keys)
-        dense_flops = 4 * b * n * length * length * d
-        for impl, config, label in cases(shape, tile, args.quant):
-            if impl.startswith("cudnn") and not on_gpu:
-                print(f"skip {impl} on {shape.name}: needs a GPU (backend {jax.default_backend()})")
-                continue
-            fn = jax.jit(
-                lambda q, k, v, impl=impl, config=config, grid=shape.grid: fpsa_attention(
-                    q, k, v, grid=grid, config=config, impl=impl
-                )
-            )
+        fwd_flops = 4 * b * n * length * length * d
+        base = {}
+        for kind, impl, config, label in cases(shape, tile, args.xla, on_gpu):
             try:
-                t = median_seconds(fn, (q, k, v), args.warmup, args.iters)
+                fn, fn_args = timed_call(kind, impl, config, shape.grid, q, k, v)
+                t = median_seconds(fn, fn_args, args.warmup, args.iters)
             except Exception as e:  # noqa: BLE001 - report and go on with the other rows
-                print(f"FAILED {impl} {shape.name} {label}: {type(e).__name__}: {e}")
+                print(f"FAILED {kind} {impl} {shape.name} {label}: {type(e).__name__}: {e}")
                 continue
+            if impl == "cudnn":
+                base[kind] = t
+            flops = fwd_flops * (1.0 if kind == "fwd" else 2.5)
             density = 1.0 if config is None else config.density(shape.grid)
             rows.append(
                 dict(
+                    pass_=kind,
                     impl=impl,
                     shape=f"{shape.name} B{b} L{length} N{n} D{d}",
                     window=label,
                     density=round(density, 4),
                     ms=round(t * 1e3, 3),
-                    dense_tflops=round(dense_flops / t / 1e12, 2),
-                    effective_tflops=round(dense_flops * density / t / 1e12, 2),
+                    dense_tflops=round(flops / t / 1e12, 1),
+                    effective_tflops=round(flops * density / t / 1e12, 1),
+                    speedup=round(base[kind] / t, 2) if kind in base else "",
                 )
             )
             print(format_row(rows[-1]), flush=True)
     return rows
 
 
-COLUMNS = ("impl", "shape", "window", "density", "ms", "dense_tflops", "effective_tflops")
+COLUMNS = (
+    "pass_",
+    "impl",
+    "shape",
+    "window",
+    "density",
+    "ms",
+    "dense_tflops",
+    "effective_tflops",
+    "speedup",
+)
 
 
 def format_row(row) -> str:
@@ -132,7 +175,7 @@ def main(argv=None) -> None:
     p.add_argument("--quick", action="store_true", help="small shapes (CPU smoke test)")
     p.add_argument("--iters", type=int, default=10, help="timed runs (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed runs first (compiles)")
-    p.add_argument("--quant", nargs="+", default=["none", "fp8"], choices=["none", "fp8"])
+    p.add_argument("--xla", action="store_true", help="also time the portable xla path")
     p.add_argument("--out", type=Path, help="write rows to this .json or .md file")
     args = p.parse_args(argv)
     if args.iters < 1 or args.warmup < 1:

@@ -11,10 +11,10 @@ import jax.numpy as jnp
 
 from fpsa_jax.attention.config import FPSAConfig, validate_grid
 from fpsa_jax.attention.cudnn import cudnn_attention, cudnn_fp8_attention
+from fpsa_jax.attention.pallas import pallas_attention
 from fpsa_jax.attention.reference import reference_attention
+from fpsa_jax.attention.triton import kernel_supports, triton_attention
 from fpsa_jax.attention.xla import xla_attention
-from pallas_kernels.pallas_fpsa import pallas_attention
-from pallas_kernels.triton_fpsa_fwd import triton_attention
 
 Impl = Literal["auto", "reference", "xla", "cudnn", "cudnn_fp8", "triton", "pallas"]
 IMPLS: tuple[str, ...] = get_args(Impl)
@@ -36,16 +36,18 @@ REGISTRY: dict[str, AttentionFn] = {
 def resolve_impl(impl: str, config: FPSAConfig | None, dtype, head_dim: int) -> str:
     """The concrete implementation `impl` stands for (only "auto" is resolved).
 
-    "auto" is "xla" everywhere for now (it becomes "triton" on Hopper once that kernel exists),
-    except dense (config=None) 16-bit attention on a GPU, which goes to cuDNN.
+    "auto": FPSA configs go to the Triton kernels where they run (a Hopper GPU with jax-triton, a
+    power-of-two head dim, FP8 or 16-bit inputs), else to "xla"; dense (config=None) 16-bit
+    attention on a GPU goes to cuDNN, and everything else to "xla".
     """
     if impl not in IMPLS:
         raise ValueError(f"unknown impl {impl!r}; valid: {', '.join(IMPLS)}")
     if impl != "auto":
         return impl
+    if config is not None:
+        return "triton" if kernel_supports(dtype, head_dim, config) else "xla"
     if (
-        config is None
-        and jax.default_backend() == "gpu"
+        jax.default_backend() == "gpu"
         and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
         and head_dim % 8 == 0
         and head_dim <= 256

@@ -30,10 +30,10 @@ from hypothesis import strategies as st
 
 from fpsa_jax.attention import FPSAConfig
 from fpsa_jax.attention.mask import build_mask_info
+from fpsa_jax.attention.pallas import default_block, pallas_attention, pallas_tiled_attention
 from fpsa_jax.attention.reference import quantize_qkv, reference_attention
 from fpsa_jax.attention.tiling import slot_valid, to_tiles
 from fpsa_jax.attention.xla import xla_attention
-from pallas_kernels.pallas_fpsa import default_block, pallas_attention, pallas_tiled_attention
 
 GRIDS = st.tuples(st.integers(1, 5), st.integers(1, 5), st.integers(1, 6))
 TILES = st.tuples(st.integers(1, 3), st.integers(1, 3), st.integers(1, 4))

@@ -1,15 +1,15 @@
-"""The quantization pre-pass of the Triton FPSA kernel: tile reorder, FP8 cast, kernel layouts.
+"""The Triton kernels' data layout: tile reorder, FP8 quantization and the way back.
 
-Runs in XLA (one jit-fused pass over Q, K, V) and produces exactly the FP8 values and scales of
-`fpsa_jax.attention.quant` (it calls its scale functions), laid out for the kernel:
+The pre-pass runs in XLA (one jit-fused pass over Q, K, V) and produces exactly the FP8 values and
+scales of `fpsa_jax.attention.quant` (it calls its scale functions), laid out for the kernels:
 
 - Q, K values: [B, N, Lp, D] with Lp = n_tiles * Pp; slot r of tile u sits at row u * Pp + r. The
   tile volume P is padded to Pp (a multiple of the kernel's key block); padded slots are zero.
 - V values: [B, N, D, Lp], transposed so that the P.V dot reads V K-major (FP8 wgmma needs it).
 - q_scale, k_scale: float32 [B, N, n_tiles], the scale of each tile's quantization group.
 - v_scale: float32 [B, N, D], one per channel.
-- key_bias: float32 [n_tiles * Pp], 0 for real key slots and -inf for padding (edge tiles have
-  holes in the middle of a tile, not only at its end, so a per-tile count is not enough).
+- key_bias: float32 [Lp], 0 for real key slots and -inf for padding (edge tiles have holes in the
+  middle of a tile, not only at its end, so a per-tile count is not enough).
 
 With quant="none" (16-bit inputs only) the values keep the input dtype and every scale is 1.
 Shapes: B batch, L tokens, N heads, D head dim, P tokens per tile, Pp padded tile length.
@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fpsa_jax.attention.config import E4M3_MAX, FPSAConfig
-from fpsa_jax.attention.quant import FP8, channel_scales, quantize_tiles
+from fpsa_jax.attention.config import FPSAConfig
+from fpsa_jax.attention.quant import channel_scales, quantize_tiles, to_e4m3
 from fpsa_jax.attention.tiling import from_tiles, slot_valid, tile_grid, to_tiles
 
 
@@ -34,9 +34,37 @@ def padded_tile_length(p: int, multiple: int) -> int:
     return -(-p // multiple) * multiple
 
 
+def to_kernel_layout(x: jax.Array, grid, tile, pp: int) -> jax.Array:
+    """[B, L, N, D] token order -> [B, N, n_tiles * Pp, D] tile major, padded slots zero."""
+    return _tiles_to_kernel_layout(to_tiles(x, grid, tile), pp)
+
+
+def from_kernel_layout(x: jax.Array, grid, tile, pp: int) -> jax.Array:
+    """Inverse of `to_kernel_layout`: [B, N, Lp, D] -> [B, L, N, D], padded slots dropped."""
+    b, n, _, d = x.shape
+    n_tiles, p = math.prod(tile_grid(grid, tile)), math.prod(tile)
+    x = x.reshape(b, n, n_tiles, pp, d)[:, :, :, :p]
+    return from_tiles(jnp.einsum("bnupd->bupnd", x), grid, tile)
+
+
+def _tiles_to_kernel_layout(xt: jax.Array, pp: int) -> jax.Array:
+    """[B, n_tiles, P, N, D] -> [B, N, n_tiles * Pp, D], padding each tile with zero slots."""
+    b, n_tiles, p, n, d = xt.shape
+    xt = jnp.pad(xt, ((0, 0), (0, 0), (0, pp - p), (0, 0), (0, 0)))
+    return jnp.einsum("bupnd->bnupd", xt).reshape(b, n, n_tiles * pp, d)
+
+
+def key_bias(grid, tile, pp: int) -> np.ndarray:
+    """float32 [n_tiles * Pp]: 0 for slots holding a token, -inf for padding (host array)."""
+    valid = slot_valid(grid, tile)  # [n_tiles, P]
+    padded = np.zeros((valid.shape[0], pp), dtype=bool)
+    padded[:, : valid.shape[1]] = valid
+    return np.where(padded, 0.0, -np.inf).astype(np.float32).reshape(-1)
+
+
 @flax.struct.dataclass
 class KernelOperands:
-    """Q, K, V in the Triton kernel's layout (see the module docstring for shapes and dtypes).
+    """Q, K, V in the Triton kernels' layout (see the module docstring for shapes and dtypes).
 
     x ~= values * scale broadcast per tile (Q, K) or per channel (V). The static fields describe
     the layout: grid (T, H, W), tile (tt, th, tw) and the padded tile length Pp.
@@ -53,29 +81,24 @@ class KernelOperands:
     tile: tuple = flax.struct.field(pytree_node=False, default=(1, 1, 1))
     padded_tile: int = flax.struct.field(pytree_node=False, default=1)
 
+    def dequantized(self, dtype) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(q_hat, k_hat, v_hat) [B, N, Lp, D] in `dtype`, still in the kernel layout (V not
+        transposed): the values the forward's matmuls multiplied, scales applied."""
+        pp = self.padded_tile
+
+        def per_tile(x, scale):  # [B, N, Lp, D] values, [B, N, n_tiles] scales
+            s = jnp.repeat(scale, pp, axis=2)[..., None]
+            return (x.astype(jnp.float32) * s).astype(dtype)
+
+        v = jnp.swapaxes(self.v_t, 2, 3).astype(jnp.float32) * self.v_scale[:, :, None, :]
+        return per_tile(self.q, self.q_scale), per_tile(self.k, self.k_scale), v.astype(dtype)
+
     def dequantize(self) -> tuple[jax.Array, jax.Array, jax.Array]:
         """(q_hat, k_hat, v_hat) float32 [B, L, N, D] in token order: the kernel's exact inputs."""
-        p = math.prod(self.tile)
-        n_tiles = math.prod(tile_grid(self.grid, self.tile))
-
-        def tokens(x, scale):  # [B, N, Lp, D] values, [B, N, n_tiles] scales
-            b, n, _, d = x.shape
-            x = x.astype(jnp.float32).reshape(b, n, n_tiles, self.padded_tile, d)
-            x = x[:, :, :, :p] * scale[..., None, None]
-            return from_tiles(jnp.einsum("bnupd->bupnd", x), self.grid, self.tile)
-
-        q_hat = tokens(self.q, self.q_scale)
-        k_hat = tokens(self.k, self.k_scale)
-        v = jnp.swapaxes(self.v_t, 2, 3).astype(jnp.float32)  # [B, N, Lp, D]
-        v_hat = tokens(v * self.v_scale[:, :, None, :], jnp.ones_like(self.q_scale))
-        return q_hat, k_hat, v_hat
-
-
-def _kernel_layout(xt: jax.Array, pp: int) -> jax.Array:
-    """[B, n_tiles, P, N, D] -> [B, N, n_tiles * Pp, D], padding each tile with zero slots."""
-    b, n_tiles, p, n, d = xt.shape
-    xt = jnp.pad(xt, ((0, 0), (0, 0), (0, pp - p), (0, 0), (0, 0)))
-    return jnp.einsum("bupnd->bnupd", xt).reshape(b, n, n_tiles * pp, d)
+        return tuple(
+            from_kernel_layout(x, self.grid, self.tile, self.padded_tile)
+            for x in self.dequantized(jnp.float32)
+        )
 
 
 def quantize_for_kernel(q, k, v, grid, config: FPSAConfig, *, block_n: int) -> KernelOperands:
@@ -93,8 +116,7 @@ def quantize_for_kernel(q, k, v, grid, config: FPSAConfig, *, block_n: int) -> K
     tile = config.tile
     tiles = tile_grid(grid, tile)
     n_tiles = math.prod(tiles)
-    p = math.prod(tile)
-    pp = padded_tile_length(p, block_n)
+    pp = padded_tile_length(math.prod(tile), block_n)
     valid = slot_valid(grid, tile)  # host bool [n_tiles, P]
     b, _, n_heads, d = q.shape
 
@@ -104,8 +126,8 @@ def quantize_for_kernel(q, k, v, grid, config: FPSAConfig, *, block_n: int) -> K
         kq = quantize_tiles(kt, valid, tiles, config.k_group)
         # Per-channel V scales over all tokens (= the valid slots), as quant.quantize_channels.
         v_scale = channel_scales(v)  # [B, 1, N, D]
-        v_vals = jnp.clip(vt.astype(jnp.float32) / v_scale[:, None], -E4M3_MAX, E4M3_MAX)
-        q_vals, k_vals, v_vals = qq.values, kq.values, v_vals.astype(FP8)
+        v_vals = to_e4m3(vt.astype(jnp.float32) / v_scale[:, None])
+        q_vals, k_vals = qq.values, kq.values
         q_scale = qq.scales.reshape(b, n_tiles, n_heads).transpose(0, 2, 1)
         k_scale = kq.scales.reshape(b, n_tiles, n_heads).transpose(0, 2, 1)
         v_scale = v_scale.reshape(b, n_heads, d)
@@ -114,17 +136,14 @@ def quantize_for_kernel(q, k, v, grid, config: FPSAConfig, *, block_n: int) -> K
         q_scale = k_scale = jnp.ones((b, n_heads, n_tiles), jnp.float32)
         v_scale = jnp.ones((b, n_heads, d), jnp.float32)
 
-    valid_pp = np.zeros((n_tiles, pp), dtype=bool)
-    valid_pp[:, :p] = valid
-    key_bias = np.where(valid_pp, 0.0, -np.inf).astype(np.float32).reshape(-1)
     return KernelOperands(
-        q=_kernel_layout(q_vals, pp),
-        k=_kernel_layout(k_vals, pp),
-        v_t=jnp.swapaxes(_kernel_layout(v_vals, pp), 2, 3),
+        q=_tiles_to_kernel_layout(q_vals, pp),
+        k=_tiles_to_kernel_layout(k_vals, pp),
+        v_t=jnp.swapaxes(_tiles_to_kernel_layout(v_vals, pp), 2, 3),
         q_scale=q_scale.astype(jnp.float32),
         k_scale=k_scale.astype(jnp.float32),
         v_scale=v_scale.astype(jnp.float32),
-        key_bias=jnp.asarray(key_bias),
+        key_bias=jnp.asarray(key_bias(grid, tile, pp)),
         grid=tuple(grid),
         tile=tuple(tile),
         padded_tile=pp,
@@ -133,8 +152,4 @@ def quantize_for_kernel(q, k, v, grid, config: FPSAConfig, *, block_n: int) -> K
 
 def output_from_kernel(o: jax.Array, ops: KernelOperands) -> jax.Array:
     """Kernel output [B, N, Lp, D] -> [B, L, N, D] in token order (padded slots dropped)."""
-    b, n, _, d = o.shape
-    p = math.prod(ops.tile)
-    n_tiles = math.prod(tile_grid(ops.grid, ops.tile))
-    o = o.reshape(b, n, n_tiles, ops.padded_tile, d)[:, :, :, :p]
-    return from_tiles(jnp.einsum("bnupd->bupnd", o), ops.grid, ops.tile)
+    return from_kernel_layout(o, ops.grid, ops.tile, ops.padded_tile)
