@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fpsa_jax.attention.config import FPSAConfig
-from fpsa_jax.attention.quant import channel_scales, quantize_tiles, to_e4m3
+from fpsa_jax.attention.quant import channel_scales, tile_group_scales, to_e4m3
 from fpsa_jax.attention.tiling import from_tiles, slot_valid, tile_grid, to_tiles
 
 
@@ -101,6 +101,20 @@ class KernelOperands:
         )
 
 
+def _tile_scales(x, grid, tile, valid, group) -> jax.Array:
+    """`quant.tile_group_scales` of x [B, L, N, D], reduced over D in token order first.
+
+    The same scales (a max is exact in any order), but the full-size read happens once in x's own
+    layout and only the [B, L, N, 1] per-token maxima get reordered into tiles, so XLA can fuse the
+    big reorder with the cast instead of materialising a reordered copy for the reduction.
+    """
+    per_token = jnp.abs(x.astype(jnp.float32)).max(axis=-1, keepdims=True)
+    tiles = tile_grid(grid, tile)
+    return jax.lax.stop_gradient(
+        tile_group_scales(to_tiles(per_token, grid, tile), valid, tiles, group)
+    )
+
+
 def quantize_for_kernel(q, k, v, grid, config: FPSAConfig, *, block_n: int) -> KernelOperands:
     """Reorders Q, K, V tile-major, quantizes them as FPSA does, lays them out for the kernel.
 
@@ -122,14 +136,14 @@ def quantize_for_kernel(q, k, v, grid, config: FPSAConfig, *, block_n: int) -> K
 
     qt, kt, vt = (to_tiles(x, grid, tile) for x in (q, k, v))  # padded slots are zero
     if config.quant == "fp8":
-        qq = quantize_tiles(qt, valid, tiles, config.q_group)
-        kq = quantize_tiles(kt, valid, tiles, config.k_group)
-        # Per-channel V scales over all tokens (= the valid slots), as quant.quantize_channels.
-        v_scale = channel_scales(v)  # [B, 1, N, D]
+        q_scale = _tile_scales(q, grid, tile, valid, config.q_group)  # [B, n_tiles, 1, N, 1]
+        k_scale = _tile_scales(k, grid, tile, valid, config.k_group)
+        v_scale = channel_scales(v)  # [B, 1, N, D], over all tokens as quant.quantize_channels
+        q_vals = to_e4m3(qt.astype(jnp.float32) / q_scale)
+        k_vals = to_e4m3(kt.astype(jnp.float32) / k_scale)
         v_vals = to_e4m3(vt.astype(jnp.float32) / v_scale[:, None])
-        q_vals, k_vals = qq.values, kq.values
-        q_scale = qq.scales.reshape(b, n_tiles, n_heads).transpose(0, 2, 1)
-        k_scale = kq.scales.reshape(b, n_tiles, n_heads).transpose(0, 2, 1)
+        q_scale = q_scale.reshape(b, n_tiles, n_heads).transpose(0, 2, 1)
+        k_scale = k_scale.reshape(b, n_tiles, n_heads).transpose(0, 2, 1)
         v_scale = v_scale.reshape(b, n_heads, d)
     else:
         q_vals, k_vals, v_vals = qt, kt, vt
