@@ -148,7 +148,7 @@ class StepSchedule:
 
     @classmethod
     def preset(cls, name: str) -> StepSchedule:
-        """A named schedule: "wan-480p", "wan-720p" or "dense".
+        """A named schedule: "wan-480p", "wan-720p", "demo" (see `_demo_schedule`) or "dense".
 
         The Wan presets follow the paper's three-phase shape: early (noisiest) steps use coarse
         quantization groups and a sparse window, middle steps the finest groups (one scale per
@@ -171,13 +171,15 @@ class StepSchedule:
         """
         if name == "dense":
             return cls((Phase(1.0, None),))
+        if name == "demo":
+            return _demo_schedule()
         windows = {
             "wan-480p": ((3, 3, 5), (5, 4, 5), (3, 4, 5)),
             "wan-720p": ((3, 3, 5), (5, 4, 7), (3, 4, 5)),
         }
         if name not in windows:
             raise ValueError(
-                f"unknown StepSchedule preset {name!r}; valid: dense, {', '.join(windows)}"
+                f"unknown StepSchedule preset {name!r}; valid: dense, demo, {', '.join(windows)}"
             )
         ends = (0.25, 0.75, 1.0)
         groups = ((2, 2, 2), (1, 1, 1), (1, 2, 2))
@@ -187,6 +189,28 @@ class StepSchedule:
                 for e, w, g in zip(ends, windows[name], groups, strict=True)
             )
         )
+
+
+def _demo_schedule() -> StepSchedule:
+    """The embedded demo model's schedule (fpsa_jax.demo): the Wan presets' three-phase shape
+    scaled to its (9, 4, 4) token grid.
+
+    Tile (3, 2, 2) = 12 tokens gives a (3, 2, 2) tile grid of 12 tiles, so windows can drop blocks
+    on every axis. Densities: early (2, 1, 1) 2/12 = 17%, middle (2, 2, 2) 8/12 = 67%, late
+    (2, 1, 2) 4/12 = 33%; over 20 steps (5 / 10 / 5) 46% of the blocks are computed. Groups as in
+    the Wan presets: early (2, 2, 2), middle (1, 1, 1), late (1, 2, 2).
+    """
+    phases = (
+        (0.25, (2, 1, 1), (2, 2, 2)),
+        (0.75, (2, 2, 2), (1, 1, 1)),
+        (1.0, (2, 1, 2), (1, 2, 2)),
+    )
+    return StepSchedule(
+        tuple(
+            Phase(e, FPSAConfig(tile=(3, 2, 2), window=w, quant="fp8", q_group=g, k_group=g))
+            for e, w, g in phases
+        )
+    )
 
 
 def _check_step(step: int, num_steps: int) -> None:

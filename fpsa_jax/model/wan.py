@@ -335,7 +335,8 @@ def _scanned_blocks(
         block = nn.remat(WanBlock, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
     scanned = nn.scan(
         block,
-        variable_axes={"params": 0},
+        # "intermediates": what blocks sow (e.g. fpsa_jax.demo.attention_trace), stacked per layer.
+        variable_axes={"params": 0, "intermediates": 0},
         split_rngs={"params": True},
         in_axes=(nn.broadcast, nn.broadcast),
         length=cfg.num_layers,
@@ -375,11 +376,11 @@ def _check_inputs(
     return b, f, h, w, c
 
 
-def init_params(config: WanConfig, rng: Array, latent_shape: tuple[int, ...] = (1, 1, 2, 2)):
+def init_params(config: WanConfig, rng: Array, latent_shape: tuple[int, ...] | None = None):
     """Fresh parameters as a plain pytree (logical-axis boxes removed).
 
-    latent_shape: (B, F, H, W) of the dummy input used to trace the model; parameter shapes do not
-    depend on it.
+    latent_shape: (B, F, H, W) of the dummy input used to trace the model (default: one patch);
+    parameter shapes do not depend on it.
     """
     latents, timesteps, context = _dummy_inputs(config, latent_shape)
     variables = WanModel(config).init(rng, latents, timesteps, context)
@@ -388,12 +389,12 @@ def init_params(config: WanConfig, rng: Array, latent_shape: tuple[int, ...] = (
 
 def param_logical_axes(config: WanConfig):
     """The logical axis names of every parameter, a pytree of `jax.sharding.PartitionSpec`."""
-    latents, timesteps, context = _dummy_inputs(config, (1, 1, 2, 2))
+    latents, timesteps, context = _dummy_inputs(config, None)
     abstract = jax.eval_shape(WanModel(config).init, jax.random.key(0), latents, timesteps, context)
     return nn.get_partition_spec(abstract["params"])
 
 
-def _dummy_inputs(config: WanConfig, latent_shape: tuple[int, ...]):
-    b, f, h, w = latent_shape
+def _dummy_inputs(config: WanConfig, latent_shape: tuple[int, ...] | None):
+    b, f, h, w = (1, *config.patch_size) if latent_shape is None else latent_shape
     latents = jnp.zeros((b, f, h, w, config.in_dim), _F32)
     return latents, jnp.zeros((b,), _F32), jnp.zeros((b, 1, config.text_dim), _F32)

@@ -110,6 +110,7 @@ def test_incomplete_model_directory_names_the_missing_part(tmp_path, layout, lea
 
 def test_unknown_schedule_preset_names_the_valid_ones():
     with pytest.raises(
-        ValueError, match="unknown StepSchedule preset 'nope'; valid: dense, wan-480p, wan-720p"
+        ValueError,
+        match="unknown StepSchedule preset 'nope'; valid: dense, demo, wan-480p, wan-720p",
     ):
         StepSchedule.preset("nope")
