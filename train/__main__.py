@@ -30,19 +30,21 @@ _SET = flags.DEFINE_multi_string(
 _MODEL = flags.DEFINE_string(
     "model",
     "tiny",
-    "A WanConfig preset (tiny, t2v-1.3b, t2v-14b) to start from fresh weights, "
-    "or a checkpoint: a `python -m fpsa_jax.convert` directory or a Wan2.1 DiT checkpoint.",
+    "A WanConfig preset (tiny, demo, t2v-1.3b, t2v-14b) to start from fresh weights, "
+    "or a checkpoint: a `python -m fpsa_jax.convert` directory, a demo checkpoint "
+    "(.safetensors of fpsa_jax.demo) or a Wan2.1 DiT checkpoint.",
 )
 _SCHEDULE = flags.DEFINE_string(
     "schedule",
     None,
-    "FPSA StepSchedule: a preset (wan-480p, wan-720p, dense) or a JSON file. "
+    "FPSA StepSchedule: a preset (wan-480p, wan-720p, demo, dense) or a JSON file. "
     "Omitted = the config's (dense when it has none).",
 )
 _DATA = flags.DEFINE_string(
     "data",
     "synthetic",
-    "'synthetic' (stand-in latents of moving-shape clips, no files) or a "
+    "'synthetic' (stand-in latents of moving-shape clips, no files), 'demo' (the demo "
+    "model's pixel-space moving shapes, 9 frames of 32x32; use with --model demo) or a "
     "records directory written by `python -m train.prepare`.",
 )
 _SIZE = flags.DEFINE_string("size", "64*64", "Synthetic clips: WIDTH*HEIGHT in pixels.")
@@ -146,8 +148,10 @@ def main(argv):
         raise app.UsageError(
             f"--model {_MODEL.value!r} is neither a preset ({', '.join(PRESETS)}) nor a path"
         )
-    if _DATA.value != "synthetic" and not Path(_DATA.value, "index.json").is_file():
-        raise app.UsageError(f"--data {_DATA.value}: not 'synthetic' and no records index.json")
+    if _DATA.value not in ("synthetic", "demo") and not Path(_DATA.value, "index.json").is_file():
+        raise app.UsageError(
+            f"--data {_DATA.value}: not 'synthetic' or 'demo' and no records index.json"
+        )
     settings = RunSettings(
         workdir=Path(_WORKDIR.value),
         model_config=model_config,

@@ -64,6 +64,12 @@ class Checkpoints:
         state = restored.state.replace(rng=jax.random.wrap_key_data(restored.state.rng))
         return state, restored.data, restored.meta
 
+    def restore_meta(self, step: int) -> dict:
+        """The model and train configs saved with `step` (no template needed)."""
+        return self._manager.restore(
+            step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+        ).meta
+
     def close(self) -> None:
         """Waits for pending saves, then releases the manager."""
         self._manager.wait_until_finished()

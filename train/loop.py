@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from fpsa_jax.config import WanConfig
 from fpsa_jax.data import Loader, StandInEncoder, SyntheticLatentSource
+from fpsa_jax.demo.task import DemoSource
 from fpsa_jax.model.wan import init_params, param_logical_axes
 from fpsa_jax.parallel import logical_to_mesh_sharding, make_mesh, use_sharding
 from fpsa_jax.training import (
@@ -39,9 +40,11 @@ class RunSettings:
     """What one training run needs besides the hyper-parameters in `train_config`.
 
     init: "preset" (fresh weights of model_config) or a checkpoint path (a directory written by
-      `python -m fpsa_jax.convert`, or anything `load_wan_checkpoint` reads).
-    data: "synthetic" (stand-in latents of synthetic clips, no files) or a records directory
-      written by `python -m train.prepare`.
+      `python -m fpsa_jax.convert`, a demo checkpoint (fpsa_jax.demo), or anything
+      `load_wan_checkpoint` reads).
+    data: "synthetic" (stand-in latents of synthetic clips, no files), "demo" (the demo task's
+      pixel clips, fpsa_jax.demo.task; fixed 9 x 32 x 32) or a records directory written by
+      `python -m train.prepare`.
     frames, height, width: video size of the synthetic source (pixels, 4k+1 frames).
     mesh_shape: (data, fsdp, seq) over the first data*fsdp*seq devices; batch over data x fsdp,
       parameters and optimizer state FSDP over fsdp, self-attention sequence-parallel over seq.
@@ -72,14 +75,27 @@ def _initial_params(settings: RunSettings) -> tuple[WanConfig, Any]:
         key = jax.random.key(settings.seed)
         return settings.model_config, init_params(settings.model_config, key)
     from fpsa_jax.convert import load_converted, load_wan_checkpoint
+    from fpsa_jax.demo import is_demo_checkpoint, load_demo
 
     path = Path(settings.init)
     if (path / "params").is_dir() and (path / "config.json").is_file():
         return load_converted(path)
+    if is_demo_checkpoint(path):
+        demo = load_demo(path)
+        return demo.config, demo.params
     return load_wan_checkpoint(path, jnp.float32)
 
 
 def _data_source(settings: RunSettings, config: WanConfig, state: dict | None):
+    if settings.data == "demo":
+        return DemoSource(
+            settings.batch_size,
+            text_len=config.text_len,
+            seed=settings.seed,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            state=state,
+        )
     if settings.data == "synthetic":
         encoder = StandInEncoder(text_dim=config.text_dim, latent_channels=config.in_dim)
         return SyntheticLatentSource(

@@ -1,0 +1,103 @@
+"""`python -m train.export_demo`: a training run's EMA parameters -> a demo checkpoint file.
+
+    python -m train.export_demo --workdir runs/demo-qat \
+        --out fpsa_jax/assets/demo/fpsa-qat.safetensors
+
+Writes the EMA parameters (float32) of the run's latest checkpoint (or --step) with the run's
+WanConfig, the FPSA schedule it trained with (its TrainConfig's), sampling settings matching the
+schedule's step mapping (num_inference_steps, inference_shift) and provenance (step, mean loss of
+the last 100 logged steps) into one .safetensors file that `fpsa_jax.demo.load_demo` reads.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from absl import app, flags, logging
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory of `python -m train`.")
+_OUT = flags.DEFINE_string("out", None, "Output .safetensors path.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step; default: the latest.")
+_GUIDE_SCALE = flags.DEFINE_float("guide_scale", 4.0, "Default CFG scale stored with the model.")
+_NOTE = flags.DEFINE_string("note", "", "Free text stored in the checkpoint's provenance.")
+flags.mark_flags_as_required(["workdir", "out"])
+
+
+def _loss_summary(workdir: Path, step: int, window: int = 100) -> dict[str, float]:
+    path = workdir / "metrics.csv"
+    if not path.is_file():
+        return {}
+    with path.open() as f:
+        rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
+    last = rows[-window:]
+    if not last:
+        return {}
+    return {
+        f"mean_loss_last_{len(last)}_steps": sum(float(r["loss"]) for r in last) / len(last),
+        "train_seconds": sum(float(r["step_time_s"]) for r in rows),
+    }
+
+
+def export(
+    workdir: Path, out: Path, step: int | None = None, guide_scale: float = 4.0, note: str = ""
+) -> tuple[int, Path]:
+    """Writes the EMA parameters of `step` (default: the latest) of the run in `workdir` to the
+    demo checkpoint `out`; returns (step, path). Raises ValueError when there is no checkpoint."""
+    import jax
+
+    from fpsa_jax.config import WanConfig
+    from fpsa_jax.demo import DemoCheckpoint, Sampling, save_demo
+    from fpsa_jax.model.wan import init_params
+    from fpsa_jax.training import TrainConfig, init_train_state
+    from train.checkpoints import Checkpoints
+
+    checkpoints = Checkpoints(workdir, keep=1_000_000)
+    try:
+        step = step or checkpoints.latest_step()
+        if step is None:
+            raise ValueError(f"{workdir}: no checkpoints")
+        meta = checkpoints.restore_meta(step)
+        model_config = WanConfig.from_dict(meta["model_config"])
+        train_config = TrainConfig.from_dict(meta["train_config"])
+        params = init_params(model_config, jax.random.key(0))
+        template = init_train_state(model_config, train_config, params, jax.random.key(0))
+        state, _, _ = checkpoints.restore(step, template)
+    finally:
+        checkpoints.close()
+    checkpoint = DemoCheckpoint(
+        config=model_config.replace(remat="none"),
+        params=jax.device_get(state.ema_params),
+        schedule=train_config.schedule,
+        sampling=Sampling(
+            num_steps=train_config.num_inference_steps,
+            shift=train_config.inference_shift,
+            guide_scale=guide_scale,
+        ),
+        info={
+            "run": workdir.name,
+            "step": int(step),
+            "params": "EMA",
+            "ema_decay": train_config.ema_decay,
+            **_loss_summary(workdir, step),
+            **({"note": note} if note else {}),
+        },
+    )
+    return int(step), save_demo(out, checkpoint)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    workdir = Path(_WORKDIR.value)
+    try:
+        step, path = export(workdir, Path(_OUT.value), _STEP.value, _GUIDE_SCALE.value, _NOTE.value)
+    except ValueError as e:
+        raise app.UsageError(f"--workdir {workdir}: {e}") from None
+    print(f"wrote step {step} of {workdir} ({path.stat().st_size / 1e6:.1f} MB) to {path}")
+
+
+if __name__ == "__main__":
+    app.run(main)
