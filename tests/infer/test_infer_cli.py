@@ -23,26 +23,41 @@ def _infer(*flags, cwd):
     )
 
 
-def test_fpsa_run_writes_a_playable_video_and_latents(tmp_path):
-    video, latents = tmp_path / "v.mp4", tmp_path / "z.npy"
+def _read_video(path):
+    reader = imageio_ffmpeg.read_frames(str(path))
+    meta = next(reader)
+    return meta, list(reader)
+
+
+def test_default_run_writes_a_captioned_demo_video(tmp_path):
+    """The README's main command: no flags, the embedded demo model, FPSA as fine-tuned."""
+    result = _infer(cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    video = tmp_path / "outputs" / "default_32x32_0_a_magenta_circle_moves_down_slowly.mp4"
+    assert f"wrote 9 frames at 8 fps (32*32 upscaled 8x) to {video}" in result.stdout
+    assert f"wrote the frames as a strip to {video.with_suffix('.png')}" in result.stdout
+    assert "attention demo (as fine-tuned)" in result.stdout
+    assert "the analytic evaluator reads the video as: colour=" in result.stdout
+    meta, frames = _read_video(video)
+    assert meta["size"] == (256, 256) and len(frames) == 9
+    assert video.with_suffix(".png").stat().st_size > 0
+
+
+def test_dense_run_with_flags_writes_video_and_array(tmp_path):
+    video, array = tmp_path / "v.mp4", tmp_path / "z.npy"
     result = _infer(
-        "--size=64*32",
-        "--frame_num=5",
+        "--attention=dense",
         "--sample_steps=3",
-        "--attention=fpsa",
+        "--prompt=a red square moves left quickly",
         f"--save_file={video}",
-        f"--save_latents={latents}",
+        f"--save_latents={array}",
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    assert f"wrote 5 frames at 16 fps to {video}" in result.stdout
-    assert "attention wan-480p" in result.stdout and "time per phase" in result.stdout
-    reader = imageio_ffmpeg.read_frames(str(video))
-    meta = next(reader)
-    frames = list(reader)
-    assert meta["size"] == (64, 32) and len(frames) == 5
-    z = np.load(latents)
-    assert z.shape == (1, 2, 4, 8, 16) and np.isfinite(z).all() and z.std() > 0
+    assert "3 unipc steps, attention dense" in result.stdout
+    assert len(_read_video(video)[1]) == 9
+    z = np.load(array)
+    assert z.shape == (1, 9, 32, 32, 3) and np.isfinite(z).all() and np.abs(z).max() <= 1
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
@@ -54,7 +69,8 @@ def test_fpsa_run_writes_a_playable_video_and_latents(tmp_path):
         (["--frame_num=4"], "frame count must be 4k+1"),
         (["--sample_steps=0"], "--sample_steps must be >= 1"),
         (["--attention=fpsa", "--schedule=wan-9000p"], "unknown StepSchedule preset"),
-        (["--schedule=wan-480p"], "--schedule needs --attention=fpsa"),
+        (["--attention=dense", "--schedule=wan-480p"], "--schedule needs --attention=fpsa"),
+        (["--size=64*64"], "the embedded demo model generates 9 frames of 32*32 only"),
         (["--save_file=out.avi"], "--save_file must end in .mp4"),
         (["--ckpt_dir=/does/not/exist"], "model directory not found"),
     ],
