@@ -1,0 +1,186 @@
+"""Quality of FPSA on the demo model: the paper's Table 5 and error-vs-step figure in miniature.
+
+    python benchmarks/quality.py --seeds 2 --plot benchmarks/quality_attention_error.png
+
+Held-out captions (fpsa_jax.demo.task.HELD_OUT: (colour, shape, direction) combinations never
+trained on, at both speeds) x fixed noise seeds, sampled with the demo's settings under:
+
+  dense bf16                  the dense-trained model, dense attention (the reference videos)
+  FP8 only                    the dense-trained model, the demo schedule without its windows
+  sparse only                 the dense-trained model, the demo schedule without FP8
+  training-free FP8 + sparse  the dense-trained model, the demo schedule as is
+  FPSA after QAT              the FPSA-fine-tuned model, the demo schedule it was trained with
+  (QAT model, dense)          the fine-tuned model with dense attention, for context
+
+For each: per-attribute accuracy of the analytic evaluator (fpsa_jax.demo.evaluate) and PSNR /
+SSIM of its videos against the dense bf16 videos of the same caption and noise. Then the per-step
+attention error (relative L2 and cosine of each layer's self-attention output against dense
+attention on the same inputs, mean over layers) along each schedule's own sampling run, plotted to
+--plot. All runs in the model's compute dtype (bfloat16) on whatever JAX runs on (CPU here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fpsa_jax.demo import DEFAULT_CHECKPOINT, DENSE_CHECKPOINT, load_demo  # noqa: E402
+from fpsa_jax.demo.attention_trace import ErrorLog, mean_over_layers, traced_model_fn  # noqa: E402
+from fpsa_jax.demo.evaluate import attribute_accuracy, chance_accuracy, read_attributes  # noqa: E402
+from fpsa_jax.demo.generate import generate, params_as, with_attention  # noqa: E402
+from fpsa_jax.demo.similarity import psnr, ssim  # noqa: E402
+from fpsa_jax.demo.task import held_out_attributes  # noqa: E402
+
+
+def variants(dense, qat):
+    """(name, checkpoint, schedule) of every row; schedule None = dense attention."""
+    fpsa = qat.schedule
+    return [
+        ("dense bf16", dense, None),
+        ("FP8 only", dense, with_attention(fpsa, window=None)),
+        ("sparse only", dense, with_attention(fpsa, quant="none")),
+        ("training-free FP8 + sparse", dense, fpsa),
+        ("FPSA after QAT", qat, fpsa),
+        ("(QAT model, dense)", qat, None),
+    ]
+
+
+def quality_table(dense, qat, seeds: int, impl: str) -> list[dict]:
+    targets = [a for a in held_out_attributes() for _ in range(seeds)]
+    captions = [a.caption for a in targets]
+    noise_seeds = [1000 + i % seeds for i in range(len(targets))]
+    rows, reference = [], None
+    for name, ckpt, schedule in variants(dense, qat):
+        start = time.perf_counter()
+        videos = generate(ckpt, captions, noise_seeds, schedule=schedule, attention_impl=impl)
+        seconds = time.perf_counter() - start
+        if reference is None:
+            reference = videos
+        acc = attribute_accuracy([read_attributes(v) for v in videos], targets)
+        rows.append(
+            {
+                "variant": name,
+                **{f"acc_{k}": v for k, v in acc.items()},
+                "psnr_db": float(
+                    np.mean([psnr(v, r) for v, r in zip(videos, reference, strict=True)])
+                ),
+                "ssim": float(
+                    np.mean([ssim(v, r) for v, r in zip(videos, reference, strict=True)])
+                ),
+                "seconds": seconds,
+            }
+        )
+        print(f"{name}: {rows[-1]}", flush=True)
+    return rows
+
+
+def attention_errors(dense, qat, captions: int, impl: str) -> dict[str, dict]:
+    """Mean-over-layers rel L2 and cosine per step, for each non-dense variant."""
+    targets = held_out_attributes()[:captions]
+    out = {}
+    for name, ckpt, schedule in variants(dense, qat):
+        if schedule is None:
+            continue
+        log = ErrorLog()
+        fn = traced_model_fn(ckpt.config, params_as(ckpt), log, impl)
+        generate(
+            ckpt,
+            [a.caption for a in targets],
+            [1000] * len(targets),
+            schedule=schedule,
+            model_fn=fn,
+        )
+        errors = log.per_step(ckpt.sampling.num_steps, ckpt.config.num_layers)
+        out[name] = {k: list(map(float, v)) for k, v in mean_over_layers(errors).items()}
+        print(f"{name}: rel_l2 per step {np.round(out[name]['rel_l2'], 4).tolist()}", flush=True)
+    return out
+
+
+def plot(errors: dict[str, dict], schedule, num_steps: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    steps = np.arange(num_steps)
+    for name, e in errors.items():
+        axes[0].plot(steps, e["rel_l2"], marker="o", ms=3, label=name)
+        axes[1].plot(steps, e["cosine"], marker="o", ms=3, label=name)
+    bounds = [
+        i
+        for i in range(1, num_steps)
+        if schedule.phase_index(i, num_steps) != schedule.phase_index(i - 1, num_steps)
+    ]
+    for ax, title in zip(
+        axes, ("relative L2 error vs dense", "cosine similarity vs dense"), strict=True
+    ):
+        for b in bounds:
+            ax.axvline(b - 0.5, color="grey", lw=0.8, ls="--")
+        ax.set_xlabel("denoising step (0 = noisiest)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].set_yscale("log")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Demo model: self-attention output error per step (mean over layers)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def markdown(rows: list[dict]) -> str:
+    chance = chance_accuracy()
+    head = (
+        "| variant | colour | shape | direction | speed | all four | PSNR dB vs dense "
+        "| SSIM vs dense |\n"
+        "|---|---|---|---|---|---|---|---|\n"
+    )
+    lines = []
+    for r in rows:
+        p = "inf" if not np.isfinite(r["psnr_db"]) else f"{r['psnr_db']:.2f}"
+        lines.append(
+            f"| {r['variant']} | {r['acc_colour']:.3f} | {r['acc_shape']:.3f} | "
+            f"{r['acc_direction']:.3f} | {r['acc_speed']:.3f} | {r['acc_all']:.3f} | {p} | "
+            f"{r['ssim']:.4f} |"
+        )
+    lines.append(
+        f"| (chance) | {chance['colour']:.3f} | {chance['shape']:.3f} | {chance['direction']:.3f} "
+        f"| {chance['speed']:.3f} | {chance['all']:.3f} | | |"
+    )
+    return head + "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dense", default=str(DENSE_CHECKPOINT), help="dense-trained checkpoint")
+    parser.add_argument("--qat", default=str(DEFAULT_CHECKPOINT), help="FPSA fine-tuned checkpoint")
+    parser.add_argument("--seeds", type=int, default=2, help="noise seeds per held-out caption")
+    parser.add_argument("--trace_captions", type=int, default=4, help="captions in the error trace")
+    parser.add_argument("--impl", default="xla", help="attention implementation")
+    parser.add_argument("--plot", default="benchmarks/quality_attention_error.png")
+    parser.add_argument("--json", default=None, help="also write all numbers to this JSON file")
+    args = parser.parse_args()
+
+    dense, qat = load_demo(args.dense), load_demo(args.qat)
+    if qat.schedule is None:
+        raise SystemExit(f"--qat {args.qat} was trained dense; it has no FPSA schedule")
+    rows = quality_table(dense, qat, args.seeds, args.impl)
+    errors = attention_errors(dense, qat, args.trace_captions, args.impl)
+    plot(errors, qat.schedule, qat.sampling.num_steps, Path(args.plot))
+    print()
+    print(markdown(rows))
+    print(f"\nattention error plot: {Path(args.plot).resolve()}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": rows, "attention_errors": errors}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
