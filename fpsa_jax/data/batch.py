@@ -71,3 +71,50 @@ def host_positions(
     blocks of batch_size, host 0 first."""
     start = (step * process_count + process_index) * batch_size
     return np.arange(start, start + batch_size, dtype=np.int64)
+
+
+class StepSource:
+    """Base of the endless generated sources: a position is one global step, split over hosts
+    by `host_positions`, and a saved state only restores into the same stream.
+
+    Subclasses call `_start` from their constructor and define `_fingerprint()` (the JSON-able
+    identity a state must match) and `_example(i)` -> (latent [f, h, w, C], text embedding
+    [Lt, E], caption) for the i-th example of the stream.
+    """
+
+    def _start(self, batch_size, text_len, seed, process_index, process_count, state) -> None:
+        check_hosts(batch_size, process_index, process_count)
+        self.batch_size, self.text_len, self.seed = batch_size, text_len, seed
+        self.process_index, self.process_count = process_index, process_count
+        self._step = 0
+        if state is not None:
+            self._restore(state)
+
+    def _fingerprint(self) -> dict:
+        raise NotImplementedError
+
+    def _example(self, i: int) -> tuple[np.ndarray, np.ndarray, str]:
+        raise NotImplementedError
+
+    def state(self) -> dict:
+        """JSON-able position: the next global step, and what it is only valid for."""
+        return {**self._fingerprint(), "step": self._step}
+
+    def _restore(self, state: dict) -> None:
+        for key, value in self._fingerprint().items():
+            if state.get(key) != value:
+                raise ValueError(
+                    f"state does not belong to this source: {key} is {state.get(key)!r} in the "
+                    f"state, {value!r} here"
+                )
+        self._step = int(state["step"])
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Batch:
+        ids = host_positions(self._step, self.batch_size, self.process_index, self.process_count)
+        latents, texts, captions = zip(*(self._example(int(i)) for i in ids), strict=True)
+        context, lengths = pad_text(list(texts), self.text_len)
+        self._step += 1
+        return Batch(np.stack(latents), context, lengths, tuple(captions), ids)

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from fpsa_jax.data.batch import Batch, check_hosts, host_positions, pad_text
+from fpsa_jax.data.batch import StepSource, pad_text
 from fpsa_jax.data.synthetic import synthetic_clip
 
 
@@ -89,7 +89,7 @@ class StandInEncoder:
         return {"encoder": "stand-in", **dataclasses.asdict(self)}
 
 
-class SyntheticLatentSource:
+class SyntheticLatentSource(StepSource):
     """Endless batches of stand-in (latents, context) of synthetic clips, with no files.
 
     Host `process_index` of `process_count` gets at global step s the clips s * P * B +
@@ -115,14 +115,9 @@ class SyntheticLatentSource:
         process_count: int = 1,
         state: dict[str, Any] | None = None,
     ):
-        check_hosts(batch_size, process_index, process_count)
         self.encoder = StandInEncoder() if encoder is None else encoder
-        self.batch_size, self.text_len, self.seed = batch_size, text_len, seed
         self.frames, self.height, self.width = frames, height, width
-        self.process_index, self.process_count = process_index, process_count
-        self._step = 0
-        if state is not None:
-            self._restore(state)
+        self._start(batch_size, text_len, seed, process_index, process_count, state)
         # Fail at construction, not at the first batch, on a bad size.
         self.encoder.encode_video(np.zeros((frames, height, width, 3), np.float32))
         pad_text([np.zeros((1, 1), np.float32)], text_len)
@@ -135,32 +130,6 @@ class SyntheticLatentSource:
             "process_count": self.process_count,
         }
 
-    def state(self) -> dict[str, Any]:
-        """JSON-able position: the next global step, and what it is only valid for."""
-        return {**self._fingerprint(), "step": self._step}
-
-    def _restore(self, state: dict[str, Any]) -> None:
-        for key, value in self._fingerprint().items():
-            if state.get(key) != value:
-                raise ValueError(
-                    f"state does not belong to this source: {key} is {state.get(key)!r} in the "
-                    f"state, {value!r} here"
-                )
-        self._step = int(state["step"])
-
-    def __iter__(self) -> SyntheticLatentSource:
-        return self
-
-    def __next__(self) -> Batch:
-        ids = host_positions(self._step, self.batch_size, self.process_index, self.process_count)
-        latents, texts, captions = [], [], []
-        for i in ids:
-            video, caption, _ = synthetic_clip(
-                self.seed, int(i), self.frames, self.height, self.width
-            )
-            latents.append(self.encoder.encode_video(video))
-            texts.append(self.encoder.encode_text(caption))
-            captions.append(caption)
-        context, lengths = pad_text(texts, self.text_len)
-        self._step += 1
-        return Batch(np.stack(latents), context, lengths, tuple(captions), ids)
+    def _example(self, i: int) -> tuple[np.ndarray, np.ndarray, str]:
+        video, caption, _ = synthetic_clip(self.seed, i, self.frames, self.height, self.width)
+        return self.encoder.encode_video(video), self.encoder.encode_text(caption), caption

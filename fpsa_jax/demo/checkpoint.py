@@ -90,8 +90,11 @@ def save_demo(path: str | Path, checkpoint: DemoCheckpoint) -> Path:
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file(flatten_params(checkpoint.params), tmp, metadata=metadata)
-    tmp.replace(path)
+    try:
+        save_file(flatten_params(checkpoint.params), tmp, metadata=metadata)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)  # only left when writing failed
     return path
 
 

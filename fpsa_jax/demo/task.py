@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from fpsa_jax.data.batch import Batch, check_hosts, host_positions, pad_text
+from fpsa_jax.data.batch import StepSource, pad_text
 from fpsa_jax.data.standin import StandInEncoder
 from fpsa_jax.data.synthetic import (
     DIRECTIONS,
@@ -114,7 +114,7 @@ def encode_captions(captions: list[str], encoder: StandInEncoder | None = None) 
     return pad_text([encoder.encode_text(c) for c in captions], TEXT_LEN)[0]
 
 
-class DemoSource:
+class DemoSource(StepSource):
     """Endless training batches of the demo task: pixel videos as the `latents` of a `Batch`.
 
     Host `process_index` of `process_count` gets at global step s the clips s * P * B +
@@ -134,13 +134,8 @@ class DemoSource:
         process_count: int = 1,
         state: dict[str, Any] | None = None,
     ):
-        check_hosts(batch_size, process_index, process_count)
-        self.batch_size, self.text_len, self.seed = batch_size, text_len, seed
-        self.process_index, self.process_count = process_index, process_count
         self.encoder = text_encoder()
-        self._step = 0
-        if state is not None:
-            self._restore(state)
+        self._start(batch_size, text_len, seed, process_index, process_count, state)
 
     def _fingerprint(self) -> dict[str, Any]:
         return {
@@ -150,30 +145,7 @@ class DemoSource:
             "process_count": self.process_count,
         }
 
-    def state(self) -> dict[str, Any]:
-        """JSON-able position: the next global step, and what it is only valid for."""
-        return {**self._fingerprint(), "step": self._step}
-
-    def _restore(self, state: dict[str, Any]) -> None:
-        for key, value in self._fingerprint().items():
-            if state.get(key) != value:
-                raise ValueError(
-                    f"state does not belong to this source: {key} is {state.get(key)!r} in the "
-                    f"state, {value!r} here"
-                )
-        self._step = int(state["step"])
-
-    def __iter__(self) -> DemoSource:
-        return self
-
-    def __next__(self) -> Batch:
-        ids = host_positions(self._step, self.batch_size, self.process_index, self.process_count)
-        videos, texts, captions = [], [], []
-        for i in ids:
-            attrs = train_attributes(self.seed, int(i))
-            videos.append(render(attrs, FRAMES, HEIGHT, WIDTH))
-            texts.append(self.encoder.encode_text(attrs.caption))
-            captions.append(attrs.caption)
-        context, lengths = pad_text(texts, self.text_len)
-        self._step += 1
-        return Batch(np.stack(videos), context, lengths, tuple(captions), ids)
+    def _example(self, i: int) -> tuple[np.ndarray, np.ndarray, str]:
+        attrs = train_attributes(self.seed, i)
+        video = render(attrs, FRAMES, HEIGHT, WIDTH)
+        return video, self.encoder.encode_text(attrs.caption), attrs.caption
