@@ -9,10 +9,11 @@ bf16 random-normal inputs, B = 1, D = 128, tile (3, 8, 8). Forward rows: cuDNN b
 (dense), `triton` FP8 with the full window and at ~50/75/90% sparsity, `pallas` bf16 at ~90%.
 Backward rows: the pullback of cuDNN bf16 (dense) and of `triton` FP8 at ~90% (its bf16
 block-sparse backward), timed alone on saved residuals. Each row is the median of --iters timed
-runs after warm-up, each synchronised with block_until_ready; times include the XLA pre/post
-passes (tile reorder, quantization). Dense-equivalent TFLOP/s counts 4 * B * N * L^2 * D flops
-forward and 2.5x that backward, whatever the sparsity; effective TFLOP/s multiplies it by the
-density; speedup is against cuDNN bf16 for the same pass.
+runs after warm-up, each synchronised with block_until_ready; `triton` times include the pre-pass
+(tile reorder and FP8 quantization: scales in XLA, values by the Triton pre-pass kernel).
+Dense-equivalent TFLOP/s counts 4 * B * N * L^2 * D flops forward and 2.5x that backward, whatever
+the sparsity; effective TFLOP/s multiplies it by the density; speedup is against cuDNN bf16 for the
+same pass.
 """
 
 from __future__ import annotations

@@ -3,9 +3,9 @@
     python benchmarks/kernel_tuning.py [--shape 1.3B-480p] [--iters 10] [--warmup 2]
 
 Times the forward kernel (`pallas_kernels.triton_fpsa_fwd`) and the two backward kernels
-(`pallas_kernels.triton_fpsa_bwd`) on pre-passed random operands, for each launch configuration,
-at the full window and at ~90% sparsity; also the XLA pre-pass alone. Prints one table; the
-fastest launches become the defaults in the kernel modules (see benchmarks/RESULTS.md).
+(`pallas_kernels.triton_fpsa_bwd`) on pre-passed random operands, for each launch configuration, at
+the full window and at ~90% sparsity; also the pre-pass alone, XLA and Triton. Prints one table;
+the fastest launches become the defaults in the kernel modules (see benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from attention import FULL_SHAPES, TILE, pick_window
 from timing import median_seconds  # benchmarks/timing.py (scripts run from their folder)
 
 from fpsa_jax.attention import FPSAConfig, build_mask_info
-from fpsa_jax.attention.kernel_layout import quantize_for_kernel
+from fpsa_jax.attention.kernel_layout import PREPASSES, quantize_for_kernel
 from pallas_kernels.triton_fpsa_bwd import BackwardLaunch, fpsa_backward
 from pallas_kernels.triton_fpsa_fwd import BLOCK_N, LaunchConfig, fpsa_forward
 
@@ -68,10 +68,13 @@ def main():
         config = FPSAConfig(tile=tile, window=window, quant="fp8")
         info = build_mask_info(shape.grid, tile, window)
         density = config.density(shape.grid)
-        prepass = jax.jit(functools.partial(prepass_fn, grid=shape.grid, config=config))
-        ops = prepass(q, k, v)
-        t = median_seconds(prepass, (q, k, v), a.warmup, a.iters)
-        print(f"{'prepass':<8} {str(window):<11} {'xla':<34} {t * 1e3:>8.3f} {'':>9}")
+        for kind in PREPASSES:
+            prepass = jax.jit(
+                functools.partial(prepass_fn, grid=shape.grid, config=config, prepass=kind)
+            )
+            ops = prepass(q, k, v)
+            t = median_seconds(prepass, (q, k, v), a.warmup, a.iters)
+            print(f"{'prepass':<8} {str(window):<11} {kind:<34} {t * 1e3:>8.3f} {'':>9}")
         args = (ops.q, ops.k, ops.v_t, ops.q_scale, ops.k_scale, ops.v_scale, ops.key_bias)
         for launch in forward_launches(ops.padded_tile):
             fn = jax.jit(forward_fn(info, ops.padded_tile, scale, launch))
@@ -88,8 +91,8 @@ def main():
             report("bwd", window, launch, fn, bwd_args, 2.5 * fwd_flops * density, a)
 
 
-def prepass_fn(q, k, v, *, grid, config):
-    return quantize_for_kernel(q, k, v, grid, config, block_n=BLOCK_N)
+def prepass_fn(q, k, v, *, grid, config, prepass):
+    return quantize_for_kernel(q, k, v, grid, config, block_n=BLOCK_N, prepass=prepass)
 
 
 def forward_fn(info, padded_tile, scale, launch):

@@ -10,16 +10,21 @@ tiles from `kv_tiles` [n_tiles, KV_COUNT], each in Pp / BLOCK_N key blocks, with
 in base 2:
 
   s2 = (Q8 . K8^T) * (q_scale[u] * k_scale[v] * softmax_scale * log2(e)) + key_bias   (float32)
-  m = running row max of s2;  p = exp2(s2 - m) in (0, 1];  l += sum(p)  (the unrounded p)
-  acc = acc * exp2(m_old - m) + e4m3(p * p_scale) . V8          (FP8 wgmma, float32 accumulate)
-  o = acc / (l * p_scale) * v_scale  per channel,  written in o's dtype;  lse2 = m + log2(l).
+  m = running row max of s2;  p' = exp2(s2 - (m - log2(p_scale))) = p_scale * exp2(s2 - m)
+  l' += sum(p')  (unrounded);  acc = acc * exp2(m_old - m) + e4m3(p') . V8   (FP8 wgmma, f32 acc)
+  o = acc / l' * v_scale  per channel,  written in o's dtype;  lse2 = m + log2(l' / p_scale).
 
 So the scales are folded: one scalar per (query tile, key tile) pair multiplies the scores (it
-carries log2(e) so the kernel uses exp2), and the per-channel V scale and 1 / p_scale are applied
-once at the end. P is rounded against the running max. Padded key slots get a -inf bias; the
+carries log2(e) so the kernel uses exp2), P's static scale rides in the exponent (p' needs no
+multiply, and it cancels between acc and l'), and the per-channel V scale is applied once at the
+end. P is rounded against the running max. Padded key slots get a -inf bias; the
 running max starts at a finite -1e30 so a fully padded key block gives p = 0 and alpha = 1, never
 NaN. Padded query rows compute finite values that callers drop. `lse2` (float32 [B, N, Lp], base
 2, of the scaled scores) is what the backward needs to rebuild P.
+
+The output goes either to [B, N, Lp, D] (kernel layout) or, given the slot table of the pre-pass
+(`slot_token` int32 [Lp], -1 for padding), straight to [B, L, N, D] in token order: each query
+row is stored at its token and padded rows are not stored, which saves the reorder pass after.
 
 Block shapes: BLOCK_N = 64 key slots (the k extent of the P.V dot; FP8 wgmma needs >= 32).
 BLOCK_M = 128 (8 warps) when Pp is a multiple of 128, else 64 (4 warps): a query block must stay
@@ -77,17 +82,21 @@ def make_kernel():
         v_scale_ptr,  # f32 [B, N, D]
         key_bias_ptr,  # f32 [Lp]: 0 (real slot) or -inf (padding)
         kv_tiles_ptr,  # i32 [n_tiles, KV_COUNT]
-        o_ptr,  # [B, N, Lp, D]
+        slot_token_ptr,  # i32 [Lp]: token of each slot, -1 for padding (read if TOKEN_ORDER)
+        o_ptr,  # [B, N, Lp, D], or [B, L, N, D] when TOKEN_ORDER
         lse_ptr,  # f32 [B, N, Lp]
         N_TILES: tl.constexpr,
+        N_HEADS: tl.constexpr,
+        TOKENS: tl.constexpr,  # L
         PP: tl.constexpr,
         KV_COUNT: tl.constexpr,
         HEAD_DIM: tl.constexpr,
         QK_SCALE: tl.constexpr,  # softmax scale * log2(e)
-        P_SCALE: tl.constexpr,  # static scale of P before its cast (448 for FP8, 1 otherwise)
+        LOG2_P_SCALE: tl.constexpr,  # log2 of P's static scale (448 for FP8, 1 otherwise)
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         EMULATE_FP8_P: tl.constexpr,
+        TOKEN_ORDER: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
@@ -103,7 +112,6 @@ def make_kernel():
         q_ptr += head
         k_ptr += head
         vt_ptr += head
-        o_ptr += head
         offs_m = tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM)
@@ -128,7 +136,7 @@ def make_kernel():
             s = tl.dot(q, tl.trans(k)) * pair_scale + bias[None, :]
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.math.exp2(m_i - m_new)
-            p = tl.math.exp2(s - m_new[:, None])
+            p = tl.math.exp2(s - (m_new - LOG2_P_SCALE)[:, None])  # p * p_scale
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None]
             if EMULATE_FP8_P:
@@ -136,7 +144,7 @@ def make_kernel():
                 # carries into the exponent lost), so CPU tests round P to E4M3 in float32 here:
                 # subnormals (x < 2^-6) have quantum 2^-9, which adding 2^14 leaves; normals keep
                 # 3 of 23 mantissa bits, rounded to nearest even. Valid for 0 <= x <= 448.
-                x = p * P_SCALE
+                x = p
                 bits = x.to(tl.int32, bitcast=True)
                 bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576
                 x = tl.where(
@@ -148,16 +156,21 @@ def make_kernel():
                 # sm_90 never promotes to float32, so a long-running accumulator drifts: measured
                 # at the 480p shape (588 key blocks), outputs 1.1% too small without this and
                 # unbiased (least-squares scale 0.9993) with it, at no measurable cost.
-                acc = tl.dot(
-                    (p * P_SCALE).to(p_dtype), tl.trans(vt), acc, max_num_imprecise_acc=BLOCK_N
-                )
+                acc = tl.dot(p.to(p_dtype), tl.trans(vt), acc, max_num_imprecise_acc=BLOCK_N)
             m_i = m_new
 
         v_scale = tl.load(v_scale_ptr + bh * HEAD_DIM + offs_d)
-        o = acc * (1.0 / (l_i * P_SCALE))[:, None] * v_scale[None, :]
-        o_ptrs = o_ptr + (row0 + offs_m)[:, None] * HEAD_DIM + offs_d[None, :]
-        tl.store(o_ptrs, o.to(o_ptr.dtype.element_ty))
-        tl.store(lse_ptr + bh.to(tl.int64) * seq + row0 + offs_m, m_i + tl.math.log2(l_i))
+        o = (acc * (1.0 / l_i)[:, None] * v_scale[None, :]).to(o_ptr.dtype.element_ty)
+        if TOKEN_ORDER:
+            token = tl.load(slot_token_ptr + row0 + offs_m)
+            o_ptr += (bh // N_HEADS).to(tl.int64) * TOKENS * N_HEADS * HEAD_DIM
+            rows = tl.where(token >= 0, token, 0) * (N_HEADS * HEAD_DIM) + (bh % N_HEADS) * HEAD_DIM
+            tl.store(o_ptr + rows[:, None] + offs_d[None, :], o, mask=(token >= 0)[:, None])
+        else:
+            o_ptr += head
+            tl.store(o_ptr + (row0 + offs_m)[:, None] * HEAD_DIM + offs_d[None, :], o)
+        lse = m_i + tl.math.log2(l_i) - LOG2_P_SCALE
+        tl.store(lse_ptr + bh.to(tl.int64) * seq + row0 + offs_m, lse)
 
     return fpsa_fwd_kernel
 
@@ -173,22 +186,29 @@ def kernel_meta(
     p_scale: float,
     launch: LaunchConfig,
     emulate_p: bool = False,
+    tokens: int | None = None,
 ) -> dict:
     """The kernel's constexpr arguments and grid for Q of `shape` [B, N, Lp, D].
 
     `emulate_p` rounds P in float32 instead of casting it to FP8 (interpreter tests only).
+    `tokens` (L) selects the token-order output [B, L, N, D] (then pass the slot table).
     """
     b, n_heads, seq, d = shape
+    if p_scale <= 0:
+        raise ValueError(f"P's static scale must be positive, got {p_scale}")
     meta = dict(
         N_TILES=seq // padded_tile,
+        N_HEADS=n_heads,
+        TOKENS=int(tokens or 0),
         PP=padded_tile,
         KV_COUNT=kv_count,
         HEAD_DIM=d,
         QK_SCALE=float(scale) * LOG2_E,
-        P_SCALE=float(p_scale),
+        LOG2_P_SCALE=float(np.log2(p_scale)),
         BLOCK_M=launch.block_m,
         BLOCK_N=launch.block_n,
         EMULATE_FP8_P=bool(emulate_p),
+        TOKEN_ORDER=tokens is not None,
     )
     return dict(meta=meta, grid=(seq // launch.block_m, b * n_heads))
 
@@ -208,6 +228,7 @@ def fpsa_forward(
     p_scale: float,
     out_dtype,
     launch: LaunchConfig | None = None,
+    slot_token: np.ndarray | None = None,
 ):
     """Runs the forward kernel through jax-triton.
 
@@ -217,15 +238,24 @@ def fpsa_forward(
       key_bias: float32 [Lp], 0 or -inf.
       kv_tiles: host int32 [n_tiles, kv_count], the key tiles of each query tile.
       padded_tile: Pp. scale: softmax scale. p_scale: P's static FP8 scale (1 for 16-bit).
+      slot_token: host int32 [Lp], the token of each slot (-1 padding); given, o is written in
+        token order.
 
     Returns:
-      (o [B, N, Lp, D] in out_dtype, lse2 float32 [B, N, Lp]); padded rows hold finite values.
+      (o, lse2 float32 [B, N, Lp]): o [B, N, Lp, D] in out_dtype (padded rows hold finite
+      values), or [B, L, N, D] in token order when `slot_token` is given.
     """
     import jax_triton as jt
 
     launch = launch or default_launch(padded_tile)
-    b, n, seq, _ = q.shape
-    call = kernel_meta(q.shape, padded_tile, kv_tiles.shape[1], scale, p_scale, launch)
+    b, n, seq, d = q.shape
+    tokens = None if slot_token is None else int(np.count_nonzero(np.asarray(slot_token) >= 0))
+    if slot_token is None:
+        slot_token = np.zeros((1,), np.int32)  # a placeholder pointer; the kernel never reads it
+    call = kernel_meta(
+        q.shape, padded_tile, kv_tiles.shape[1], scale, p_scale, launch, tokens=tokens
+    )
+    o_shape = q.shape if tokens is None else (b, tokens, n, d)
     return jt.triton_call(
         q,
         k,
@@ -235,9 +265,10 @@ def fpsa_forward(
         v_scale,
         key_bias,
         jnp.asarray(np.ascontiguousarray(kv_tiles, dtype=np.int32)),
+        jnp.asarray(np.ascontiguousarray(slot_token, dtype=np.int32)),
         kernel=kernel(),
         out_shape=(
-            jax.ShapeDtypeStruct(q.shape, out_dtype),
+            jax.ShapeDtypeStruct(o_shape, out_dtype),
             jax.ShapeDtypeStruct((b, n, seq), jnp.float32),
         ),
         grid=call["grid"],

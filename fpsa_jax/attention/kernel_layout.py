@@ -1,7 +1,10 @@
 """The Triton kernels' data layout: tile reorder, FP8 quantization and the way back.
 
-The pre-pass runs in XLA (one jit-fused pass over Q, K, V) and produces exactly the FP8 values and
-scales of `fpsa_jax.attention.quant` (it calls its scale functions), laid out for the kernels:
+The pre-pass produces exactly the FP8 values and scales of `fpsa_jax.attention.quant` (it calls
+its scale functions), laid out for the kernels. The scales are small reductions in XLA; the
+values are written either by XLA (prepass="xla": one jit-fused reorder + cast per tensor, the
+definition, runs anywhere) or by the Triton pre-pass kernel (prepass="triton",
+`pallas_kernels.triton_fpsa_prepass`: the same values, faster on the GPU). The layout:
 
 - Q, K values: [B, N, Lp, D] with Lp = n_tiles * Pp; slot r of tile u sits at row u * Pp + r. The
   tile volume P is padded to Pp (a multiple of the kernel's key block); padded slots are zero.
@@ -52,6 +55,25 @@ def _tiles_to_kernel_layout(xt: jax.Array, pp: int) -> jax.Array:
     b, n_tiles, p, n, d = xt.shape
     xt = jnp.pad(xt, ((0, 0), (0, 0), (0, pp - p), (0, 0), (0, 0)))
     return jnp.einsum("bupnd->bnupd", xt).reshape(b, n, n_tiles * pp, d)
+
+
+def slot_tokens(grid, tile, pp: int) -> np.ndarray:
+    """int32 [n_tiles * Pp]: the token (row-major (t, h, w) index) each slot holds, -1 for padding.
+
+    The gather table of the Triton pre-pass: slot u * Pp + r holds `to_tiles`' slot (u, r).
+    """
+    t, h, w = grid
+    tt, th, tw = tile
+    nt, nh, nw = tile_grid(grid, tile)
+    # Coordinates [nt, nh, nw, tt, th, tw] of every tile-major slot along each axis.
+    ct = (np.arange(nt)[:, None] * tt + np.arange(tt)[None, :])[:, None, None, :, None, None]
+    ch = (np.arange(nh)[:, None] * th + np.arange(th)[None, :])[None, :, None, None, :, None]
+    cw = (np.arange(nw)[:, None] * tw + np.arange(tw)[None, :])[None, None, :, None, None, :]
+    token = np.where((ct < t) & (ch < h) & (cw < w), (ct * h + ch) * w + cw, -1)
+    token = token.reshape(nt * nh * nw, tt * th * tw)
+    padded = np.full((token.shape[0], pp), -1, dtype=np.int32)
+    padded[:, : token.shape[1]] = token
+    return padded.reshape(-1)
 
 
 def key_bias(grid, tile, pp: int) -> np.ndarray:
@@ -115,7 +137,31 @@ def _tile_scales(x, grid, tile, valid, group) -> jax.Array:
     )
 
 
-def quantize_for_kernel(q, k, v, grid, config: FPSAConfig, *, block_n: int) -> KernelOperands:
+PREPASSES = ("xla", "triton")
+
+
+def kernel_scales(q, k, v, grid, config: FPSAConfig):
+    """(q_scale, k_scale [B, N, n_tiles], v_scale [B, N, D]), float32: FPSA's FP8 scales (all 1
+    for quant="none"). Small reductions; the full-size read of each tensor is in its own layout."""
+    b, _, n_heads, d = q.shape
+    n_tiles = math.prod(tile_grid(grid, config.tile))
+    if config.quant != "fp8":
+        ones = jnp.ones((b, n_heads, n_tiles), jnp.float32)
+        return ones, ones, jnp.ones((b, n_heads, d), jnp.float32)
+    valid = slot_valid(grid, config.tile)  # host bool [n_tiles, P]
+    qk = [
+        _tile_scales(x, grid, config.tile, valid, group)  # [B, n_tiles, 1, N, 1]
+        .reshape(b, n_tiles, n_heads)
+        .transpose(0, 2, 1)
+        for x, group in ((q, config.q_group), (k, config.k_group))
+    ]
+    # V: over all tokens, as quant.quantize_channels.
+    return qk[0], qk[1], channel_scales(v).reshape(b, n_heads, d)
+
+
+def quantize_for_kernel(
+    q, k, v, grid, config: FPSAConfig, *, block_n: int, prepass: str = "xla"
+) -> KernelOperands:
     """Reorders Q, K, V tile-major, quantizes them as FPSA does, lays them out for the kernel.
 
     Args:
@@ -123,45 +169,56 @@ def quantize_for_kernel(q, k, v, grid, config: FPSAConfig, *, block_n: int) -> K
       grid: (T, H, W).
       config: the operator; quant "fp8" (E4M3 values) or "none" (values keep q's dtype).
       block_n: the kernel's key block; the tile volume is padded to a multiple of it.
+      prepass: who writes the values: "xla" (anywhere; the definition) or "triton" (the pre-pass
+        kernel: a GPU with jax-triton, block_n a multiple of 64). Both give the same operands.
 
     Returns:
       `KernelOperands`.
     """
+    if prepass not in PREPASSES:
+        raise ValueError(f"prepass must be one of {PREPASSES}, got {prepass!r}")
     tile = config.tile
-    tiles = tile_grid(grid, tile)
-    n_tiles = math.prod(tiles)
     pp = padded_tile_length(math.prod(tile), block_n)
-    valid = slot_valid(grid, tile)  # host bool [n_tiles, P]
-    b, _, n_heads, d = q.shape
-
-    qt, kt, vt = (to_tiles(x, grid, tile) for x in (q, k, v))  # padded slots are zero
-    if config.quant == "fp8":
-        q_scale = _tile_scales(q, grid, tile, valid, config.q_group)  # [B, n_tiles, 1, N, 1]
-        k_scale = _tile_scales(k, grid, tile, valid, config.k_group)
-        v_scale = channel_scales(v)  # [B, 1, N, D], over all tokens as quant.quantize_channels
-        q_vals = to_e4m3(qt.astype(jnp.float32) / q_scale)
-        k_vals = to_e4m3(kt.astype(jnp.float32) / k_scale)
-        v_vals = to_e4m3(vt.astype(jnp.float32) / v_scale[:, None])
-        q_scale = q_scale.reshape(b, n_tiles, n_heads).transpose(0, 2, 1)
-        k_scale = k_scale.reshape(b, n_tiles, n_heads).transpose(0, 2, 1)
-        v_scale = v_scale.reshape(b, n_heads, d)
-    else:
-        q_vals, k_vals, v_vals = qt, kt, vt
-        q_scale = k_scale = jnp.ones((b, n_heads, n_tiles), jnp.float32)
-        v_scale = jnp.ones((b, n_heads, d), jnp.float32)
-
+    scales = kernel_scales(q, k, v, grid, config)
+    write = _values_triton if prepass == "triton" else _values_xla
+    fp8 = config.quant == "fp8"
+    q_vals, k_vals, v_t = (
+        write(x, s, grid, tile, pp, mode=mode if fp8 else "none", transposed=mode == "channel")
+        for x, s, mode in zip((q, k, v), scales, ("tile", "tile", "channel"), strict=True)
+    )
     return KernelOperands(
-        q=_tiles_to_kernel_layout(q_vals, pp),
-        k=_tiles_to_kernel_layout(k_vals, pp),
-        v_t=jnp.swapaxes(_tiles_to_kernel_layout(v_vals, pp), 2, 3),
-        q_scale=q_scale.astype(jnp.float32),
-        k_scale=k_scale.astype(jnp.float32),
-        v_scale=v_scale.astype(jnp.float32),
+        q=q_vals,
+        k=k_vals,
+        v_t=v_t,
+        q_scale=scales[0],
+        k_scale=scales[1],
+        v_scale=scales[2],
         key_bias=jnp.asarray(key_bias(grid, tile, pp)),
         grid=tuple(grid),
         tile=tuple(tile),
         padded_tile=pp,
     )
+
+
+def _values_xla(x, scale, grid, tile, pp: int, *, mode: str, transposed: bool) -> jax.Array:
+    """x [B, L, N, D] -> kernel-layout values [B, N, Lp, D] ([B, N, D, Lp] if transposed):
+    E4M3 of x / scale per tile (mode "tile", scale [B, N, n_tiles]) or per channel ("channel",
+    scale [B, N, D]), or x itself ("none"). In XLA."""
+    xt = to_tiles(x, grid, tile)  # [B, n_tiles, P, N, D], padded slots zero
+    if mode == "tile":
+        xt = to_e4m3(xt.astype(jnp.float32) / jnp.swapaxes(scale, 1, 2)[:, :, None, :, None])
+    elif mode == "channel":
+        xt = to_e4m3(xt.astype(jnp.float32) / scale[:, None, None])
+    values = _tiles_to_kernel_layout(xt, pp)
+    return jnp.swapaxes(values, 2, 3) if transposed else values
+
+
+def _values_triton(x, scale, grid, tile, pp: int, *, mode: str, transposed: bool) -> jax.Array:
+    """`_values_xla` by the Triton pre-pass kernel (one read of x, one write)."""
+    from pallas_kernels.triton_fpsa_prepass import relayout
+
+    table = slot_tokens(grid, tile, pp)
+    return relayout(x, scale, table, padded_tile=pp, scale_mode=mode, transposed=transposed)
 
 
 def output_from_kernel(o: jax.Array, ops: KernelOperands) -> jax.Array:

@@ -1,8 +1,9 @@
 """impl="triton": FPSA attention through the Hopper Triton kernels, differentiable.
 
-Forward: the XLA pre-pass (`kernel_layout.quantize_for_kernel`: tile reorder, FP8 values and
-scales, V transposed) feeds `pallas_kernels.triton_fpsa_fwd`, the FP8 block-sparse kernel; its
-output goes back to token order.
+Forward: the pre-pass (`kernel_layout.quantize_for_kernel` with the Triton pre-pass kernel: tile
+reorder, FP8 values, V transposed; the scales are small XLA reductions) feeds
+`pallas_kernels.triton_fpsa_fwd`, the FP8 block-sparse kernel, which writes its output straight
+back in token order.
 
 Backward (`jax.custom_vjp`): quantization is straight-through (DESIGN.md section 3), so the
 gradient is that of attention evaluated at the quantized Q_hat, K_hat, V_hat, with the forward's
@@ -26,8 +27,8 @@ import jax.numpy as jnp
 from fpsa_jax.attention.config import FPSAConfig
 from fpsa_jax.attention.kernel_layout import (
     from_kernel_layout,
-    output_from_kernel,
     quantize_for_kernel,
+    slot_tokens,
     to_kernel_layout,
 )
 from fpsa_jax.attention.mask import build_mask_info
@@ -56,8 +57,8 @@ def _check(dtype, d: int, config: FPSAConfig | None) -> None:
 def _forward(q, k, v, grid, config: FPSAConfig, scale: float):
     """(o [B, L, N, D], residuals for the backward)."""
     info = build_mask_info(grid, config.tile, config.window)
-    ops = quantize_for_kernel(q, k, v, grid, config, block_n=BLOCK_N)
-    o_raw, lse = fpsa_forward(
+    ops = quantize_for_kernel(q, k, v, grid, config, block_n=BLOCK_N, prepass="triton")
+    o, lse = fpsa_forward(
         ops.q,
         ops.k,
         ops.v_t,
@@ -70,18 +71,21 @@ def _forward(q, k, v, grid, config: FPSAConfig, scale: float):
         scale=scale,
         p_scale=config.scale if config.quant == "fp8" else 1.0,
         out_dtype=q.dtype,
+        slot_token=slot_tokens(grid, config.tile, ops.padded_tile),
     )
-    return output_from_kernel(o_raw, ops), (ops, o_raw, lse)
+    return o, (ops, o, lse)
 
 
 def _backward(grid, config: FPSAConfig, scale: float, residuals, g):
-    ops, o_raw, lse = residuals
+    ops, o, lse = residuals
     info = build_mask_info(grid, config.tile, config.window)
     dtype = jnp.float16 if g.dtype == jnp.float16 else jnp.bfloat16
     pp = ops.padded_tile
     q_hat, k_hat, v_hat = ops.dequantized(dtype)
     do = to_kernel_layout(g, grid, config.tile, pp)  # padded rows zero, as the kernels need
-    delta = jnp.sum(do.astype(jnp.float32) * o_raw.astype(jnp.float32), axis=-1)
+    # delta = rowsum(dO * O), in token order, then into the kernel layout ([B, N, Lp]).
+    delta = jnp.sum(g.astype(jnp.float32) * o.astype(jnp.float32), axis=-1, keepdims=True)
+    delta = to_kernel_layout(delta, grid, config.tile, pp)[..., 0]
     grads = fpsa_backward(
         q_hat,
         k_hat,

@@ -36,8 +36,10 @@ from fpsa_jax.attention import FPSAConfig
 from fpsa_jax.attention.api import resolve_impl
 from fpsa_jax.attention.kernel_layout import (
     from_kernel_layout,
+    kernel_scales,
     output_from_kernel,
     quantize_for_kernel,
+    slot_tokens,
     to_kernel_layout,
 )
 from fpsa_jax.attention.mask import build_mask_info
@@ -49,6 +51,7 @@ from fpsa_jax.config import WanConfig
 from fpsa_jax.model.wan import WanModel, init_params
 from pallas_kernels import triton_fpsa_bwd as tb
 from pallas_kernels import triton_fpsa_fwd as tf
+from pallas_kernels import triton_fpsa_prepass as tp
 
 LOG2_E = 1.4426950408889634
 
@@ -224,6 +227,7 @@ def run_interpreted(path):
 
     fwd = tf.make_kernel()
     dq_kernel, dkdv_kernel = tb.make_kernels()
+    tp.kernel.cache_clear()  # built under the interpreter in this process
 
     def as_torch(x):
         x = np.ascontiguousarray(np.asarray(x))
@@ -236,22 +240,46 @@ def run_interpreted(path):
 
     results = {}
     for name, setup, case, seed, emulate_p in INTERPRETED:
-        config, _, scale, info, ops, p_scale = _prepared(setup, case, seed)
+        config, qkv, scale, info, ops, p_scale = _prepared(setup, case, seed)
         launch = tf.default_launch(ops.padded_tile)
-        call = tf.kernel_meta(
-            ops.q.shape, ops.padded_tile, info.kv_count, scale, p_scale, launch, emulate_p
-        )
+        table = slot_tokens(case[0], config.tile, ops.padded_tile)
         args = [as_torch(x) for x in (ops.q, ops.k, ops.v_t, ops.q_scale, ops.k_scale)]
-        args += [as_torch(x) for x in (ops.v_scale, ops.key_bias, info.kv_tiles)]
-        out = poisoned(ops.q.shape, torch.float16)
-        lse = poisoned(ops.q.shape[:3], torch.float32)
-        fwd[call["grid"]](*args, out, lse, **call["meta"])
-        results[f"{name}_o"], results[f"{name}_lse"] = out.float().numpy(), lse.numpy()
+        args += [as_torch(x) for x in (ops.v_scale, ops.key_bias, info.kv_tiles, table)]
+        # Kernel layout, then token order (the same rows stored through the slot table).
+        for suffix, tokens in (("o", None), ("o_tokens", math.prod(case[0]))):
+            call = tf.kernel_meta(
+                ops.q.shape,
+                ops.padded_tile,
+                info.kv_count,
+                scale,
+                p_scale,
+                launch,
+                emulate_p,
+                tokens,
+            )
+            b, n, _, d = ops.q.shape
+            out = poisoned(ops.q.shape if tokens is None else (b, tokens, n, d), torch.float16)
+            lse = poisoned(ops.q.shape[:3], torch.float32)
+            fwd[call["grid"]](*args, out, lse, **call["meta"])
+            results[f"{name}_{suffix}"], results[f"{name}_lse"] = out.float().numpy(), lse.numpy()
+
+        # The pre-pass kernel, float32 out (the interpreter's fp8 cast is wrong, see above).
+        scales = kernel_scales(*qkv, case[0], config)
+        modes = ("tile", "tile", "channel") if config.quant == "fp8" else ("none",) * 3
+        for label, x, s, mode in zip("qkv", qkv, scales, modes, strict=True):
+            pre = tp.kernel_meta(x.shape, ops.padded_tile, table.size, mode, label == "v")
+            b, _, n, d = x.shape
+            shape = (b, n, d, table.size) if label == "v" else (b, n, table.size, d)
+            values = poisoned(shape, torch.float32 if mode != "none" else torch.float16)
+            tp.kernel()[pre["grid"]](
+                as_torch(x), as_torch(s), as_torch(table), values, **pre["meta"]
+            )
+            results[f"{name}_prepass_{label}"] = values.float().numpy()
 
         # Backward on the dequantized values, dO in the kernel layout (padded rows zero).
         q_hat, k_hat, v_hat = (as_torch(x) for x in ops.dequantized(jnp.float16))
         do = to_kernel_layout(_cotangent(case, seed), case[0], config.tile, ops.padded_tile)
-        delta = np.sum(np.asarray(do, np.float32) * out.float().numpy(), axis=-1)
+        delta = np.sum(np.asarray(do, np.float32) * results[f"{name}_o"], axis=-1)
         do = as_torch(do.astype(jnp.float16))
         back = tb.kernel_meta(ops.q.shape, ops.padded_tile, scale, tb.BackwardLaunch())
         common = [q_hat, k_hat, v_hat, do, lse, as_torch(delta), as_torch(ops.key_bias)]
@@ -298,6 +326,36 @@ def test_interpreted_fp8_kernel_matches_emulation_and_reference(i, interpreted):
     out = output_from_kernel(jnp.asarray(raw), ops)
     ref = reference_attention(q, k, v, grid=case[0], config=config, scale=scale)
     assert _rel(out, ref) < 0.03
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("i", range(len(INTERPRETED)))
+def test_interpreted_token_order_output_equals_the_kernel_layout_one(i, interpreted):
+    name, setup, case, seed, _ = INTERPRETED[i]
+    ops = _prepared(setup, case, seed)[4]
+    got = interpreted[f"{name}_o_tokens"]
+    assert np.isfinite(got).all()  # every token written (the poison was NaN)
+    want = output_from_kernel(jnp.asarray(interpreted[f"{name}_o"]), ops)
+    np.testing.assert_array_equal(got, np.asarray(want))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("i", range(len(INTERPRETED)))
+def test_interpreted_prepass_kernel_scales_and_lays_out_like_xla(i, interpreted):
+    """x / scale, saturated, in the kernel layout, padded slots zero: exactly the XLA pre-pass
+    before its E4M3 rounding (which the interpreter cannot do; the GPU test checks the cast)."""
+    name, setup, case, seed, _ = INTERPRETED[i]
+    config, qkv, _, _, ops, _ = _prepared(setup, case, seed)
+    grid, pp = case[0], ops.padded_tile
+    scales = [np.asarray(x) for x in kernel_scales(*qkv, grid, config)]
+    for label, x, s in zip("qkv", qkv, scales, strict=True):
+        want = np.asarray(to_kernel_layout(x, grid, config.tile, pp), np.float32)
+        if config.quant == "fp8":
+            s = np.repeat(s, pp, axis=2)[..., None] if label != "v" else s[:, :, None, :]
+            want = np.clip(want / s, -448.0, 448.0)
+        if label == "v":
+            want = np.swapaxes(want, 2, 3)
+        np.testing.assert_array_equal(interpreted[f"{name}_prepass_{label}"], want, err_msg=label)
 
 
 @pytest.mark.slow
@@ -365,6 +423,30 @@ def test_fp8_forward_matches_reference(case):
     assert np.isfinite(np.asarray(out, np.float32)).all()
     ref = reference_attention(q, k, v, grid=grid, config=config, scale=scale)
     assert _rel(out, ref) < 0.03
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quant", ["none", "fp8"])
+@pytest.mark.parametrize("case", CASES)
+def test_triton_prepass_equals_the_xla_prepass(case, quant):
+    """Bit for bit, padded slots included (the poison is NaN): the same E4M3 values (hardware
+    round-to-nearest-even cast vs `quant.to_e4m3`'s arithmetic) and the same scales."""
+    grid, tile, window, qg, kg, heads, d = case
+    config = FPSAConfig(tile=tile, window=window, quant=quant, q_group=qg, k_group=kg)
+    q, k, v = _inputs(grid, heads, d, jnp.bfloat16, seed=11)
+    v = v * 37.0  # a wider range: some E4M3 subnormals and values near 448 in every channel
+    want = quantize_for_kernel(q, k, v, grid, config, block_n=tf.BLOCK_N)
+    for _ in range(3):
+        jnp.full(want.q.shape, jnp.nan, jnp.float32).block_until_ready()
+    got = jax.jit(
+        lambda q, k, v: quantize_for_kernel(q, k, v, grid, config, block_n=64, prepass="triton")
+    )(q, k, v)
+    for field in ("q", "k", "v_t", "q_scale", "k_scale", "v_scale", "key_bias"):
+        g, w = getattr(got, field), getattr(want, field)
+        assert g.dtype == w.dtype and g.shape == w.shape, field
+        if g.dtype == jnp.float8_e4m3fn:
+            g, w = g.view(jnp.uint8), w.view(jnp.uint8)
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w), err_msg=field)
 
 
 @pytest.mark.gpu
