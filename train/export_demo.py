@@ -24,18 +24,25 @@ _NOTE = flags.DEFINE_string("note", "", "Free text stored in the checkpoint's pr
 flags.mark_flags_as_required(["workdir", "out"])
 
 
-def _loss_summary(workdir: Path, step: int, window: int = 100) -> dict[str, float]:
+def _loss_summary(workdir: Path, step: int, window: int = 500) -> dict[str, float]:
+    """Loss over the logged steps in (step - window, step] and the time spent in steps.
+
+    The run may log every N steps (--log_every), so the mean is over the logged ones and the step
+    time is the logged steps' mean times `step` (device time; input waits excluded).
+    """
     path = workdir / "metrics.csv"
     if not path.is_file():
         return {}
     with path.open() as f:
         rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
-    last = rows[-window:]
+    last = [r for r in rows if int(r["step"]) > step - window]
     if not last:
         return {}
+    step_time = sum(float(r["step_time_s"]) for r in rows) / len(rows)
     return {
-        f"mean_loss_last_{len(last)}_steps": sum(float(r["loss"]) for r in last) / len(last),
-        "train_seconds": sum(float(r["step_time_s"]) for r in rows),
+        f"mean_loss_last_{window}_steps": sum(float(r["loss"]) for r in last) / len(last),
+        "logged_steps_in_mean": len(last),
+        "train_seconds": step_time * step,
     }
 
 

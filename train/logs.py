@@ -1,13 +1,16 @@
 """Training logs: one CSV row and one TensorBoard scalar set per logged step.
 
 The CSV (`metrics.csv`) is for quick reading and plotting; the TensorBoard event files are for
-`tensorboard --logdir WORKDIR/tb`. A resumed run appends to both.
+`tensorboard --logdir WORKDIR/tb`. A resumed run appends to both. Without tensorboardX (a locked
+image, e.g. a GPU machine that cannot install packages) the run warns once and writes the CSV only.
 """
 
 from __future__ import annotations
 
 import csv
 from pathlib import Path
+
+from absl import logging
 
 FIELDS = (
     "step",
@@ -25,21 +28,27 @@ class MetricsLog:
     """Appends training metrics to WORKDIR/metrics.csv and WORKDIR/tb/ (TensorBoard)."""
 
     def __init__(self, workdir: Path):
-        from tensorboardX import SummaryWriter
-
         self.csv_path = workdir / "metrics.csv"
         new = not self.csv_path.exists()
         self._file = self.csv_path.open("a", newline="")
         self._csv = csv.DictWriter(self._file, fieldnames=FIELDS)
         if new:
             self._csv.writeheader()
-        self._tb = SummaryWriter(str(workdir / "tb"))
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError:
+            logging.warning("tensorboardX is not installed: metrics go to %s only", self.csv_path)
+            self._tb = None
+        else:
+            self._tb = SummaryWriter(str(workdir / "tb"))
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         row = {k: metrics.get(k, "") for k in FIELDS}
         row["step"] = step
         self._csv.writerow(row)
         self._file.flush()
+        if self._tb is None:
+            return
         for name, value in metrics.items():
             if name == "phase":
                 continue
@@ -47,5 +56,6 @@ class MetricsLog:
             self._tb.add_scalar(tag, float(value), step)
 
     def close(self) -> None:
-        self._tb.close()
+        if self._tb is not None:
+            self._tb.close()
         self._file.close()

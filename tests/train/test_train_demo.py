@@ -62,3 +62,34 @@ def test_export_cli_refuses_a_run_without_checkpoints(tmp_path):
         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"},
     )
     assert result.returncode != 0 and "no checkpoints" in result.stderr
+
+
+def test_export_summary_reads_a_run_logged_every_n_steps(tmp_path):
+    """With --log_every 100 the loss mean covers the logged steps of the last 500 and the time
+    is the mean logged step time times the step count (not a sum over logged rows only)."""
+    from train.export_demo import _loss_summary
+    from train.logs import FIELDS
+
+    rows = [
+        dict.fromkeys(FIELDS, 0.0) | dict(step=s, loss=s / 1000, step_time_s=0.5)
+        for s in range(100, 1100, 100)
+    ]
+    with (tmp_path / "metrics.csv").open("w") as f:
+        f.write(",".join(FIELDS) + "\n")
+        f.writelines(",".join(str(r[k]) for k in FIELDS) + "\n" for r in rows)
+    summary = _loss_summary(tmp_path, step=900)
+    assert summary["logged_steps_in_mean"] == 5  # steps 500..900
+    np.testing.assert_allclose(summary["mean_loss_last_500_steps"], 0.7)
+    np.testing.assert_allclose(summary["train_seconds"], 450.0)
+
+
+def test_metrics_log_writes_the_csv_without_tensorboardx(tmp_path, monkeypatch):
+    from train.logs import MetricsLog
+
+    monkeypatch.setitem(sys.modules, "tensorboardX", None)  # import raises ImportError
+    log = MetricsLog(tmp_path)
+    log.write(3, {"loss": 0.5, "phase": 0, "phase_loss": 0.5})
+    log.close()
+    lines = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert lines[0].startswith("step,loss") and lines[1].startswith("3,0.5")
+    assert not (tmp_path / "tb").exists()
