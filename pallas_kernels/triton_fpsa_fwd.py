@@ -245,10 +245,10 @@ def fpsa_forward(
       (o, lse2 float32 [B, N, Lp]): o [B, N, Lp, D] in out_dtype (padded rows hold finite
       values), or [B, L, N, D] in token order when `slot_token` is given.
     """
-    import jax_triton as jt
-
     launch = launch or default_launch(padded_tile)
     b, n, seq, d = q.shape
+    if slot_token is not None and np.shape(slot_token) != (seq,):
+        raise ValueError(f"slot_token must be [Lp] = [{seq}], got shape {np.shape(slot_token)}")
     tokens = None if slot_token is None else int(np.count_nonzero(np.asarray(slot_token) >= 0))
     if slot_token is None:
         slot_token = np.zeros((1,), np.int32)  # a placeholder pointer; the kernel never reads it
@@ -256,6 +256,8 @@ def fpsa_forward(
         q.shape, padded_tile, kv_tiles.shape[1], scale, p_scale, launch, tokens=tokens
     )
     o_shape = q.shape if tokens is None else (b, tokens, n, d)
+    import jax_triton as jt  # after the checks: they need no GPU
+
     return jt.triton_call(
         q,
         k,

@@ -140,15 +140,26 @@ def relayout(
       [B, N, Lp, D] (or [B, N, D, Lp]) values: E4M3 of x / scale saturated to +-448, or x itself
       for "none"; padded slots zero.
     """
-    import jax_triton as jt
-
+    if x.ndim != 4:
+        raise ValueError(f"x must be [B, L, N, D], got shape {x.shape}")
     b, _, n_heads, d = x.shape
+    slot_token = np.asarray(slot_token)
+    if slot_token.ndim != 1:
+        raise ValueError(f"slot_token must be a 1-D table [Lp], got shape {slot_token.shape}")
     n_slots = int(slot_token.shape[0])
     call = kernel_meta(x.shape, padded_tile, n_slots, scale_mode, transposed)
+    want = {"tile": (b, n_heads, n_slots // padded_tile), "channel": (b, n_heads, d)}
+    if scale_mode in want and (scale is None or tuple(scale.shape) != want[scale_mode]):
+        got = None if scale is None else tuple(scale.shape)
+        raise ValueError(
+            f"scale_mode {scale_mode!r} needs scale of shape {want[scale_mode]}, got {got}"
+        )
     if scale_mode == "none":
         out_dtype = x.dtype
         scale = jnp.zeros((1,), jnp.float32)  # a placeholder pointer; the kernel never reads it
     shape = (b, n_heads, d, n_slots) if transposed else (b, n_heads, n_slots, d)
+    import jax_triton as jt  # after the checks: they need no GPU
+
     return jt.triton_call(
         x,
         scale.astype(jnp.float32),

@@ -29,7 +29,7 @@ import numpy as np
 
 from fpsa_jax.attention.config import FPSAConfig
 from fpsa_jax.attention.quant import channel_scales, tile_group_scales, to_e4m3
-from fpsa_jax.attention.tiling import from_tiles, slot_valid, tile_grid, to_tiles
+from fpsa_jax.attention.tiling import from_tiles, slot_valid, tile_grid, tile_tokens, to_tiles
 
 
 def padded_tile_length(p: int, multiple: int) -> int:
@@ -58,30 +58,18 @@ def _tiles_to_kernel_layout(xt: jax.Array, pp: int) -> jax.Array:
 
 
 def slot_tokens(grid, tile, pp: int) -> np.ndarray:
-    """int32 [n_tiles * Pp]: the token (row-major (t, h, w) index) each slot holds, -1 for padding.
-
-    The gather table of the Triton pre-pass: slot u * Pp + r holds `to_tiles`' slot (u, r).
-    """
-    t, h, w = grid
-    tt, th, tw = tile
-    nt, nh, nw = tile_grid(grid, tile)
-    # Coordinates [nt, nh, nw, tt, th, tw] of every tile-major slot along each axis.
-    ct = (np.arange(nt)[:, None] * tt + np.arange(tt)[None, :])[:, None, None, :, None, None]
-    ch = (np.arange(nh)[:, None] * th + np.arange(th)[None, :])[None, :, None, None, :, None]
-    cw = (np.arange(nw)[:, None] * tw + np.arange(tw)[None, :])[None, None, :, None, None, :]
-    token = np.where((ct < t) & (ch < h) & (cw < w), (ct * h + ch) * w + cw, -1)
-    token = token.reshape(nt * nh * nw, tt * th * tw)
-    padded = np.full((token.shape[0], pp), -1, dtype=np.int32)
-    padded[:, : token.shape[1]] = token
+    """int32 [n_tiles * Pp]: the token each kernel slot holds, -1 for padding (`tiling.tile_tokens`
+    with every tile padded to Pp slots): the gather table of the Triton pre-pass and the scatter
+    table of the forward's token-order output."""
+    tokens = tile_tokens(tuple(grid), tuple(tile))
+    padded = np.full((tokens.shape[0], pp), -1, dtype=np.int32)
+    padded[:, : tokens.shape[1]] = tokens
     return padded.reshape(-1)
 
 
 def key_bias(grid, tile, pp: int) -> np.ndarray:
     """float32 [n_tiles * Pp]: 0 for slots holding a token, -inf for padding (host array)."""
-    valid = slot_valid(grid, tile)  # [n_tiles, P]
-    padded = np.zeros((valid.shape[0], pp), dtype=bool)
-    padded[:, : valid.shape[1]] = valid
-    return np.where(padded, 0.0, -np.inf).astype(np.float32).reshape(-1)
+    return np.where(slot_tokens(grid, tile, pp) >= 0, 0.0, -np.inf).astype(np.float32)
 
 
 @flax.struct.dataclass

@@ -66,22 +66,28 @@ def from_tiles(x: jax.Array, grid: Int3, tile: Int3) -> jax.Array:
 
 
 @functools.lru_cache(maxsize=256)
+def tile_tokens(grid: Int3, tile: Int3) -> np.ndarray:
+    """int32 [n_tiles, P]: the token (row-major (t, h, w) index) in each tile-major slot, -1 for
+    padding. Slot (u, r) is `to_tiles`' slot r of tile u."""
+    t, h, w = validate_grid(grid)
+    n = tile_grid(grid, tile)
+    # Coordinate of slot (tile u, offset r) along each axis is u * tile + r: [n_axis, tile_axis].
+    ct, ch, cw = (
+        np.arange(na)[:, None] * ta + np.arange(ta)[None, :] for na, ta in zip(n, tile, strict=True)
+    )
+    ct = ct[:, None, None, :, None, None]
+    ch = ch[None, :, None, None, :, None]
+    cw = cw[None, None, :, None, None, :]  # all three broadcast to [nt, nh, nw, tt, th, tw]
+    token = np.where((ct < t) & (ch < h) & (cw < w), (ct * h + ch) * w + cw, -1)
+    token = token.reshape(n[0] * n[1] * n[2], tile[0] * tile[1] * tile[2]).astype(np.int32)
+    token.flags.writeable = False  # cached: callers must not mutate it
+    return token
+
+
+@functools.lru_cache(maxsize=256)
 def slot_valid(grid: Int3, tile: Int3) -> np.ndarray:
     """bool [n_tiles, P]: whether each tile-major slot holds a real token (False = padding)."""
-    n = tile_grid(grid, tile)
-    axes = []
-    for g, ta, na in zip(grid, tile, n, strict=True):
-        # Coordinate of slot (tile u, offset r) along this axis is u * ta + r.
-        coord = np.arange(na)[:, None] * ta + np.arange(ta)[None, :]
-        axes.append(coord < g)  # [na, ta]
-
-    vt, vh, vw = axes
-    valid = (
-        vt[:, None, None, :, None, None]
-        & vh[None, :, None, None, :, None]
-        & vw[None, None, :, None, None, :]
-    )  # [nt, nh, nw, tt, th, tw]
-    valid = valid.reshape(n[0] * n[1] * n[2], tile[0] * tile[1] * tile[2])
+    valid = tile_tokens(grid, tile) >= 0
     valid.flags.writeable = False  # cached: callers must not mutate it
     return valid
 

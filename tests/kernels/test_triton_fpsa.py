@@ -621,3 +621,29 @@ def test_wan_model_on_the_kernel_matches_xla_forward_and_gradients():
     assert np.isfinite(np.asarray(out)).all() and np.isfinite(np.asarray(grads)).all()
     assert _rel(out, want_out) < 3e-2
     assert _rel(grads, want_grads) < 5e-2
+
+
+def test_kernel_wrappers_reject_bad_tables_and_scales():
+    x = jnp.zeros((1, 24, 2, 32), jnp.bfloat16)
+    table = np.full(64, -1, np.int32)
+    with pytest.raises(ValueError, match="needs scale of shape"):
+        tp.relayout(x, None, table, padded_tile=64, scale_mode="tile")
+    with pytest.raises(ValueError, match="needs scale of shape"):
+        tp.relayout(x, jnp.ones((1, 2, 5)), table, padded_tile=64, scale_mode="channel")
+    with pytest.raises(ValueError, match="1-D table"):
+        tp.relayout(x, None, table.reshape(1, 64), padded_tile=64, scale_mode="none")
+    with pytest.raises(ValueError, match="whole padded tiles"):
+        tp.relayout(x, None, table[:32], padded_tile=64, scale_mode="none")
+    with pytest.raises(ValueError, match="scale_mode must be"):
+        tp.relayout(x, None, table, padded_tile=64, scale_mode="row")
+    q = jnp.zeros((1, 2, 64, 32), jnp.bfloat16)
+    scales = jnp.ones((1, 2, 1)), jnp.ones((1, 2, 1)), jnp.ones((1, 2, 32))
+    with pytest.raises(ValueError, match=r"slot_token must be \[Lp\]"):
+        tf.fpsa_forward(
+            q, q, q, *scales, jnp.zeros(64), np.zeros((1, 1), np.int32), padded_tile=64,
+            scale=0.1, p_scale=1.0, out_dtype=jnp.bfloat16, slot_token=table[:10],
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="prepass must be one of"):
+        quantize_for_kernel(
+            x, x, x, (1, 4, 6), FPSAConfig(tile=(1, 4, 6)), block_n=64, prepass="tpu"
+        )
