@@ -12,6 +12,7 @@ from fpsa_jax.data.synthetic import (
     ClipAttributes,
     clip_attributes,
     render,
+    render_many,
     synthetic_clip,
 )
 from fpsa_jax.data.videos import Clip, ClipTooShortError, Skipped, find_clips, read_clip
@@ -37,5 +38,6 @@ __all__ = [
     "pad_text",
     "read_clip",
     "render",
+    "render_many",
     "synthetic_clip",
 ]

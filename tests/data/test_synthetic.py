@@ -16,6 +16,7 @@ from fpsa_jax.data import (
     SyntheticLatentSource,
     clip_attributes,
     render,
+    render_many,
     synthetic_clip,
 )
 from fpsa_jax.data.synthetic import BACKGROUND
@@ -145,3 +146,47 @@ def test_synthetic_source_is_fixed_shape_host_disjoint_and_resumable():
     assert resumed.captions == expected.captions
     with pytest.raises(ValueError, match="seed is 5 in the state, 0 here"):
         _source(state=state)
+
+
+def _reference_video(attrs, frames, height, width):
+    """Pixel by pixel: the fraction of the 2 x 2 sub-pixel samples inside the shape (the shapes'
+    definitions written out again), blended from the background to the colour, in float64."""
+    background = np.asarray(BACKGROUND) * 2 - 1
+    colour = np.asarray(PALETTE[attrs.colour]) * 2 - 1
+    r = attrs.radius
+    video = np.empty((frames, height, width, 3))
+    for f in range(frames):
+        t = f / max(frames - 1, 1)
+        cx = attrs.start[0] + t * (attrs.end[0] - attrs.start[0])
+        cy = attrs.start[1] + t * (attrs.end[1] - attrs.start[1])
+        for y in range(height):
+            for x in range(width):
+                hits = 0
+                for sy in (0.25, 0.75):
+                    for sx in (0.25, 0.75):
+                        dx, dy = x + sx - cx, y + sy - cy
+                        if attrs.shape == "circle":
+                            hits += dx * dx + dy * dy <= r * r
+                        elif attrs.shape == "square":
+                            hits += max(abs(dx), abs(dy)) <= 0.886 * r
+                        else:  # triangle: apex (0, -r), base y = 0.8 r from x = -r to r
+                            hits += dy <= 0.8 * r and abs(dx) <= (dy + r) / 1.8
+                video[f, y, x] = background + hits / 4 * (colour - background)
+    return video
+
+
+def test_render_many_matches_a_pixel_by_pixel_rasterizer_at_odd_sizes_and_off_frame():
+    size = (3, 13, 22)  # odd sizes; clips placed for a larger frame run off this one
+    clips = [clip_attributes(11, i, 20, 30) for i in range(6)]
+    clips[1] = dataclasses.replace(clips[1], start=(-6.0, 4.0), end=(40.0, 30.0))  # crosses out
+    clips[2] = dataclasses.replace(clips[2], radius=7.3)  # radii differ within one call
+    videos = render_many(clips, *size)
+    assert videos.shape == (6, *size, 3) and videos.dtype == np.float32
+    for attrs, video in zip(clips, videos, strict=True):
+        np.testing.assert_allclose(video, _reference_video(attrs, *size), atol=1e-6)
+        np.testing.assert_array_equal(render(attrs, *size), video)  # render is one of many
+
+
+def test_render_many_refuses_an_empty_list():
+    with pytest.raises(ValueError, match="at least one clip"):
+        render_many([], 9, 32, 32)
