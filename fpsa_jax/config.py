@@ -161,18 +161,18 @@ PRESETS: dict[str, WanConfig] = {
     "t2v-14b": WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
     # Same code path at toy size: CPU tests, the demo and smoke runs.
     "tiny": WanConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=2, text_dim=64, text_len=32),
-    # The embedded demo model (fpsa_jax.demo): pixel space (RGB in and out, no VAE), a (1, 8, 8)
-    # patch so a 9 x 32 x 32 clip is a (9, 4, 4) token grid, stand-in word vectors as text; dim
-    # 192 >= 8 * 8 * 3 values per patch, so the token width is no bottleneck.
+    # The embedded demo model (fpsa_jax.demo): pixel space (RGB out, no VAE), RGB plus the task's
+    # three position channels in (fpsa_jax.demo.task explains both), a (1, 4, 4) patch so a
+    # 9 x 32 x 32 clip is a (9, 8, 8) token grid, stand-in word vectors as text.
     "demo": WanConfig(
         dim=192,
         ffn_dim=512,
         num_heads=3,
         num_layers=4,
-        in_dim=3,
+        in_dim=6,
         out_dim=3,
         text_dim=32,
         text_len=8,
-        patch_size=(1, 8, 8),
+        patch_size=(1, 4, 4),
     ),
 }

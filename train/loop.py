@@ -33,6 +33,7 @@ from fpsa_jax.training import (
 )
 from train.checkpoints import Checkpoints
 from train.logs import MetricsLog
+from train.prefetch import Prefetch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,10 +163,9 @@ def _compiled_step(model_config, train_config, attention, impl, layout):
         attention=attention,
         impl=impl,
     )
-    batch = {"latents": layout.batch, "context": layout.batch, "sigmas": layout.batch}
     return jax.jit(
         step,
-        in_shardings=(layout.state, batch),
+        in_shardings=(layout.state, layout.batch),  # every batch array split along B
         donate_argnums=0,
         out_shardings=(layout.state, NamedSharding(layout.mesh, P())),
     )
@@ -198,8 +198,7 @@ def run(settings: RunSettings) -> dict[str, float]:
                 f"{saved_meta['model_config']}; use a new --workdir"
             )
         print(f"resuming from step {first} in {workdir}")
-    source = _data_source(settings, config, data_state)
-    batches = iter(source)
+    batches = Prefetch(_data_source(settings, config, data_state))
     log = MetricsLog(workdir)
     tokens = None
     last: dict[str, float] = {}
@@ -215,15 +214,16 @@ def run(settings: RunSettings) -> dict[str, float]:
             key = jax.random.fold_in(jax.random.key(settings.seed + 1), step)
             phase, sigmas = sample_phase_and_sigmas(key, settings.batch_size, train_config)
             attention = phase_attention(train_config, phase)
-            batch = next(batches)
-            inputs = jax.device_put(
-                {
-                    "latents": np.asarray(batch.latents, np.float32),
-                    "context": np.asarray(batch.context),
-                    "sigmas": np.asarray(sigmas),
-                },
-                layout.batch,
-            )
+            batch, data_state = next(batches)
+            arrays = {
+                "latents": np.asarray(batch.latents, np.float32),
+                "context": np.asarray(batch.context),
+                "sigmas": np.asarray(sigmas),
+            }
+            # Extra input channels (the demo's position channels) only for a model that takes them.
+            if batch.condition is not None and config.in_dim > batch.latents.shape[-1]:
+                arrays["condition"] = np.asarray(batch.condition, np.float32)
+            inputs = jax.device_put(arrays, layout.batch)
             tokens = tokens or _tokens_per_sample(batch.latents.shape, config)
             start = time.perf_counter()
             step_fn = _compiled_step(
@@ -243,8 +243,9 @@ def run(settings: RunSettings) -> dict[str, float]:
                 }
                 log.write(step + 1, last)
             if (step + 1) % settings.save_every == 0 or step + 1 == settings.num_steps:
-                checkpoints.save(step + 1, state, source.state(), meta)
+                checkpoints.save(step + 1, state, data_state, meta)
     finally:
+        batches.close()
         checkpoints.close()
         log.close()
     return last

@@ -193,9 +193,9 @@ class StepSchedule:
 
 def _demo_schedule() -> StepSchedule:
     """The embedded demo model's schedule (fpsa_jax.demo): the Wan presets' three-phase shape
-    scaled to its (9, 4, 4) token grid.
+    scaled to its (9, 8, 8) token grid.
 
-    Tile (3, 2, 2) = 12 tokens gives a (3, 2, 2) tile grid of 12 tiles, so windows can drop blocks
+    Tile (3, 4, 4) = 48 tokens gives a (3, 2, 2) tile grid of 12 tiles, so windows can drop blocks
     on every axis. Densities: early (2, 1, 1) 2/12 = 17%, middle (2, 2, 2) 8/12 = 67%, late
     (2, 1, 2) 4/12 = 33%; over 20 steps (5 / 10 / 5) 46% of the blocks are computed. Groups as in
     the Wan presets: early (2, 2, 2), middle (1, 1, 1), late (1, 2, 2).
@@ -207,7 +207,7 @@ def _demo_schedule() -> StepSchedule:
     )
     return StepSchedule(
         tuple(
-            Phase(e, FPSAConfig(tile=(3, 2, 2), window=w, quant="fp8", q_group=g, k_group=g))
+            Phase(e, FPSAConfig(tile=(3, 4, 4), window=w, quant="fp8", q_group=g, k_group=g))
             for e, w, g in phases
         )
     )

@@ -22,6 +22,8 @@ class Batch:
     captions: B strings.
     example_ids: int64 [B], the examples' global indices in their source (for debugging and
       tests).
+    condition: None, or [B, f, h, w, C'] channels the model sees beside the noisy latents and
+      that are never noised (WanModel's `condition`, e.g. the demo's position channels).
     """
 
     latents: np.ndarray
@@ -29,6 +31,7 @@ class Batch:
     context_lengths: np.ndarray
     captions: tuple[str, ...]
     example_ids: np.ndarray
+    condition: np.ndarray | None = None
 
 
 def pad_text(texts: list[np.ndarray], text_len: int, dtype=None) -> tuple[np.ndarray, np.ndarray]:

@@ -23,6 +23,7 @@ import numpy as np
 from jax.tree_util import Partial
 
 from fpsa_jax.config import WanConfig
+from fpsa_jax.demo import task
 from fpsa_jax.model.wan import Attention, WanModel
 
 
@@ -104,7 +105,7 @@ class _TracedWanApply:
     attention_impl: str
     log: ErrorLog
 
-    def __call__(self, params, latents, timesteps, context, attention):
+    def __call__(self, params, condition, latents, timesteps, context, attention):
         model = WanModel(self.config, attention_impl=self.attention_impl)
         with nn.intercept_methods(_interceptor()):
             out, state = model.apply(
@@ -113,6 +114,7 @@ class _TracedWanApply:
                 timesteps,
                 context,
                 attention=attention,
+                condition=condition,
                 mutable=["intermediates"],
             )
         # [num_layers, 4], stacked by the blocks' scan; reported in step order.
@@ -122,8 +124,10 @@ class _TracedWanApply:
 
 
 def traced_model_fn(config: WanConfig, params, log: ErrorLog, attention_impl: str = "xla"):
-    """A `model_fn` for `fpsa_jax.sampling.sample` that reports attention errors to `log`."""
-    return Partial(_TracedWanApply(config, attention_impl, log), params)
+    """A `model_fn` for `fpsa_jax.sampling.sample` that reports attention errors to `log` (a
+    demo model: it gets the demo task's position channels, `task.model_condition`)."""
+    condition = task.model_condition(config)
+    return Partial(_TracedWanApply(config, attention_impl, log), params, condition)
 
 
 def mean_over_layers(errors: StepErrors) -> dict[str, Sequence[float]]:

@@ -70,7 +70,12 @@ def generate(
     s = checkpoint.sampling
     context = jnp.asarray(task.encode_captions(list(captions)))
     null = jnp.zeros((1, 1, context.shape[-1]), context.dtype)
-    fn = model_fn or wan_model_fn(checkpoint.config, params_as(checkpoint), attention_impl)
+    fn = model_fn or wan_model_fn(
+        checkpoint.config,
+        params_as(checkpoint),
+        attention_impl,
+        condition=task.model_condition(checkpoint.config),
+    )
     out = sample(
         fn,
         initial_noise(seeds),

@@ -1,19 +1,26 @@
 """The demo task: captioned moving shapes in pixel space, with held-out attribute combinations.
 
-Why pixel space. The demo model denoises RGB videos directly (in_dim = out_dim = 3), so there is
-no VAE to train or ship, nothing between the DiT and the evaluator that could hide or create
-errors, and `fpsa_jax.demo.evaluate` reads attributes straight from what the model produced. The
-DiT's (1, 8, 8) patch does the VAE's job of shortening the sequence: a 9 x 32 x 32 clip becomes a
-(9, 4, 4) token grid of L = 144 tokens, each token an 8 x 8 pixel patch about the size of the shape.
+Why pixel space. The demo model denoises RGB videos directly (out_dim = 3), so there is no VAE
+to train or ship, nothing between the DiT and the evaluator that could hide or create errors, and
+`fpsa_jax.demo.evaluate` reads attributes straight from what the model produced. The DiT's
+(1, 4, 4) patch does the VAE's job of shortening the sequence: a 9 x 32 x 32 clip becomes a
+(9, 8, 8) token grid of L = 576 tokens; each token carries 4 * 4 * 3 = 48 pixel values, a quarter
+of the model's width (192), so the velocity's noise part, which a pixel-space model must pass
+through every token, does not fill the token (at a (1, 8, 8) patch, 192 values in a 192-wide
+token, samples came out as speckled blobs with patch edges).
 
-Why that patch. With a (1, 4, 4) patch (576 tokens) the model, after 600-800 steps at batch 8 (what
-a CPU affords in ~15 minutes), had learned the colours but not to form one coherent shape: shape
-and direction were read at chance, with scattered patches of colour instead of one shape. Wan has
-no absolute position embedding (only RoPE), so the tokens must agree among themselves where the
-shape goes; 16 places per frame instead of 64, and cheaper steps (so batch 16 and more steps in
-the same time), make that learnable in the budget. The model width (192, preset "demo") is at least
-the 8 * 8 * 3 = 192 values of a patch: at width 128 the loss plateaued near 0.47, since the
-velocity's noise part cannot pass through a narrower token.
+Why position channels. Wan has no absolute position embedding (only RoPE, which is relative), so
+a Wan DiT has to infer *where* in the frame a token sits. This task asks for it: a shape that
+moves left quickly starts in the right half of the frame, so the best guess at pure noise is a
+caption- and position-dependent mean. Measured on the first demo model (no position channels):
+its x0-prediction at sigma 0.999 was flat across the frame (std over x 0.011 where the true
+conditional mean has 0.135) and its samples ignored the direction word. The model therefore gets,
+like Wan I2V's concatenated `y`, three clean channels beside the noisy RGB: each pixel's x, y and
+frame index scaled to [-1, 1] (`position_channels`; in_dim = 3 + 3), never noised. Same DiT
+code, no new layer. Not measured: whether the final model needs them. A short ablation (1500
+steps) gave the same loss with and without; the final model's output moves 7% when the x channel
+is mirrored but under 1.3% when the frame channel is reversed, and what finally taught it the
+direction was training at high noise (benchmarks/RESULTS.md, "Quality (demo model)").
 
 Split. Each clip shows one (colour, shape, direction, speed); `HELD_OUT` removes six
 (colour, shape, direction) combinations from training. Every colour, shape and direction value
@@ -32,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from fpsa_jax.data.batch import StepSource, pad_text
+from fpsa_jax.data.batch import Batch, StepSource, host_positions, pad_text
 from fpsa_jax.data.standin import StandInEncoder
 from fpsa_jax.data.synthetic import (
     DIRECTIONS,
@@ -41,7 +48,7 @@ from fpsa_jax.data.synthetic import (
     SPEEDS,
     ClipAttributes,
     clip_attributes,
-    render,
+    render_many,
 )
 
 FRAMES, HEIGHT, WIDTH = 9, 32, 32
@@ -58,6 +65,33 @@ HELD_OUT: tuple[tuple[str, str, str], ...] = (
     ("white", "triangle", "left"),
     ("magenta", "square", "right"),
 )
+
+
+POSITION_CHANNELS = 3  # x, y, frame
+
+
+def position_channels() -> np.ndarray:
+    """float32 [F, H, W, 3]: each pixel's (x, y, frame), pixel centres and frames scaled
+    linearly to [-1, 1] (x to the right, y downwards, the first frame -1)."""
+
+    def axis(n: int) -> np.ndarray:
+        return ((np.arange(n) + 0.5) / n * 2 - 1).astype(np.float32)
+
+    t, y, x = np.meshgrid(axis(FRAMES), axis(HEIGHT), axis(WIDTH), indexing="ij")
+    return np.stack([x, y, t], axis=-1)
+
+
+def model_condition(config) -> np.ndarray | None:
+    """The `condition` a demo model with `config` (a WanConfig) takes: position channels
+    [1, F, H, W, 3] when in_dim = 3 + POSITION_CHANNELS, None for a plain RGB model (in_dim 3)."""
+    if config.in_dim == config.out_dim:
+        return None
+    if config.in_dim != config.out_dim + POSITION_CHANNELS:
+        raise ValueError(
+            f"a demo model has in_dim = out_dim (RGB only) or out_dim + {POSITION_CHANNELS} "
+            f"(RGB and position channels), got in_dim={config.in_dim}, out_dim={config.out_dim}"
+        )
+    return position_channels()[None]
 
 
 def text_encoder() -> StandInEncoder:
@@ -117,6 +151,8 @@ def encode_captions(captions: list[str], encoder: StandInEncoder | None = None) 
 class DemoSource(StepSource):
     """Endless training batches of the demo task: pixel videos as the `latents` of a `Batch`.
 
+    Every batch carries the position channels as its `condition` ([B, 9, 32, 32, 3]; what a
+    model with in_dim 6 needs; an RGB-only model's trainer leaves it out, see `train.loop`).
     Host `process_index` of `process_count` gets at global step s the clips s * P * B +
     process_index * B + [0, B) of the stream `seed` (held-out combinations never appear). Same
     interface as `fpsa_jax.data.SyntheticLatentSource`: iterate for `Batch`es (latents float32
@@ -145,7 +181,17 @@ class DemoSource(StepSource):
             "process_count": self.process_count,
         }
 
-    def _example(self, i: int) -> tuple[np.ndarray, np.ndarray, str]:
-        attrs = train_attributes(self.seed, i)
-        video = render(attrs, FRAMES, HEIGHT, WIDTH)
-        return video, self.encoder.encode_text(attrs.caption), attrs.caption
+    def __next__(self) -> Batch:
+        ids = host_positions(self._step, self.batch_size, self.process_index, self.process_count)
+        clips = [train_attributes(self.seed, int(i)) for i in ids]
+        captions = tuple(a.caption for a in clips)
+        context, lengths = pad_text([self.encoder.encode_text(c) for c in captions], self.text_len)
+        self._step += 1
+        return Batch(
+            latents=render_many(clips, FRAMES, HEIGHT, WIDTH),  # all clips at once: fast
+            context=context,
+            context_lengths=lengths,
+            captions=captions,
+            example_ids=ids,
+            condition=np.broadcast_to(position_channels(), (len(ids), FRAMES, HEIGHT, WIDTH, 3)),
+        )

@@ -222,8 +222,10 @@ class WanBlock(nn.Module):
 class WanModel(nn.Module):
     """The Wan2.1 T2V DiT.
 
-    __call__(latents [B, F, H, W, in_dim], timesteps [B] (0..1000), context [B, Lt, text_dim],
-    attention=FPSAConfig | None, deterministic=True) -> [B, F, H, W, out_dim] float32.
+    __call__(latents [B, F, H, W, C], timesteps [B] (0..1000), context [B, Lt, text_dim],
+    attention=FPSAConfig | None, condition=None, deterministic=True) -> [B, F, H, W, out_dim]
+    float32. condition [B or 1, F, H, W, in_dim - C] is Wan I2V's `y`: channels concatenated to
+    the noisy latents before the patch embedding, never noised (None: C = in_dim).
     `attention_impl` picks the FPSA operator's implementation (see fpsa_jax.attention).
     """
 
@@ -237,11 +239,13 @@ class WanModel(nn.Module):
         timesteps: Array,
         context: Array,
         attention: FPSAConfig | None = None,
+        condition: Array | None = None,
         deterministic: bool = True,
     ) -> Array:
         del deterministic  # Wan has no dropout; kept for the familiar Flax signature.
         cfg = self.config
         dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        latents = _with_condition(latents, condition)
         b, f, h, w, _ = _check_inputs(cfg, latents, timesteps, context)
         pt, ph, pw = cfg.patch_size
         grid = (f // pt, h // ph, w // pw)
@@ -345,6 +349,24 @@ def _scanned_blocks(
     return scanned(cfg, grid, attention, attention_impl, name="blocks")
 
 
+def _with_condition(latents: Array, condition: Array | None) -> Array:
+    """latents [B, F, H, W, C] and condition [B or 1, F, H, W, C'] -> [B, F, H, W, C + C']."""
+    if condition is None:
+        return latents
+    if (
+        latents.ndim != 5
+        or condition.ndim != 5
+        or condition.shape[1:4] != latents.shape[1:4]
+        or condition.shape[0] not in (1, latents.shape[0])
+    ):
+        raise ValueError(
+            f"condition must be [B or 1, F, H, W, C'] matching latents {latents.shape} in "
+            f"B, F, H, W; got shape {condition.shape}"
+        )
+    condition = jnp.broadcast_to(condition, (*latents.shape[:4], condition.shape[-1]))
+    return jnp.concatenate([latents, condition.astype(latents.dtype)], axis=-1)
+
+
 def _check_inputs(
     cfg: WanConfig, latents: Array, timesteps: Array, context: Array
 ) -> tuple[int, int, int, int, int]:
@@ -356,7 +378,8 @@ def _check_inputs(
     if c != cfg.in_dim:
         raise ValueError(
             f"latents have {c} channels but the model expects in_dim={cfg.in_dim} "
-            f"(shape {latents.shape}; latents are channels-last [B, F, H, W, C])"
+            f"(shape {latents.shape}, condition channels included; latents are channels-last "
+            f"[B, F, H, W, C])"
         )
     for axis, size, p in zip("FHW", (f, h, w), cfg.patch_size, strict=True):
         if size % p:

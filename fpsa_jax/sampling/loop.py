@@ -92,14 +92,24 @@ class _WanApply:
     config: WanConfig
     attention_impl: str
 
-    def __call__(self, params, latents, timesteps, context, attention):
+    def __call__(self, params, condition, latents, timesteps, context, attention):
         model = WanModel(self.config, attention_impl=self.attention_impl)
-        return model.apply({"params": params}, latents, timesteps, context, attention=attention)
+        return model.apply(
+            {"params": params},
+            latents,
+            timesteps,
+            context,
+            attention=attention,
+            condition=condition,
+        )
 
 
-def wan_model_fn(config: WanConfig, params: Any, attention_impl: str = "auto") -> Partial:
-    """A `model_fn` for `sample` that runs `WanModel(config)` with `params` as a traced argument."""
-    return Partial(_WanApply(config, attention_impl), params)
+def wan_model_fn(
+    config: WanConfig, params: Any, attention_impl: str = "auto", condition: Any = None
+) -> Partial:
+    """A `model_fn` for `sample` that runs `WanModel(config)` with `params` (and the model's
+    `condition` channels [1, F, H, W, C'], if any, shared by every sample) as traced arguments."""
+    return Partial(_WanApply(config, attention_impl), params, condition)
 
 
 # Progress hooks of the runs in flight, by run id (a traced int32, so hooks never recompile).

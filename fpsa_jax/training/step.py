@@ -7,9 +7,11 @@ through and sparsity masks them exactly: both come from the operator (impl "xla"
 differentiable).
 
 Batch (a dict):
-  latents       [B, F, H, W, C] float32 clean latents x0 (C = in_dim)
+  latents       [B, F, H, W, C] float32 clean latents x0 (C = out_dim)
   context       [B, Lt, text_dim] text embeddings
   sigmas        [B] float32 noise levels, drawn outside (phase grouping happens there)
+  condition     optional [B or 1, F, H, W, C']: channels the model sees beside the noisy latents
+                (WanModel's `condition`, Wan I2V's y; C + C' = in_dim), never noised
   noise         optional [B, F, H, W, C]: the noise eps (default: drawn from the state's rng)
   null_context  optional [Lt, text_dim] or [B, Lt, text_dim]: what text dropout substitutes
                 (default zeros; see `drop_text`)
@@ -92,6 +94,7 @@ def batch_loss(
         timesteps_from_sigmas(sigmas),
         context,
         attention=attention,
+        condition=batch.get("condition"),
     )
     return flow_matching_loss(pred, velocity_target(x0, noise))
 

@@ -71,8 +71,10 @@ def test_trace_reports_each_step_and_layer_without_changing_the_video(checkpoint
     np.testing.assert_array_equal(traced, generate(checkpoint, CAPTIONS[:1], [0], num_steps=4))
     errors = log.per_step(4, SMALL.num_layers)
     assert errors.rel_l2.shape == (4, 2)
-    # FP8 + a window that drops 44-75% of the blocks: a real but bounded error
-    assert (errors.rel_l2 > 1e-3).all() and (errors.rel_l2 < 1.0).all()
+    # FP8 + a window keeping 17-67% of the blocks: a real but bounded error. With near-uniform
+    # attention (random weights) a window over a fraction f of the keys has rel. L2 about
+    # sqrt(1 / f - 1) from dense: 2.2 at the sparsest phase's f = 1/6.
+    assert (errors.rel_l2 > 1e-3).all() and (errors.rel_l2 < 2.5).all()
     assert (errors.cosine > 0.5).all() and (errors.cosine <= 1 + 1e-9).all()
     means = mean_over_layers(errors)
     np.testing.assert_allclose(means["rel_l2"], errors.rel_l2.mean(axis=1))
@@ -81,7 +83,7 @@ def test_trace_reports_each_step_and_layer_without_changing_the_video(checkpoint
 
 
 def test_trace_of_an_operator_equal_to_dense_reports_no_error(checkpoint):
-    same = StepSchedule(((1.0, FPSAConfig(tile=(3, 2, 2))),))  # no window, no FP8
+    same = StepSchedule(((1.0, FPSAConfig(tile=(3, 4, 4))),))  # no window, no FP8
     log = ErrorLog()
     fn = traced_model_fn(SMALL, params_as(checkpoint), log)
     generate(checkpoint, CAPTIONS[:1], [0], num_steps=2, schedule=same, model_fn=fn)

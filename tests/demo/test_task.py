@@ -6,7 +6,8 @@ import itertools
 import numpy as np
 import pytest
 
-from fpsa_jax.data.synthetic import DIRECTIONS, PALETTE, SHAPES, SPEEDS
+from fpsa_jax.config import WanConfig
+from fpsa_jax.data.synthetic import DIRECTIONS, PALETTE, SHAPES, SPEEDS, render
 from fpsa_jax.demo.task import (
     FRAMES,
     HEIGHT,
@@ -19,6 +20,8 @@ from fpsa_jax.demo.task import (
     encode_captions,
     held_out_attributes,
     is_held_out,
+    model_condition,
+    position_channels,
     train_attributes,
 )
 
@@ -68,3 +71,35 @@ def test_source_batches_are_deterministic_and_resume_exactly():
     np.testing.assert_array_equal(encode_captions(list(first.captions)), first.context)
     with pytest.raises(ValueError, match="state does not belong to this source: seed"):
         DemoSource(3, seed=2, state=a.state())
+
+
+def test_source_batches_are_the_training_clips_with_their_captions_and_position_channels():
+    batch = next(DemoSource(4, seed=3))
+    for i, video in zip(batch.example_ids, batch.latents, strict=True):
+        attrs = train_attributes(3, int(i))
+        np.testing.assert_array_equal(video, render(attrs, FRAMES, HEIGHT, WIDTH))
+    assert batch.captions == tuple(train_attributes(3, int(i)).caption for i in range(4))
+    assert batch.condition.shape == (4, FRAMES, HEIGHT, WIDTH, 3)
+    np.testing.assert_array_equal(batch.condition[2], position_channels())
+
+
+def test_position_channels_are_x_y_and_frame_of_each_pixel_in_minus_one_to_one():
+    pos = position_channels()
+    assert pos.shape == (FRAMES, HEIGHT, WIDTH, 3) and pos.dtype == np.float32
+    x, y, t = pos[..., 0], pos[..., 1], pos[..., 2]
+    # pixel centres: (i + 0.5) / n * 2 - 1, so symmetric about 0 and inside (-1, 1)
+    np.testing.assert_allclose(x[0, 0], (np.arange(WIDTH) + 0.5) / WIDTH * 2 - 1, rtol=1e-6)
+    np.testing.assert_allclose(y[0, :, 0], (np.arange(HEIGHT) + 0.5) / HEIGHT * 2 - 1, rtol=1e-6)
+    np.testing.assert_allclose(t[:, 0, 0], (np.arange(FRAMES) + 0.5) / FRAMES * 2 - 1, rtol=1e-6)
+    assert (np.diff(x, axis=2) > 0).all() and (np.diff(x, axis=(0)) == 0).all()
+    assert (np.diff(y, axis=1) > 0).all() and (np.diff(t, axis=0) > 0).all()
+    assert (np.diff(t, axis=2) == 0).all() and (np.diff(y, axis=2) == 0).all()
+
+
+def test_model_condition_follows_the_models_input_channels():
+    demo = WanConfig.preset("demo")
+    assert demo.in_dim == 6 and demo.out_dim == 3
+    np.testing.assert_array_equal(model_condition(demo), position_channels()[None])
+    assert model_condition(demo.replace(in_dim=3)) is None
+    with pytest.raises(ValueError, match="in_dim=5"):
+        model_condition(demo.replace(in_dim=5))

@@ -116,3 +116,25 @@ def test_bad_context_and_timesteps_are_rejected():
         WanModel(CFG).apply({"params": params}, lat, t, ctx[..., :8])
     with pytest.raises(ValueError, match="timesteps must be"):
         WanModel(CFG).apply({"params": params}, lat, np.zeros((3,), np.float32), ctx)
+
+
+def test_condition_channels_are_concatenated_after_the_noisy_latents_and_broadcast_over_batch():
+    cfg = CFG.replace(in_dim=6, out_dim=4)  # 4 noisy channels + 2 condition channels (like I2V)
+    params = _random_params(cfg)
+    model = WanModel(cfg, attention_impl="xla")
+    full, t, ctx = _inputs(cfg=cfg)
+    latents, condition = full[..., :4], full[..., 4:]
+    joined = model.apply({"params": params}, full, t, ctx)
+    assert joined.shape == (*full.shape[:4], 4)
+    split = model.apply({"params": params}, latents, t, ctx, condition=condition)
+    np.testing.assert_array_equal(split, joined)
+    # a condition of batch 1 is shared by every sample
+    shared = np.broadcast_to(condition[:1], condition.shape)
+    np.testing.assert_array_equal(
+        model.apply({"params": params}, latents, t, ctx, condition=condition[:1]),
+        model.apply({"params": params}, latents, t, ctx, condition=shared),
+    )
+    with pytest.raises(ValueError, match="condition must be"):
+        model.apply({"params": params}, latents, t, ctx, condition=condition[:, :2])
+    with pytest.raises(ValueError, match="expects in_dim=6"):
+        model.apply({"params": params}, latents, t, ctx)
