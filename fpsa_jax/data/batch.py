@@ -82,7 +82,9 @@ class StepSource:
 
     Subclasses call `_start` from their constructor and define `_fingerprint()` (the JSON-able
     identity a state must match) and `_example(i)` -> (latent [f, h, w, C], text embedding
-    [Lt, E], caption) for the i-th example of the stream.
+    [Lt, E], caption) for the i-th example of the stream, or `_examples(ids)` -> (latents
+    [B, f, h, w, C], B text embeddings, B captions) to draw a batch at once; `_condition(b)` gives
+    the batch's `condition` (default None).
     """
 
     def _start(self, batch_size, text_len, seed, process_index, process_count, state) -> None:
@@ -98,6 +100,13 @@ class StepSource:
 
     def _example(self, i: int) -> tuple[np.ndarray, np.ndarray, str]:
         raise NotImplementedError
+
+    def _examples(self, ids: np.ndarray) -> tuple[np.ndarray, list[np.ndarray], list[str]]:
+        latents, texts, captions = zip(*(self._example(int(i)) for i in ids), strict=True)
+        return np.stack(latents), list(texts), list(captions)
+
+    def _condition(self, batch_size: int) -> np.ndarray | None:
+        return None
 
     def state(self) -> dict:
         """JSON-able position: the next global step, and what it is only valid for."""
@@ -117,7 +126,8 @@ class StepSource:
 
     def __next__(self) -> Batch:
         ids = host_positions(self._step, self.batch_size, self.process_index, self.process_count)
-        latents, texts, captions = zip(*(self._example(int(i)) for i in ids), strict=True)
-        context, lengths = pad_text(list(texts), self.text_len)
+        latents, texts, captions = self._examples(ids)
+        context, lengths = pad_text(texts, self.text_len)
         self._step += 1
-        return Batch(np.stack(latents), context, lengths, tuple(captions), ids)
+        condition = self._condition(len(ids))
+        return Batch(latents, context, lengths, tuple(captions), ids, condition)

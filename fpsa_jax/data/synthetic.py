@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -57,8 +58,9 @@ class ClipAttributes:
         """E.g. 'a red circle moves left slowly'."""
         return f"a {self.colour} {self.shape} moves {self.direction} {ADVERBS[self.speed]}"
 
-    def centre(self, frame: int, frames: int) -> tuple[float, float]:
-        """Shape centre (x, y) at `frame` of a clip of `frames` frames (linear motion)."""
+    def centre(self, frame, frames: int) -> tuple[Any, Any]:
+        """Shape centre (x, y) at `frame` of a clip of `frames` frames (linear motion); `frame`
+        may be an int array, giving arrays of x and y."""
         t = frame / max(frames - 1, 1)
         return (
             self.start[0] + t * (self.end[0] - self.start[0]),
@@ -136,9 +138,8 @@ def render_many(
             raise ValueError(f"unknown colour {attrs.colour!r}; valid: {list(PALETTE)}")
     n, s = len(clips), _SUPERSAMPLE
     radius = np.array([a.radius for a in clips])  # [N]
-    start, end = np.array([a.start for a in clips]), np.array([a.end for a in clips])  # [N, 2]
-    t = np.arange(frames) / max(frames - 1, 1)
-    centres = start[:, None] + t[None, :, None] * (end - start)[:, None]  # [N, F, (x, y)]
+    every_frame = np.arange(frames)
+    centres = np.array([np.stack(a.centre(every_frame, frames), -1) for a in clips])  # [N, F, 2]
     # Only a box of `size` pixels around each shape is sampled (sub-pixel grid of s x s per
     # pixel): it starts one pixel before the shape's extent and ends at least one after it, and
     # is pasted into a canvas padded by `size` on every side, then cropped.

@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from fpsa_jax.data.batch import Batch, StepSource, host_positions, pad_text
+from fpsa_jax.data.batch import StepSource, pad_text
 from fpsa_jax.data.standin import StandInEncoder
 from fpsa_jax.data.synthetic import (
     DIRECTIONS,
@@ -181,17 +181,11 @@ class DemoSource(StepSource):
             "process_count": self.process_count,
         }
 
-    def __next__(self) -> Batch:
-        ids = host_positions(self._step, self.batch_size, self.process_index, self.process_count)
+    def _examples(self, ids: np.ndarray) -> tuple[np.ndarray, list[np.ndarray], list[str]]:
         clips = [train_attributes(self.seed, int(i)) for i in ids]
-        captions = tuple(a.caption for a in clips)
-        context, lengths = pad_text([self.encoder.encode_text(c) for c in captions], self.text_len)
-        self._step += 1
-        return Batch(
-            latents=render_many(clips, FRAMES, HEIGHT, WIDTH),  # all clips at once: fast
-            context=context,
-            context_lengths=lengths,
-            captions=captions,
-            example_ids=ids,
-            condition=np.broadcast_to(position_channels(), (len(ids), FRAMES, HEIGHT, WIDTH, 3)),
-        )
+        captions = [a.caption for a in clips]
+        videos = render_many(clips, FRAMES, HEIGHT, WIDTH)  # all clips at once: fast
+        return videos, [self.encoder.encode_text(c) for c in captions], captions
+
+    def _condition(self, batch_size: int) -> np.ndarray:
+        return np.broadcast_to(position_channels(), (batch_size, FRAMES, HEIGHT, WIDTH, 3))
