@@ -11,12 +11,13 @@ import jax.numpy as jnp
 
 from fpsa_jax.attention.config import FPSAConfig, validate_grid
 from fpsa_jax.attention.cudnn import cudnn_attention, cudnn_fp8_attention
+from fpsa_jax.attention.mosaic import mosaic_attention
 from fpsa_jax.attention.pallas import pallas_attention
 from fpsa_jax.attention.reference import reference_attention
 from fpsa_jax.attention.triton import kernel_supports, triton_attention
 from fpsa_jax.attention.xla import xla_attention
 
-Impl = Literal["auto", "reference", "xla", "cudnn", "cudnn_fp8", "triton", "pallas"]
+Impl = Literal["auto", "reference", "xla", "cudnn", "cudnn_fp8", "triton", "mosaic", "pallas"]
 IMPLS: tuple[str, ...] = get_args(Impl)
 
 # Every implementation: (q, k, v, *, grid, config, scale) -> o, all [B, L, N, D].
@@ -29,6 +30,7 @@ REGISTRY: dict[str, AttentionFn] = {
     "cudnn": cudnn_attention,
     "cudnn_fp8": cudnn_fp8_attention,
     "triton": triton_attention,
+    "mosaic": mosaic_attention,
     "pallas": pallas_attention,
 }
 

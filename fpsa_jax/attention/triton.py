@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from fpsa_jax.attention.config import FPSAConfig
+from fpsa_jax.attention.device import require_hopper
 from fpsa_jax.attention.kernel_layout import (
     from_kernel_layout,
     quantize_for_kernel,
@@ -76,7 +77,9 @@ def _forward(q, k, v, grid, config: FPSAConfig, scale: float):
     return o, (ops, o, lse)
 
 
-def _backward(grid, config: FPSAConfig, scale: float, residuals, g):
+def block_sparse_backward(grid, config: FPSAConfig, scale: float, residuals, g):
+    """The custom_vjp backward of every Hopper forward that saves (ops, o, lse2): `KernelOperands`,
+    the output [B, L, N, D] in token order and the base-2 log-sum-exp [B, N, Lp]."""
     ops, o, lse = residuals
     info = build_mask_info(grid, config.tile, config.window)
     dtype = jnp.float16 if g.dtype == jnp.float16 else jnp.bfloat16
@@ -108,18 +111,11 @@ def _attention(q, k, v, grid, config, scale):
     return _forward(q, k, v, grid, config, scale)[0]
 
 
-_attention.defvjp(_forward, _backward)
+_attention.defvjp(_forward, block_sparse_backward)
 
 
 def _require_hopper() -> None:
-    device = jax.devices()[0]
-    capability = getattr(device, "compute_capability", None)
-    if jax.default_backend() != "gpu" or capability is None or float(capability) < 9.0:
-        raise ValueError(
-            f"impl='triton' needs an NVIDIA Hopper GPU (compute capability >= 9.0 for FP8 "
-            f"wgmma); this process runs on {device.device_kind} ({jax.default_backend()}). Use "
-            f"impl='xla' (any backend) or impl='pallas' (runs interpreted on CPU)."
-        )
+    require_hopper("triton")
     try:
         import jax_triton  # noqa: F401
     except ImportError as e:

@@ -1,0 +1,176 @@
+"""Correctness and launch sweep of the Mosaic GPU FPSA forward against Triton and cuDNN (H100/H200).
+
+    python benchmarks/mosaic_tuning.py [--shapes 1.3B-480p 14B-720p] [--iters 10] [--warmup 2]
+                                       [--no-check] [--sweep-windows 0.9]
+
+1. Check (unless --no-check): `impl="mosaic"` against `impl="xla"` (the same quantization, P
+   rounded against the final instead of the running max) at small odd grids, B = 2, FP8 and bf16,
+   dense and windowed; and against the Triton forward at the first shape's 90% window. Prints the
+   relative L2 error of each (FP8: ~2% is P's rounding; bf16: ~0.3%).
+2. Timing, per shape: cuDNN bf16 and FP8 (dense), then for the full window and ~50/75/90% sparsity
+   the Triton forward kernel and the Mosaic forward kernel on the same pre-passed operands (kernel
+   time only), the Mosaic kernel for each launch of `LAUNCHES` at the --sweep-windows sparsities,
+   and the whole `mosaic` and `triton` impls (pre-pass and output reorder included) at 90%.
+   Medians of --iters synchronised runs after --warmup; speedup is against cuDNN bf16 in the same
+   run; effective TFLOP/s counts 4 * B * N * L^2 * D * density.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from attention import FULL_SHAPES, TARGET_SPARSITIES, TILE, pick_window
+from timing import median_seconds  # benchmarks/timing.py (scripts run from their folder)
+
+from fpsa_jax.attention import FPSAConfig, build_mask_info, fpsa_attention
+from fpsa_jax.attention.kernel_layout import quantize_for_kernel
+from pallas_kernels import mosaic_fpsa_fwd, triton_fpsa_fwd
+
+LAUNCHES = (
+    mosaic_fpsa_fwd.MosaicLaunch(stages=2),
+    mosaic_fpsa_fwd.MosaicLaunch(stages=4),
+    mosaic_fpsa_fwd.MosaicLaunch(stages=6),
+    mosaic_fpsa_fwd.MosaicLaunch(stages=4, consumer_registers=None, producer_registers=None),
+)
+
+
+def rel_err(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def attend(impl, grid, config, q, k, v):
+    fn = lambda q, k, v: fpsa_attention(q, k, v, grid=grid, config=config, impl=impl)
+    return jax.jit(fn)(q, k, v)
+
+
+def check(shape) -> None:
+    print("## check: mosaic against xla (same quantization) and triton")
+    cases = [
+        ((5, 20, 28), (1, 2, 2), "fp8"),
+        ((5, 20, 28), None, "fp8"),
+        ((4, 10, 12), (2, 1, 3), "none"),
+        ((3, 8, 8), None, "none"),
+    ]
+    for grid, window, quant in cases:
+        cfg = FPSAConfig(tile=TILE, window=window, quant=quant)
+        keys = jax.random.split(jax.random.key(1), 3)
+        q, k, v = (jax.random.normal(kk, (2, math.prod(grid), 3, 128), jnp.bfloat16) for kk in keys)
+        mos, ref = (attend(impl, grid, cfg, q, k, v) for impl in ("mosaic", "xla"))
+        finite = bool(np.isfinite(np.asarray(mos, np.float32)).all())
+        print(
+            f"grid {grid} window {window} {quant}: rel err {rel_err(mos, ref):.4f} finite {finite}"
+        )
+    grid, heads = shape.grid, shape.heads
+    cfg = FPSAConfig(tile=TILE, window=pick_window(grid, TILE, 0.9), quant="fp8")
+    keys = jax.random.split(jax.random.key(2), 3)
+    q, k, v = (jax.random.normal(kk, (1, shape.tokens, heads, 128), jnp.bfloat16) for kk in keys)
+    mos, tri = (attend(impl, grid, cfg, q, k, v) for impl in ("mosaic", "triton"))
+    print(f"{shape.name} {cfg.window} fp8 mosaic vs triton: rel err {rel_err(mos, tri):.4f}")
+
+
+def kernel_calls(ops, info, scale, config, launches):
+    """{name: (fn, args)} for the Triton and Mosaic forward kernels on pre-passed operands."""
+    args = (ops.q, ops.k, ops.v_t, ops.q_scale, ops.k_scale, ops.v_scale, ops.key_bias)
+    common = dict(
+        padded_tile=ops.padded_tile,
+        scale=scale,
+        p_scale=config.scale if config.quant == "fp8" else 1.0,
+        out_dtype=jnp.bfloat16,
+    )
+    calls = {
+        "triton kernel": (
+            jax.jit(lambda *a: triton_fpsa_fwd.fpsa_forward(*a, info.kv_tiles, **common)),
+            args,
+        )
+    }
+    for launch in launches:
+        fn = jax.jit(
+            lambda *a, launch=launch: mosaic_fpsa_fwd.fpsa_forward(
+                *a, info.kv_tiles, launch=launch, **common
+            )
+        )
+        calls[f"mosaic kernel {launch}"] = (fn, args)
+    return calls
+
+
+def time_shape(shape, args) -> None:
+    b, n, d, length = shape.batch, shape.heads, shape.head_dim, shape.tokens
+    keys = jax.random.split(jax.random.key(0), 3)
+    q, k, v = (jax.random.normal(kk, (b, length, n, d), jnp.bfloat16) for kk in keys)
+    flops = 4 * b * n * length * length * d
+    scale = 1 / math.sqrt(d)
+
+    def report(label, density, t, base):
+        eff = flops * density / t / 1e12
+        cells = (
+            shape.name,
+            label,
+            f"{density:.3f}",
+            f"{t * 1e3:.3f}",
+            f"{eff:.0f}",
+            f"{base / t:.2f}",
+        )
+        print("| " + " | ".join(cells) + " |")
+
+    print(f"\n## {shape.name} B{b} L{length} N{n} D{d}")
+    print("| shape | what | density | ms | effective TFLOP/s | x cuDNN bf16 |")
+    print("|---|---|---|---|---|---|")
+    dense = {}
+    for impl in ("cudnn", "cudnn_fp8"):
+        fn = jax.jit(lambda q, k, v, impl=impl: fpsa_attention(q, k, v, grid=shape.grid, impl=impl))
+        dense[impl] = median_seconds(fn, (q, k, v), args.warmup, args.iters)
+    base = dense["cudnn"]
+    for impl, t in dense.items():
+        report(impl, 1.0, t, base)
+    windows = [(None, 0.0)] + [(pick_window(shape.grid, TILE, s), s) for s in TARGET_SPARSITIES]
+    for window, sparsity in windows:
+        config = FPSAConfig(tile=TILE, window=window, quant="fp8")
+        info = build_mask_info(shape.grid, TILE, window)
+        density = config.density(shape.grid)
+        ops = jax.jit(
+            lambda q, k, v, config=config: quantize_for_kernel(
+                q, k, v, shape.grid, config, block_n=64, prepass="triton"
+            )
+        )(q, k, v)
+        launches = LAUNCHES if sparsity in args.sweep_windows else (mosaic_fpsa_fwd.MosaicLaunch(),)
+        for name, (fn, fn_args) in kernel_calls(ops, info, scale, config, launches).items():
+            try:
+                t = median_seconds(fn, fn_args, args.warmup, args.iters)
+            except Exception as e:  # noqa: BLE001 - report and go on with the other rows
+                print(f"FAILED {name} {window}: {type(e).__name__}: {str(e)[:2000]}")
+                continue
+            report(f"{name} {window}", density, t, base)
+        if sparsity == max(TARGET_SPARSITIES):
+            for impl in ("triton", "mosaic"):
+                fn = jax.jit(
+                    lambda q, k, v, impl=impl, config=config: fpsa_attention(
+                        q, k, v, grid=shape.grid, config=config, impl=impl
+                    )
+                )
+                t = median_seconds(fn, (q, k, v), args.warmup, args.iters)
+                report(f"impl={impl} {window} (pre-pass included)", density, t, base)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--shapes", nargs="+", default=[s.name for s in FULL_SHAPES])
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--no-check", action="store_true")
+    p.add_argument("--sweep-windows", type=float, nargs="*", default=[0.9])
+    args = p.parse_args()
+    shapes = [s for s in FULL_SHAPES if s.name in args.shapes]
+    print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}")
+    if not args.no_check:
+        check(shapes[0])
+    for shape in shapes:
+        time_shape(shape, args)
+
+
+if __name__ == "__main__":
+    main()

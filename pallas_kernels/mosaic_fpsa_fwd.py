@@ -1,0 +1,362 @@
+"""Block-sparse flash-attention forward over 3D tiles, FP8 (E4M3) or 16-bit: a Pallas Mosaic GPU
+kernel for Hopper (sm_90), warp-specialized.
+
+Arrays only: the same operands, int32 table and argument order as `triton_fpsa_fwd.fpsa_forward`
+(`fpsa_jax.attention.kernel_layout` builds them, `fpsa_jax.attention.mosaic` wraps the kernel).
+
+Layout: Q, K [B, N, Lp, D] and V^T [B, N, D, Lp], tile major, every tile padded from P to Pp slots
+(a multiple of 64); q_scale, k_scale float32 [B, N, n_tiles]; v_scale float32 [B, N, D];
+key_bias float32 [Lp] (0 real slot, -inf padding); kv_tiles int32 [n_tiles, K].
+
+One CTA computes one query tile of one (batch, head): grid (n_tiles, N, B), Pp / 64 consumer
+warpgroups of 64 query rows each (one wgmma M) and one producer warpgroup:
+- the producer (few registers) walks the tile's K key tiles, each in Pp / 64 key blocks of 64
+  slots, and TMA-copies K [64, D] and V^T [D, 64] of each block into a `stages`-deep SMEM ring,
+  each slot guarded by a "full" barrier (TMA arrival) and an "empty" one (every consumer arrives
+  when it has read the slot);
+- each consumer runs the online softmax in base 2 over the same key blocks:
+
+    s2 = (Q8 . K8^T) * (q_scale[u] * k_scale[v] * softmax_scale * log2 e) + key_bias  (FP8 wgmma)
+    m = running row max;  p' = exp2(s2 - (m - log2 p_scale)) = p_scale * exp2(s2 - m)
+    l' = alpha * l' + sum(p')  (unrounded);  acc = alpha * acc + e4m3(p') . V8   (FP8 wgmma)
+    o = acc / l' * v_scale per channel;  lse2 = m + log2(l' / p_scale)
+
+  so P is rounded to E4M3 against the running max (DESIGN.md section 3) and P's static scale rides
+  in the exponent. P goes to the second wgmma through SMEM: Mosaic GPU has no register relayout from
+  the f32 accumulator layout to the 8-bit operand layout. V^T makes V K-major, as FP8 wgmma needs.
+- the output leaves through SMEM by TMA in the kernel layout [B, N, Lp, D] (padded rows hold
+  finite values), lse2 float32 [B, N, Lp] for the backward.
+
+The running max starts at a finite -1e30 so that a key block of padding only gives p = 0 and
+alpha = 1, never NaN. 16-bit operands run the same kernel with P cast to their dtype (p_scale 1).
+
+`interpret=True` runs the kernel in Mosaic GPU's interpreter (CPU): the CI tests use it. There the
+P.V product goes to a fresh accumulator that is then added (the interpreter cannot run an
+accumulator initialised from registers); on the GPU it accumulates in place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+LOG2_E = 1.4426950408889634
+BLOCK_Q = 64  # query rows per consumer warpgroup: one wgmma M
+BLOCK_KV = 64  # key slots per pipeline step
+MAX_CONSUMERS = 3  # Pp <= 192: four warpgroups are 512 threads, the register file's limit here
+HEAD_DIMS = (64, 128, 256)
+
+SMEM_BYTES = 227 * 1024  # per block on sm_90, less the 1 KB the driver reserves
+
+_ROW = plgpu.Layout.WGMMA.reduce(1)
+_COL = plgpu.Layout.WGMMA.reduce(0)
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicLaunch:
+    """Pipeline depth and register split of the forward.
+
+    Attributes:
+      stages: K/V ring slots in SMEM (>= 2).
+      consumer_registers, producer_registers: `setmaxnreg` targets per thread (multiples of 8;
+        None leaves ptxas' allocation). The sum over warpgroups must fit 64K registers.
+    """
+
+    stages: int = 4
+    consumer_registers: int | None = 160
+    producer_registers: int | None = 24
+
+
+def smem_bytes(launch: MosaicLaunch, padded_tile: int, head_dim: int, dtype, out_dtype) -> int:
+    """SMEM the kernel's scratch takes (Q, the K/V ring, P, output and lse staging)."""
+    consumers = padded_tile // BLOCK_Q
+    item, out_item = jnp.dtype(dtype).itemsize, jnp.dtype(out_dtype).itemsize
+    rows = consumers * BLOCK_Q
+    ring = launch.stages * 2 * BLOCK_KV * head_dim * item
+    return rows * head_dim * (item + out_item) + ring + rows * BLOCK_KV * item + rows * 4
+
+
+def default_launch(padded_tile: int, head_dim: int, dtype, out_dtype) -> MosaicLaunch:
+    """Four ring slots where they fit in SMEM (FP8 at D = 128 does), else as many as fit."""
+    for stages in (4, 3, 2):
+        launch = MosaicLaunch(stages=stages)
+        if smem_bytes(launch, padded_tile, head_dim, dtype, out_dtype) <= SMEM_BYTES:
+            return launch
+    return MosaicLaunch(stages=2)  # fpsa_forward reports that it does not fit
+
+
+def _smem(shape, dtype):
+    """SMEM scratch tiled and swizzled for TMA and wgmma (minor dim = one swizzle row)."""
+    bits = jnp.dtype(dtype).itemsize * 8
+    swizzle = min(128, shape[-1] * bits // 8)
+    tiling = plgpu.TilingTransform((8, swizzle * 8 // bits))
+    return plgpu.SMEM(shape, dtype, transforms=(tiling, plgpu.SwizzleTransform(swizzle)))
+
+
+def check_operands(q, k, v_t, q_scale, k_scale, v_scale, key_bias, kv_tiles, padded_tile: int):
+    """Raises ValueError naming the operand whose shape or dtype the kernel cannot take."""
+    if q.ndim != 4 or k.shape != q.shape:
+        raise ValueError(f"q, k must be [B, N, Lp, D] alike, got {q.shape}, {k.shape}")
+    b, n, lp, d = q.shape
+    if v_t.shape != (b, n, d, lp):
+        raise ValueError(f"v_t must be [B, N, D, Lp] = {(b, n, d, lp)}, got {v_t.shape}")
+    if not q.dtype == k.dtype == v_t.dtype:
+        raise ValueError(f"q, k, v_t must share a dtype, got {q.dtype}, {k.dtype}, {v_t.dtype}")
+    if jnp.dtype(q.dtype) not in (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.bfloat16)):
+        raise ValueError(f"the Mosaic kernel takes float8_e4m3fn or bfloat16 values, got {q.dtype}")
+    if d not in HEAD_DIMS:
+        raise ValueError(f"the Mosaic kernel needs head dim D in {HEAD_DIMS}, got {d}")
+    if padded_tile % BLOCK_KV or not BLOCK_Q <= padded_tile <= MAX_CONSUMERS * BLOCK_Q:
+        raise ValueError(
+            f"the Mosaic kernel needs a padded tile Pp in 64, 128 or 192 slots (tiles of up to "
+            f"{MAX_CONSUMERS * BLOCK_Q} tokens), got {padded_tile}"
+        )
+    if lp % padded_tile:
+        raise ValueError(f"Lp = {lp} is not a whole number of padded tiles of {padded_tile}")
+    n_tiles = lp // padded_tile
+    for name, x, want in (
+        ("q_scale", q_scale, (b, n, n_tiles)),
+        ("k_scale", k_scale, (b, n, n_tiles)),
+        ("v_scale", v_scale, (b, n, d)),
+        ("key_bias", key_bias, (lp,)),
+    ):
+        if tuple(x.shape) != want:
+            raise ValueError(f"{name} must have shape {want}, got {tuple(x.shape)}")
+    if np.ndim(kv_tiles) != 2 or np.shape(kv_tiles)[0] != n_tiles:
+        raise ValueError(f"kv_tiles must be [n_tiles={n_tiles}, K], got {np.shape(kv_tiles)}")
+
+
+def _kernel_body(
+    q_ref,
+    k_ref,
+    vt_ref,
+    qs_ref,
+    ks_ref,
+    vs_ref,
+    bias_ref,
+    kv_ref,
+    o_ref,
+    lse_ref,
+    q_smem,
+    k_smem,
+    v_smem,
+    p_smem,
+    o_smem,
+    lse_smem,
+    q_ready,
+    k_full,
+    v_full,
+    k_empty,
+    v_empty,
+    *,
+    padded_tile: int,
+    kv_count: int,
+    qk_scale: float,
+    log2_p_scale: float,
+    launch: MosaicLaunch,
+    in_place_pv: bool,
+):
+    consumers = padded_tile // BLOCK_Q
+    key_blocks = padded_tile // BLOCK_KV
+    steps = kv_count * key_blocks
+    stages = launch.stages
+    head_dim = q_smem.shape[-1]
+    u = lax.axis_index("tile")
+    head = lax.axis_index("head")
+    batch = lax.axis_index("batch")
+    wg = lax.axis_index("wg")
+
+    def key_columns(j):
+        """(key tile, first slot) of step j: block j % key_blocks of key tile j // key_blocks."""
+        key_tile = kv_ref[u, j // key_blocks]
+        return key_tile, key_tile * padded_tile + lax.rem(j, key_blocks) * BLOCK_KV
+
+    @pl.when(wg < consumers)
+    def _consumer():
+        if launch.consumer_registers:
+            plgpu.set_max_registers(launch.consumer_registers, action="increase")
+        rows = pl.ds(u * padded_tile + wg * BLOCK_Q, BLOCK_Q)
+        plgpu.copy_gmem_to_smem(q_ref.at[batch, head, rows], q_smem.at[wg], q_ready.at[wg])
+        q_scale = qs_ref[batch, head, u] * qk_scale
+        m_i = plgpu.layout_cast(jnp.full((BLOCK_Q,), -1e30, jnp.float32), _ROW)
+        l_i = plgpu.layout_cast(jnp.zeros((BLOCK_Q,), jnp.float32), _ROW)
+        acc = plgpu.layout_cast(jnp.zeros((BLOCK_Q, head_dim), jnp.float32), plgpu.Layout.WGMMA)
+        plgpu.barrier_wait(q_ready.at[wg])
+
+        def step(j, carry):
+            acc, m_i, l_i = carry
+            slot = lax.rem(j, stages)
+            key_tile, col = key_columns(j)
+            plgpu.barrier_wait(k_full.at[slot])
+
+            def scores(acc_ref):
+                plgpu.wgmma(acc_ref, q_smem.at[wg], k_smem.at[slot].T)
+                return acc_ref[...]
+
+            s = pl.run_scoped(scores, plgpu.ACC((BLOCK_Q, BLOCK_KV), jnp.float32))
+            plgpu.barrier_arrive(k_empty.at[slot])
+            bias = plgpu.load(bias_ref.at[pl.ds(col, BLOCK_KV)], (), layout=_COL, optimized=False)
+            pair_scale = q_scale * ks_ref[batch, head, key_tile]
+            s = s * pair_scale + lax.broadcast_in_dim(bias, s.shape, [1])
+            m_new = jnp.maximum(m_i, s.max(axis=1))
+            alpha = jnp.exp2(m_i - m_new)
+            p = jnp.exp2(s - lax.broadcast_in_dim(m_new - log2_p_scale, s.shape, [0]))
+            l_i = l_i * alpha + p.sum(axis=1)
+            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+            p_smem[wg] = p.astype(p_smem.dtype)
+            plgpu.commit_smem()  # P's stores visible to the wgmma that reads them
+            plgpu.barrier_wait(v_full.at[slot])
+            if in_place_pv:
+
+                def weighted_values(acc_ref):
+                    plgpu.wgmma(acc_ref, p_smem.at[wg], v_smem.at[slot].T)
+
+                acc = pl.run_state(weighted_values)(plgpu.ACC.init(acc))
+            else:
+
+                def weighted_values(acc_ref):
+                    plgpu.wgmma(acc_ref, p_smem.at[wg], v_smem.at[slot].T)
+                    return acc_ref[...]
+
+                acc = acc + pl.run_scoped(
+                    weighted_values, plgpu.ACC((BLOCK_Q, head_dim), jnp.float32)
+                )
+            plgpu.barrier_arrive(v_empty.at[slot])
+            return acc, m_new, l_i
+
+        acc, m_i, l_i = lax.fori_loop(0, steps, step, (acc, m_i, l_i))
+        v_scale = plgpu.load(vs_ref.at[batch, head], (), layout=_COL, optimized=False)
+        out = acc * lax.broadcast_in_dim(v_scale, acc.shape, [1])
+        out = out * lax.broadcast_in_dim(1.0 / l_i, acc.shape, [0])
+        o_smem[wg] = out.astype(o_smem.dtype)
+        lse_smem[wg] = m_i + jnp.log2(l_i) - log2_p_scale
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_smem.at[wg], o_ref.at[batch, head, rows])
+        plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[batch, head, rows])
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == consumers)
+    def _producer():
+        if launch.producer_registers:
+            plgpu.set_max_registers(launch.producer_registers, action="decrease")
+
+        def issue(j, slot):
+            _, col = key_columns(j)
+            keys = pl.ds(col, BLOCK_KV)
+            plgpu.copy_gmem_to_smem(k_ref.at[batch, head, keys], k_smem.at[slot], k_full.at[slot])
+            plgpu.copy_gmem_to_smem(
+                vt_ref.at[batch, head, :, keys], v_smem.at[slot], v_full.at[slot]
+            )
+
+        for j in range(min(stages, steps)):
+            issue(j, j)
+
+        @pl.loop(stages, steps)
+        def _refill(j):
+            slot = lax.rem(j, stages)
+            plgpu.barrier_wait(k_empty.at[slot])
+            plgpu.barrier_wait(v_empty.at[slot])
+            issue(j, slot)
+
+        # Observe the consumers' last releases too, so every barrier phase is waited for
+        # (the interpreter checks it; on the GPU this only delays the producer's exit).
+        @pl.loop(max(steps - stages, 0), steps)
+        def _drain(j):
+            slot = lax.rem(j, stages)
+            plgpu.barrier_wait(k_empty.at[slot])
+            plgpu.barrier_wait(v_empty.at[slot])
+
+
+def fpsa_forward(
+    q,
+    k,
+    v_t,
+    q_scale,
+    k_scale,
+    v_scale,
+    key_bias,
+    kv_tiles: np.ndarray,
+    *,
+    padded_tile: int,
+    scale: float,
+    p_scale: float,
+    out_dtype,
+    launch: MosaicLaunch | None = None,
+    interpret: bool = False,
+):
+    """Runs the Mosaic GPU forward (shapes in the module docstring).
+
+    Args:
+      q, k: [B, N, Lp, D] E4M3 (or bf16) values; v_t: [B, N, D, Lp].
+      q_scale, k_scale: float32 [B, N, n_tiles]; v_scale: float32 [B, N, D].
+      key_bias: float32 [Lp], 0 or -inf.
+      kv_tiles: host int32 [n_tiles, K], the key tiles of each query tile.
+      padded_tile: Pp (64, 128 or 192). scale: softmax scale. p_scale: P's static FP8 scale (1
+        for bf16 operands).
+      launch: pipeline depth and registers (default: `default_launch`).
+      interpret: run in Mosaic GPU's interpreter (any backend; slow).
+
+    Returns:
+      (o [B, N, Lp, D] in out_dtype, padded rows finite; lse2 float32 [B, N, Lp]).
+    """
+    check_operands(q, k, v_t, q_scale, k_scale, v_scale, key_bias, kv_tiles, padded_tile)
+    if p_scale <= 0:
+        raise ValueError(f"P's static scale must be positive, got {p_scale}")
+    b, n, lp, d = q.shape
+    launch = launch or default_launch(padded_tile, d, q.dtype, out_dtype)
+    if launch.stages < 2:
+        raise ValueError(f"MosaicLaunch.stages must be >= 2, got {launch.stages}")
+    need = smem_bytes(launch, padded_tile, d, q.dtype, out_dtype)
+    if need > SMEM_BYTES:
+        raise ValueError(
+            f"{launch} needs {need} bytes of SMEM at Pp = {padded_tile}, D = {d}, {q.dtype} "
+            f"operands, {jnp.dtype(out_dtype).name} output; a block has {SMEM_BYTES}: use fewer "
+            f"stages"
+        )
+    consumers = padded_tile // BLOCK_Q
+    body = functools.partial(
+        _kernel_body,
+        padded_tile=padded_tile,
+        kv_count=int(np.shape(kv_tiles)[1]),
+        qk_scale=float(scale) * LOG2_E,
+        log2_p_scale=float(math.log2(p_scale)),
+        launch=launch,
+        in_place_pv=not interpret,
+    )
+    scratch = (
+        _smem((consumers, BLOCK_Q, d), q.dtype),  # Q rows of each consumer
+        _smem((launch.stages, BLOCK_KV, d), k.dtype),  # K ring
+        _smem((launch.stages, d, BLOCK_KV), v_t.dtype),  # V^T ring
+        _smem((consumers, BLOCK_Q, BLOCK_KV), v_t.dtype),  # P of each consumer
+        _smem((consumers, BLOCK_Q, d), out_dtype),  # output staging
+        plgpu.SMEM((consumers, BLOCK_Q), jnp.float32),  # lse staging
+        plgpu.Barrier(num_barriers=consumers),  # Q landed
+        plgpu.Barrier(num_barriers=launch.stages),  # K slot full
+        plgpu.Barrier(num_barriers=launch.stages),  # V slot full
+        plgpu.Barrier(num_arrivals=consumers, num_barriers=launch.stages),  # K slot empty
+        plgpu.Barrier(num_arrivals=consumers, num_barriers=launch.stages),  # V slot empty
+    )
+    kernel = plgpu.kernel(
+        body,
+        out_type=(
+            jax.ShapeDtypeStruct((b, n, lp, d), out_dtype),
+            jax.ShapeDtypeStruct((b, n, lp), jnp.float32),
+        ),
+        scratch_types=scratch,
+        grid=(lp // padded_tile, n, b),
+        grid_names=("tile", "head", "batch"),
+        num_threads=consumers + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=plgpu.InterpretGPUParams() if interpret else None,
+    )
+    tables = jnp.asarray(np.ascontiguousarray(kv_tiles, dtype=np.int32))
+    return kernel(q, k, v_t, q_scale, k_scale, v_scale, key_bias, tables)
