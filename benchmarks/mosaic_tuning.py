@@ -30,11 +30,13 @@ from fpsa_jax.attention import FPSAConfig, build_mask_info, fpsa_attention
 from fpsa_jax.attention.kernel_layout import quantize_for_kernel
 from pallas_kernels import mosaic_fpsa_fwd, triton_fpsa_fwd
 
+Launch = mosaic_fpsa_fwd.MosaicLaunch
 LAUNCHES = (
-    mosaic_fpsa_fwd.MosaicLaunch(stages=2),
-    mosaic_fpsa_fwd.MosaicLaunch(stages=4),
-    mosaic_fpsa_fwd.MosaicLaunch(stages=6),
-    mosaic_fpsa_fwd.MosaicLaunch(stages=4, consumer_registers=None, producer_registers=None),
+    Launch(prefetch=False, pipeline=False),  # v1
+    Launch(pipeline=False),
+    Launch(),
+    Launch(stages=2),
+    Launch(stages=6),
 )
 
 
@@ -156,16 +158,37 @@ def time_shape(shape, args) -> None:
                 report(f"impl={impl} {window} (pre-pass included)", density, t, base)
 
 
+def profile_once(shape) -> None:
+    """The default Mosaic forward kernel once at the shape's 90% window (for ncu)."""
+    keys = jax.random.split(jax.random.key(0), 3)
+    q, k, v = (
+        jax.random.normal(kk, (1, shape.tokens, shape.heads, 128), jnp.bfloat16) for kk in keys
+    )
+    config = FPSAConfig(tile=TILE, window=pick_window(shape.grid, TILE, 0.9), quant="fp8")
+    info = build_mask_info(shape.grid, TILE, config.window)
+    ops = quantize_for_kernel(q, k, v, shape.grid, config, block_n=64, prepass="xla")
+    fn, args = kernel_calls(ops, info, 1 / math.sqrt(128), config, (Launch(),))[
+        "mosaic kernel " + str(Launch())
+    ]
+    jax.block_until_ready(fn(*args))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--shapes", nargs="+", default=[s.name for s in FULL_SHAPES])
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--no-check", action="store_true")
-    p.add_argument("--sweep-windows", type=float, nargs="*", default=[0.9])
+    p.add_argument("--sweep-windows", type=float, nargs="*", default=[0.0, 0.9])
+    p.add_argument(
+        "--profile-once", action="store_true", help="one kernel call (for ncu), then exit"
+    )
     args = p.parse_args()
     shapes = [s for s in FULL_SHAPES if s.name in args.shapes]
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}")
+    if args.profile_once:
+        profile_once(shapes[0])
+        return
     if not args.no_check:
         check(shapes[0])
     for shape in shapes:

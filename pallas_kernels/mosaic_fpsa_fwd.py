@@ -68,11 +68,17 @@ class MosaicLaunch:
       stages: K/V ring slots in SMEM (>= 2).
       consumer_registers, producer_registers: `setmaxnreg` targets per thread (multiples of 8;
         None leaves ptxas' allocation). The sum over warpgroups must fit 64K registers.
+      prefetch: load step j + 1's key tile, K scale and key bias during step j, so that their
+        global loads leave the critical path (they cannot be hoisted above a barrier wait).
+      pipeline: issue step j + 1's Q.K^T wgmma before step j's softmax, so the tensor cores work
+        while the warpgroup exponentiates (FlashAttention-3's intra-warpgroup overlap).
     """
 
     stages: int = 4
     consumer_registers: int | None = 160
     producer_registers: int | None = 24
+    prefetch: bool = True
+    pipeline: bool = False
 
 
 def smem_bytes(launch: MosaicLaunch, padded_tile: int, head_dim: int, dtype, out_dtype) -> int:
@@ -186,25 +192,34 @@ def _kernel_body(
         rows = pl.ds(u * padded_tile + wg * BLOCK_Q, BLOCK_Q)
         plgpu.copy_gmem_to_smem(q_ref.at[batch, head, rows], q_smem.at[wg], q_ready.at[wg])
         q_scale = qs_ref[batch, head, u] * qk_scale
-        m_i = plgpu.layout_cast(jnp.full((BLOCK_Q,), -1e30, jnp.float32), _ROW)
-        l_i = plgpu.layout_cast(jnp.zeros((BLOCK_Q,), jnp.float32), _ROW)
-        acc = plgpu.layout_cast(jnp.zeros((BLOCK_Q, head_dim), jnp.float32), plgpu.Layout.WGMMA)
-        plgpu.barrier_wait(q_ready.at[wg])
 
-        def step(j, carry):
-            acc, m_i, l_i = carry
-            slot = lax.rem(j, stages)
+        def step_inputs(j):
+            """(score scale, key bias [BLOCK_KV]) of step j."""
             key_tile, col = key_columns(j)
-            plgpu.barrier_wait(k_full.at[slot])
-
-            def scores(acc_ref):
-                plgpu.wgmma(acc_ref, q_smem.at[wg], k_smem.at[slot].T)
-                return acc_ref[...]
-
-            s = pl.run_scoped(scores, plgpu.ACC((BLOCK_Q, BLOCK_KV), jnp.float32))
-            plgpu.barrier_arrive(k_empty.at[slot])
-            bias = plgpu.load(bias_ref.at[pl.ds(col, BLOCK_KV)], (), layout=_COL, optimized=False)
             pair_scale = q_scale * ks_ref[batch, head, key_tile]
+            bias = plgpu.load(bias_ref.at[pl.ds(col, BLOCK_KV)], (), layout=_COL, optimized=False)
+            return pair_scale, bias
+
+        def issue_scores(s_ref, j):
+            slot = lax.rem(j, stages)
+            plgpu.barrier_wait(k_full.at[slot])
+            plgpu.wgmma(s_ref, q_smem.at[wg], k_smem.at[slot].T)
+
+        def scores(j):
+            """Q.K^T of step j [BLOCK_Q, BLOCK_KV] float32, waited for; K's slot released."""
+
+            def run(s_ref):
+                issue_scores(s_ref, j)
+                return s_ref[...]
+
+            s = pl.run_scoped(run, plgpu.ACC((BLOCK_Q, BLOCK_KV), jnp.float32))
+            plgpu.barrier_arrive(k_empty.at[lax.rem(j, stages)])
+            return s
+
+        def softmax(s, inputs, acc, m_i, l_i):
+            """Online-softmax update with the scores of one step; P goes to this warpgroup's
+            SMEM slot. Returns the rescaled accumulator and the new row max and sum."""
+            pair_scale, bias = inputs
             s = s * pair_scale + lax.broadcast_in_dim(bias, s.shape, [1])
             m_new = jnp.maximum(m_i, s.max(axis=1))
             alpha = jnp.exp2(m_i - m_new)
@@ -213,26 +228,72 @@ def _kernel_body(
             acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
             p_smem[wg] = p.astype(p_smem.dtype)
             plgpu.commit_smem()  # P's stores visible to the wgmma that reads them
+            return acc, m_new, l_i
+
+        def weighted_values(acc, j):
+            """acc + P.V of step j, waited for (and every wgmma issued before it); V's slot
+            released."""
+            slot = lax.rem(j, stages)
             plgpu.barrier_wait(v_full.at[slot])
             if in_place_pv:
 
-                def weighted_values(acc_ref):
+                def accumulate(acc_ref):
                     plgpu.wgmma(acc_ref, p_smem.at[wg], v_smem.at[slot].T)
 
-                acc = pl.run_state(weighted_values)(plgpu.ACC.init(acc))
+                acc = pl.run_state(accumulate)(plgpu.ACC.init(acc))
             else:
 
-                def weighted_values(acc_ref):
-                    plgpu.wgmma(acc_ref, p_smem.at[wg], v_smem.at[slot].T)
-                    return acc_ref[...]
+                def product(pv_ref):
+                    plgpu.wgmma(pv_ref, p_smem.at[wg], v_smem.at[slot].T)
+                    return pv_ref[...]
 
-                acc = acc + pl.run_scoped(
-                    weighted_values, plgpu.ACC((BLOCK_Q, head_dim), jnp.float32)
-                )
+                acc = acc + pl.run_scoped(product, plgpu.ACC((BLOCK_Q, head_dim), jnp.float32))
             plgpu.barrier_arrive(v_empty.at[slot])
-            return acc, m_new, l_i
+            return acc
 
-        acc, m_i, l_i = lax.fori_loop(0, steps, step, (acc, m_i, l_i))
+        m_i = plgpu.layout_cast(jnp.full((BLOCK_Q,), -1e30, jnp.float32), _ROW)
+        l_i = plgpu.layout_cast(jnp.zeros((BLOCK_Q,), jnp.float32), _ROW)
+        acc = plgpu.layout_cast(jnp.zeros((BLOCK_Q, head_dim), jnp.float32), plgpu.Layout.WGMMA)
+        plgpu.barrier_wait(q_ready.at[wg])
+
+        if launch.pipeline:
+            # Step j's softmax runs while step j + 1's scores are computed; the last step has no
+            # successor and runs on its own.
+            def step(j, carry):
+                acc, m_i, l_i, s, inputs = carry
+                next_inputs = step_inputs(j + 1)
+
+                def overlapped(s_next_ref):
+                    issue_scores(s_next_ref, j + 1)
+                    acc_, m_, l_ = softmax(s, inputs, acc, m_i, l_i)
+                    acc_ = weighted_values(acc_, j)
+                    return acc_, m_, l_, s_next_ref[...]
+
+                acc, m_i, l_i, s = pl.run_scoped(
+                    overlapped, plgpu.ACC((BLOCK_Q, BLOCK_KV), jnp.float32)
+                )
+                plgpu.barrier_arrive(k_empty.at[lax.rem(j + 1, stages)])
+                return acc, m_i, l_i, s, next_inputs
+
+            carry = (acc, m_i, l_i, scores(0), step_inputs(0))
+            acc, m_i, l_i, s, inputs = lax.fori_loop(0, steps - 1, step, carry)
+            acc, m_i, l_i = softmax(s, inputs, acc, m_i, l_i)
+            acc = weighted_values(acc, steps - 1)
+        else:
+
+            def step(j, carry):
+                acc, m_i, l_i, inputs = carry
+                s = scores(j)
+                if launch.prefetch:
+                    next_inputs = step_inputs(jnp.minimum(j + 1, steps - 1))
+                else:
+                    inputs = next_inputs = step_inputs(j)
+                acc, m_i, l_i = softmax(s, inputs, acc, m_i, l_i)
+                return weighted_values(acc, j), m_i, l_i, next_inputs
+
+            carry = (acc, m_i, l_i, step_inputs(0))
+            acc, m_i, l_i, _ = lax.fori_loop(0, steps, step, carry)
+
         v_scale = plgpu.load(vs_ref.at[batch, head], (), layout=_COL, optimized=False)
         out = acc * lax.broadcast_in_dim(v_scale, acc.shape, [1])
         out = out * lax.broadcast_in_dim(1.0 / l_i, acc.shape, [0])
@@ -355,6 +416,7 @@ def fpsa_forward(
         grid_names=("tile", "head", "batch"),
         num_threads=consumers + 1,
         thread_name="wg",
+        kernel_name="fpsa_forward_mosaic",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=plgpu.InterpretGPUParams() if interpret else None,
     )
