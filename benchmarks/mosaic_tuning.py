@@ -27,16 +27,15 @@ from attention import FULL_SHAPES, TARGET_SPARSITIES, TILE, pick_window
 from timing import median_seconds  # benchmarks/timing.py (scripts run from their folder)
 
 from fpsa_jax.attention import FPSAConfig, build_mask_info, fpsa_attention
-from fpsa_jax.attention.kernel_layout import quantize_for_kernel
+from fpsa_jax.attention.kernel_layout import padded_key_blocks, quantize_for_kernel
 from pallas_kernels import mosaic_fpsa_fwd, triton_fpsa_fwd
 
 Launch = mosaic_fpsa_fwd.MosaicLaunch
 LAUNCHES = (
-    Launch(prefetch=False, pipeline=False),  # v1
-    Launch(pipeline=False),
     Launch(),
-    Launch(stages=2),
-    Launch(stages=6),
+    Launch(p_in_registers=True),
+    Launch(p_in_registers=True, pipeline=True),
+    Launch(p_in_registers=True, stages=6),
 )
 
 
@@ -76,7 +75,10 @@ def check(shape) -> None:
 
 
 def kernel_calls(ops, info, scale, config, launches):
-    """{name: (fn, args)} for the Triton and Mosaic forward kernels on pre-passed operands."""
+    """{name: (fn, args)} for the Triton and Mosaic forward kernels on pre-passed operands; the
+    Mosaic kernel with the padded-block table (bias read only where a block holds padding), and
+    the default launch also without it."""
+    padded = padded_key_blocks(ops.grid, ops.tile, ops.padded_tile, 64)
     args = (ops.q, ops.k, ops.v_t, ops.q_scale, ops.k_scale, ops.v_scale, ops.key_bias)
     common = dict(
         padded_tile=ops.padded_tile,
@@ -90,13 +92,15 @@ def kernel_calls(ops, info, scale, config, launches):
             args,
         )
     }
-    for launch in launches:
+    variants = [(launch, padded) for launch in launches] + [(Launch(), None)]
+    for launch, table in variants:
         fn = jax.jit(
-            lambda *a, launch=launch: mosaic_fpsa_fwd.fpsa_forward(
-                *a, info.kv_tiles, launch=launch, **common
+            lambda *a, launch=launch, table=table: mosaic_fpsa_fwd.fpsa_forward(
+                *a, info.kv_tiles, launch=launch, padded_blocks=table, **common
             )
         )
-        calls[f"mosaic kernel {launch}"] = (fn, args)
+        name = f"mosaic kernel {launch}" + (" bias every block" if table is None else "")
+        calls[name] = (fn, args)
     return calls
 
 
@@ -140,13 +144,19 @@ def time_shape(shape, args) -> None:
             )
         )(q, k, v)
         launches = LAUNCHES if sparsity in args.sweep_windows else (mosaic_fpsa_fwd.MosaicLaunch(),)
-        for name, (fn, fn_args) in kernel_calls(ops, info, scale, config, launches).items():
+        calls = kernel_calls(ops, info, scale, config, launches)
+        triton_out = None
+        for name, (fn, fn_args) in calls.items():
             try:
                 t = median_seconds(fn, fn_args, args.warmup, args.iters)
+                out = np.asarray(fn(*fn_args)[0], np.float32)
             except Exception as e:  # noqa: BLE001 - report and go on with the other rows
                 print(f"FAILED {name} {window}: {type(e).__name__}: {str(e)[:2000]}")
                 continue
-            report(f"{name} {window}", density, t, base)
+            if triton_out is None:
+                triton_out = out
+            err = rel_err(out, triton_out)
+            report(f"{name} {window} (rel. diff to triton {err:.4f})", density, t, base)
         if sparsity == max(TARGET_SPARSITIES):
             for impl in ("triton", "mosaic"):
                 fn = jax.jit(

@@ -6,7 +6,8 @@ Arrays only: the same operands, int32 table and argument order as `triton_fpsa_f
 
 Layout: Q, K [B, N, Lp, D] and V^T [B, N, D, Lp], tile major, every tile padded from P to Pp slots
 (a multiple of 64); q_scale, k_scale float32 [B, N, n_tiles]; v_scale float32 [B, N, D];
-key_bias float32 [Lp] (0 real slot, -inf padding); kv_tiles int32 [n_tiles, K].
+key_bias float32 [Lp] (0 real slot, -inf padding); kv_tiles int32 [n_tiles, K]; optionally
+padded_blocks int32 [Lp / 64], 1 for the key blocks that hold padding (only those read the bias).
 
 One CTA computes one query tile of one (batch, head): grid (n_tiles, N, B), Pp / 64 consumer
 warpgroups of 64 query rows each (one wgmma M) and one producer warpgroup:
@@ -38,14 +39,16 @@ accumulator initialised from registers); on the GPU it accumulates in place.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax._src.lib.mlir import ir
+from jax._src.lib.mlir.dialects import arith, nvvm
 from jax.experimental import pallas as pl
+from jax.experimental.mosaic import gpu as mgpu
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 LOG2_E = 1.4426950408889634
@@ -72,6 +75,9 @@ class MosaicLaunch:
         global loads leave the critical path (they cannot be hoisted above a barrier wait).
       pipeline: issue step j + 1's Q.K^T wgmma before step j's softmax, so the tensor cores work
         while the warpgroup exponentiates (FlashAttention-3's intra-warpgroup overlap).
+      p_in_registers: hand P to the P.V wgmma from registers (FP8 only): the accumulator layout
+        is regrouped into the 8-bit operand layout with two warp shuffles per register, instead
+        of a round trip through SMEM and an async-proxy fence. Not for the interpreter.
     """
 
     stages: int = 4
@@ -79,6 +85,7 @@ class MosaicLaunch:
     producer_registers: int | None = 24
     prefetch: bool = True
     pipeline: bool = False
+    p_in_registers: bool = False
 
 
 def smem_bytes(launch: MosaicLaunch, padded_tile: int, head_dim: int, dtype, out_dtype) -> int:
@@ -105,6 +112,56 @@ def _smem(shape, dtype):
     swizzle = min(128, shape[-1] * bits // 8)
     tiling = plgpu.TilingTransform((8, swizzle * 8 // bits))
     return plgpu.SMEM(shape, dtype, transforms=(tiling, plgpu.SwizzleTransform(swizzle)))
+
+
+def _fp8_operand_from_accumulator():
+    """A function of P [64, 64] float32 in the wgmma accumulator layout returning E4M3 P in the
+    8-bit wgmma operand layout (`WGMMA_8BIT`), for P.V with P from registers.
+
+    Lane (row r, column group c = lane % 4) of the accumulator layout holds, in each 8-column
+    tile, columns 2c and 2c + 1; in the 8-bit operand layout it must hold columns 4c .. 4c + 3 of
+    each 16-column tile. So each 16-column tile's two E4M3 pairs are packed in one 32-bit word,
+    lane c reads the words of lanes 2c % 4 and (2c + 1) % 4 of its row (two `shfl.idx`), and keeps
+    their first halves (c < 2) or second halves (c >= 2) (one `prmt`).
+    """
+
+    @plgpu.inline_mgpu(
+        arg_types=(plgpu.Layout.WGMMA,),
+        return_type=plgpu.ShapeDtypeStruct(
+            (BLOCK_Q, BLOCK_KV), jnp.float8_e4m3fn, layout=plgpu.Layout.WGMMA_8BIT
+        ),
+    )
+    def convert(_, p):
+        i32 = ir.IntegerType.get_signless(32)
+        f8 = ir.Float8E4M3FNType.get()
+        const = lambda x: arith.constant(i32, x)
+        p8 = p.astype(f8)
+        lane = arith.remui(mgpu.utils.thread_idx(), const(32))
+        quad = arith.andi(lane, const(-4))
+        c = arith.andi(lane, const(3))
+        first = arith.addi(quad, arith.andi(arith.muli(c, const(2)), const(3)))
+        second = arith.addi(
+            quad, arith.andi(arith.addi(arith.muli(c, const(2)), const(1)), const(3))
+        )
+        low_half = arith.cmpi(arith.CmpIPredicate.ult, c, const(2))
+        perm = arith.select(low_half, const(0x5410), const(0x7632))
+        regs = p8.registers  # [1, 8, 1, 1, 2, 1, 1, 1, 1] of vector<2 x f8>: (8-col tile, row half)
+        out = np.empty(mgpu.WGMMA_LAYOUT_8BIT.registers_shape((BLOCK_Q, BLOCK_KV)), dtype=object)
+        vec4 = ir.VectorType.get((4,), f8)
+        for t16 in range(BLOCK_KV // 16):
+            for half in range(2):
+                a = regs[0, 2 * t16, 0, 0, half, 0, 0, 0, 0]
+                b = regs[0, 2 * t16 + 1, 0, 0, half, 0, 0, 0, 0]
+                word = mgpu.utils.bitcast(mgpu.utils.vector_concat([a, b]), i32)
+                full = const(-1)
+                clamp = const(0x1F)
+                x = nvvm.shfl_sync(full, word, first, clamp, nvvm.ShflKind.idx)
+                y = nvvm.shfl_sync(full, word, second, clamp, nvvm.ShflKind.idx)
+                picked = mgpu.utils.prmt(x, y, perm)
+                out[0, t16, 0, 0, half, 0, 0, 0, 0] = mgpu.utils.bitcast(picked, vec4)
+        return mgpu.FragmentedArray(_registers=out, _layout=mgpu.WGMMA_LAYOUT_8BIT, _is_signed=None)
+
+    return convert
 
 
 def check_operands(q, k, v_t, q_scale, k_scale, v_scale, key_bias, kv_tiles, padded_tile: int):
@@ -149,6 +206,7 @@ def _kernel_body(
     vs_ref,
     bias_ref,
     kv_ref,
+    padded_ref,
     o_ref,
     lse_ref,
     q_smem,
@@ -174,6 +232,8 @@ def _kernel_body(
     key_blocks = padded_tile // BLOCK_KV
     steps = kv_count * key_blocks
     stages = launch.stages
+    fp8 = jnp.dtype(p_smem.dtype) == jnp.dtype(jnp.float8_e4m3fn)
+    p_operand = _fp8_operand_from_accumulator() if launch.p_in_registers and fp8 else None
     head_dim = q_smem.shape[-1]
     u = lax.axis_index("tile")
     head = lax.axis_index("head")
@@ -197,8 +257,13 @@ def _kernel_body(
             """(score scale, key bias [BLOCK_KV]) of step j."""
             key_tile, col = key_columns(j)
             pair_scale = q_scale * ks_ref[batch, head, key_tile]
-            bias = plgpu.load(bias_ref.at[pl.ds(col, BLOCK_KV)], (), layout=_COL, optimized=False)
-            return pair_scale, bias
+            load = lambda: plgpu.load(
+                bias_ref.at[pl.ds(col, BLOCK_KV)], (), layout=_COL, optimized=False
+            )
+            if padded_ref is None:
+                return pair_scale, load()
+            zeros = lambda: plgpu.layout_cast(jnp.zeros((BLOCK_KV,), jnp.float32), _COL)
+            return pair_scale, lax.cond(padded_ref[col // BLOCK_KV] != 0, load, zeros)
 
         def issue_scores(s_ref, j):
             slot = lax.rem(j, stages)
@@ -226,25 +291,27 @@ def _kernel_body(
             p = jnp.exp2(s - lax.broadcast_in_dim(m_new - log2_p_scale, s.shape, [0]))
             l_i = l_i * alpha + p.sum(axis=1)
             acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+            if p_operand is not None:
+                return acc, m_new, l_i, p_operand(p)
             p_smem[wg] = p.astype(p_smem.dtype)
             plgpu.commit_smem()  # P's stores visible to the wgmma that reads them
-            return acc, m_new, l_i
+            return acc, m_new, l_i, p_smem.at[wg]
 
-        def weighted_values(acc, j):
-            """acc + P.V of step j, waited for (and every wgmma issued before it); V's slot
-            released."""
+        def weighted_values(acc, p, j):
+            """acc + P.V of step j (P in SMEM or registers), waited for (and every wgmma issued
+            before it); V's slot released."""
             slot = lax.rem(j, stages)
             plgpu.barrier_wait(v_full.at[slot])
             if in_place_pv:
 
                 def accumulate(acc_ref):
-                    plgpu.wgmma(acc_ref, p_smem.at[wg], v_smem.at[slot].T)
+                    plgpu.wgmma(acc_ref, p, v_smem.at[slot].T)
 
                 acc = pl.run_state(accumulate)(plgpu.ACC.init(acc))
             else:
 
                 def product(pv_ref):
-                    plgpu.wgmma(pv_ref, p_smem.at[wg], v_smem.at[slot].T)
+                    plgpu.wgmma(pv_ref, p, v_smem.at[slot].T)
                     return pv_ref[...]
 
                 acc = acc + pl.run_scoped(product, plgpu.ACC((BLOCK_Q, head_dim), jnp.float32))
@@ -265,8 +332,8 @@ def _kernel_body(
 
                 def overlapped(s_next_ref):
                     issue_scores(s_next_ref, j + 1)
-                    acc_, m_, l_ = softmax(s, inputs, acc, m_i, l_i)
-                    acc_ = weighted_values(acc_, j)
+                    acc_, m_, l_, p = softmax(s, inputs, acc, m_i, l_i)
+                    acc_ = weighted_values(acc_, p, j)
                     return acc_, m_, l_, s_next_ref[...]
 
                 acc, m_i, l_i, s = pl.run_scoped(
@@ -277,8 +344,8 @@ def _kernel_body(
 
             carry = (acc, m_i, l_i, scores(0), step_inputs(0))
             acc, m_i, l_i, s, inputs = lax.fori_loop(0, steps - 1, step, carry)
-            acc, m_i, l_i = softmax(s, inputs, acc, m_i, l_i)
-            acc = weighted_values(acc, steps - 1)
+            acc, m_i, l_i, p = softmax(s, inputs, acc, m_i, l_i)
+            acc = weighted_values(acc, p, steps - 1)
         else:
 
             def step(j, carry):
@@ -288,8 +355,8 @@ def _kernel_body(
                     next_inputs = step_inputs(jnp.minimum(j + 1, steps - 1))
                 else:
                     inputs = next_inputs = step_inputs(j)
-                acc, m_i, l_i = softmax(s, inputs, acc, m_i, l_i)
-                return weighted_values(acc, j), m_i, l_i, next_inputs
+                acc, m_i, l_i, p = softmax(s, inputs, acc, m_i, l_i)
+                return weighted_values(acc, p, j), m_i, l_i, next_inputs
 
             carry = (acc, m_i, l_i, step_inputs(0))
             acc, m_i, l_i, _ = lax.fori_loop(0, steps, step, carry)
@@ -350,6 +417,7 @@ def fpsa_forward(
     scale: float,
     p_scale: float,
     out_dtype,
+    padded_blocks: np.ndarray | None = None,
     launch: MosaicLaunch | None = None,
     interpret: bool = False,
 ):
@@ -360,6 +428,8 @@ def fpsa_forward(
       q_scale, k_scale: float32 [B, N, n_tiles]; v_scale: float32 [B, N, D].
       key_bias: float32 [Lp], 0 or -inf.
       kv_tiles: host int32 [n_tiles, K], the key tiles of each query tile.
+      padded_blocks: host int32 [Lp / 64], 1 for key blocks holding padding slots; None reads
+        the key bias of every block.
       padded_tile: Pp (64, 128 or 192). scale: softmax scale. p_scale: P's static FP8 scale (1
         for bf16 operands).
       launch: pipeline depth and registers (default: `default_launch`).
@@ -383,8 +453,7 @@ def fpsa_forward(
             f"stages"
         )
     consumers = padded_tile // BLOCK_Q
-    body = functools.partial(
-        _kernel_body,
+    static = dict(
         padded_tile=padded_tile,
         kv_count=int(np.shape(kv_tiles)[1]),
         qk_scale=float(scale) * LOG2_E,
@@ -392,6 +461,12 @@ def fpsa_forward(
         launch=launch,
         in_place_pv=not interpret,
     )
+    inputs = 8 + (padded_blocks is not None)
+
+    def body(*refs):  # padded_ref is None when the table is not given
+        padded = refs[8] if padded_blocks is not None else None
+        _kernel_body(*refs[:8], padded, *refs[inputs:], **static)
+
     scratch = (
         _smem((consumers, BLOCK_Q, d), q.dtype),  # Q rows of each consumer
         _smem((launch.stages, BLOCK_KV, d), k.dtype),  # K ring
@@ -420,5 +495,12 @@ def fpsa_forward(
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=plgpu.InterpretGPUParams() if interpret else None,
     )
-    tables = jnp.asarray(np.ascontiguousarray(kv_tiles, dtype=np.int32))
-    return kernel(q, k, v_t, q_scale, k_scale, v_scale, key_bias, tables)
+    tables = [jnp.asarray(np.ascontiguousarray(kv_tiles, dtype=np.int32))]
+    if padded_blocks is not None:
+        if np.shape(padded_blocks) != (lp // BLOCK_KV,):
+            raise ValueError(
+                f"padded_blocks must be [Lp / {BLOCK_KV}] = [{lp // BLOCK_KV}], got "
+                f"{np.shape(padded_blocks)}"
+            )
+        tables.append(jnp.asarray(np.ascontiguousarray(padded_blocks, dtype=np.int32)))
+    return kernel(q, k, v_t, q_scale, k_scale, v_scale, key_bias, *tables)

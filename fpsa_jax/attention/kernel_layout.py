@@ -67,6 +67,12 @@ def slot_tokens(grid, tile, pp: int) -> np.ndarray:
     return padded.reshape(-1)
 
 
+def padded_key_blocks(grid, tile, pp: int, block: int) -> np.ndarray:
+    """int32 [n_tiles * Pp / block]: 1 where a block of `block` consecutive key slots holds a
+    padding slot (its key bias has a -inf), else 0 (host array): kernels skip the bias there."""
+    return (slot_tokens(grid, tile, pp).reshape(-1, block) < 0).any(axis=1).astype(np.int32)
+
+
 def key_bias(grid, tile, pp: int) -> np.ndarray:
     """float32 [n_tiles * Pp]: 0 for slots holding a token, -inf for padding (host array)."""
     return np.where(slot_tokens(grid, tile, pp) >= 0, 0.0, -np.inf).astype(np.float32)

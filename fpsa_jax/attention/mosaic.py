@@ -21,7 +21,11 @@ import jax.numpy as jnp
 
 from fpsa_jax.attention.config import FPSAConfig
 from fpsa_jax.attention.device import require_hopper
-from fpsa_jax.attention.kernel_layout import output_from_kernel, quantize_for_kernel
+from fpsa_jax.attention.kernel_layout import (
+    output_from_kernel,
+    padded_key_blocks,
+    quantize_for_kernel,
+)
 from fpsa_jax.attention.mask import build_mask_info
 from fpsa_jax.attention.triton import block_sparse_backward
 from pallas_kernels.mosaic_fpsa_fwd import (
@@ -73,6 +77,7 @@ def _forward(q, k, v, grid, config: FPSAConfig, scale: float, launch, interpret:
         scale=scale,
         p_scale=config.scale if config.quant == "fp8" else 1.0,
         out_dtype=q.dtype,
+        padded_blocks=padded_key_blocks(grid, config.tile, ops.padded_tile, BLOCK_KV),
         launch=launch,
         interpret=interpret,
     )
