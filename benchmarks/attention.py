@@ -1,4 +1,4 @@
-"""FPSA attention benchmark: the Triton kernels at several sparsities against dense cuDNN.
+"""FPSA attention benchmark: the Mosaic GPU and Triton kernels at several sparsities against cuDNN.
 
     python benchmarks/attention.py                 # 1.3B/480p and 14B/720p shapes (H100)
     python benchmarks/attention.py --xla           # also the portable `xla` path
@@ -6,11 +6,13 @@
     python benchmarks/attention.py --out rows.json # also write rows (.json or .md)
 
 bf16 random-normal inputs, B = 1, D = 128, tile (3, 8, 8). Forward rows: cuDNN bf16 and FP8
-(dense), `triton` FP8 with the full window and at ~50/75/90% sparsity, `pallas` bf16 at ~90%.
-Backward rows: the pullback of cuDNN bf16 (dense) and of `triton` FP8 at ~90% (its bf16
-block-sparse backward), timed alone on saved residuals. Each row is the median of --iters timed
-runs after warm-up, each synchronised with block_until_ready; `triton` times include the pre-pass
-(tile reorder and FP8 quantization: scales in XLA, values by the Triton pre-pass kernel).
+(dense), `mosaic` and `triton` FP8 with the full window and at ~50/75/90% sparsity, both bf16
+(quant "none") with the full window, `pallas` bf16 at ~90%. Backward rows: the pullback of cuDNN
+bf16 (dense) and of `mosaic` and `triton` FP8 at ~90% (the same bf16 block-sparse Triton
+backward), timed alone on saved residuals. Each row is the median of --iters timed runs after
+warm-up, each synchronised with block_until_ready; kernel times include the pre-pass (tile
+reorder and FP8 quantization: scales in XLA, values by the Triton pre-pass kernel) and, for
+`mosaic`, the reorder of its output back to token order.
 Dense-equivalent TFLOP/s counts 4 * B * N * L^2 * D flops forward and 2.5x that backward, whatever
 the sparsity; effective TFLOP/s multiplies it by the density; speedup is against cuDNN bf16 for the
 same pass.
@@ -75,23 +77,18 @@ def cases(shape, tile, with_xla: bool, on_gpu: bool):
     if on_gpu:
         yield "fwd", "cudnn", None, "dense"
         yield "fwd", "cudnn_fp8", None, "dense"
-        yield "fwd", "triton", FPSAConfig(tile=tile, quant="fp8"), "full window fp8"
-        for s in TARGET_SPARSITIES:
-            window = pick_window(shape.grid, tile, s)
-            yield (
-                "fwd",
-                "triton",
-                FPSAConfig(tile=tile, window=window, quant="fp8"),
-                f"{window} fp8",
-            )
+        for impl in ("mosaic", "triton"):
+            yield "fwd", impl, FPSAConfig(tile=tile, quant="fp8"), "full window fp8"
+            for s in TARGET_SPARSITIES:
+                window = pick_window(shape.grid, tile, s)
+                config = FPSAConfig(tile=tile, window=window, quant="fp8")
+                yield "fwd", impl, config, f"{window} fp8"
+            yield "fwd", impl, FPSAConfig(tile=tile), "full window bf16"
         yield "fwd", "pallas", FPSAConfig(tile=tile, window=window_90), f"{window_90} bf16"
         yield "bwd", "cudnn", None, "dense"
-        yield (
-            "bwd",
-            "triton",
-            FPSAConfig(tile=tile, window=window_90, quant="fp8"),
-            f"{window_90} fp8",
-        )
+        for impl in ("mosaic", "triton"):
+            config = FPSAConfig(tile=tile, window=window_90, quant="fp8")
+            yield "bwd", impl, config, f"{window_90} fp8"
     if with_xla or not on_gpu:
         for s in TARGET_SPARSITIES:
             window = pick_window(shape.grid, tile, s)

@@ -18,13 +18,17 @@ warpgroups of 64 query rows each (one wgmma M) and one producer warpgroup:
 - each consumer runs the online softmax in base 2 over the same key blocks:
 
     s2 = (Q8 . K8^T) * (q_scale[u] * k_scale[v] * softmax_scale * log2 e) + key_bias  (FP8 wgmma)
-    m = running row max;  p' = exp2(s2 - (m - log2 p_scale)) = p_scale * exp2(s2 - m)
+    m = running row max;  c = m - log2(p_scale) (while |m| < 2^20, else m);  p' = exp2(s2 - c)
     l' = alpha * l' + sum(p')  (unrounded);  acc = alpha * acc + e4m3(p') . V8   (FP8 wgmma)
-    o = acc / l' * v_scale per channel;  lse2 = m + log2(l' / p_scale)
+    o = acc / l' * v_scale per channel;  lse2 = c + log2(l'),  alpha = exp2(c_old - c)
 
-  so P is rounded to E4M3 against the running max (DESIGN.md section 3) and P's static scale rides
-  in the exponent. P goes to the second wgmma through SMEM: Mosaic GPU has no register relayout from
-  the f32 accumulator layout to the 8-bit operand layout. V^T makes V K-major, as FP8 wgmma needs.
+  so P is rounded to E4M3 against the running max (DESIGN.md section 3), and P's static scale
+  rides in the exponent at no cost per element. The guard keeps that exact where it matters:
+  float32 holds m - log2(p_scale) to within 0.05 only while |m| < 2^20; beyond (inputs of size
+  1e4 give |m| ~ 1e9, ulp 64) p' would overflow E4M3, so such rows round p' in (0, 1] instead
+  (their softmax is one-hot by then). P goes to the second wgmma through SMEM: Mosaic GPU has no
+  register relayout from the f32 accumulator layout to the 8-bit operand layout. V^T makes V
+  K-major, as FP8 wgmma needs.
 - the output leaves through SMEM by TMA in the kernel layout [B, N, Lp, D] (padded rows hold
   finite values), lse2 float32 [B, N, Lp] for the backward.
 
@@ -224,7 +228,7 @@ def _kernel_body(
     padded_tile: int,
     kv_count: int,
     qk_scale: float,
-    log2_p_scale: float,
+    p_scale: float,
     launch: MosaicLaunch,
     in_place_pv: bool,
 ):
@@ -281,14 +285,21 @@ def _kernel_body(
             plgpu.barrier_arrive(k_empty.at[lax.rem(j, stages)])
             return s
 
+        def exponent_shift(m):
+            """c of the module docstring: what p' subtracts from the scores, per row."""
+            if p_scale == 1.0:
+                return m
+            return jnp.where(jnp.abs(m) < 2.0**20, m - math.log2(p_scale), m)
+
         def softmax(s, inputs, acc, m_i, l_i):
             """Online-softmax update with the scores of one step; P goes to this warpgroup's
             SMEM slot. Returns the rescaled accumulator and the new row max and sum."""
             pair_scale, bias = inputs
             s = s * pair_scale + lax.broadcast_in_dim(bias, s.shape, [1])
             m_new = jnp.maximum(m_i, s.max(axis=1))
-            alpha = jnp.exp2(m_i - m_new)
-            p = jnp.exp2(s - lax.broadcast_in_dim(m_new - log2_p_scale, s.shape, [0]))
+            shift = exponent_shift(m_new)
+            alpha = jnp.exp2(exponent_shift(m_i) - shift)
+            p = jnp.exp2(s - lax.broadcast_in_dim(shift, s.shape, [0]))  # p_scale * exp2(s - m)
             l_i = l_i * alpha + p.sum(axis=1)
             acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
             if p_operand is not None:
@@ -365,7 +376,7 @@ def _kernel_body(
         out = acc * lax.broadcast_in_dim(v_scale, acc.shape, [1])
         out = out * lax.broadcast_in_dim(1.0 / l_i, acc.shape, [0])
         o_smem[wg] = out.astype(o_smem.dtype)
-        lse_smem[wg] = m_i + jnp.log2(l_i) - log2_p_scale
+        lse_smem[wg] = exponent_shift(m_i) + jnp.log2(l_i)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(o_smem.at[wg], o_ref.at[batch, head, rows])
         plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[batch, head, rows])
@@ -457,7 +468,7 @@ def fpsa_forward(
         padded_tile=padded_tile,
         kv_count=int(np.shape(kv_tiles)[1]),
         qk_scale=float(scale) * LOG2_E,
-        log2_p_scale=float(math.log2(p_scale)),
+        p_scale=float(p_scale),
         launch=launch,
         in_place_pv=not interpret,
     )

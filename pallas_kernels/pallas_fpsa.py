@@ -1,27 +1,25 @@
 """Block-sparse flash-attention forward over 3D tiles as one Pallas kernel (Triton lowering, or
-interpret mode on any backend).
+interpret mode on any backend): the twin of `triton_fpsa_fwd` that CI runs on CPU.
 
-Arrays only: the Pallas twin of `triton_fpsa_fwd` with the same index logic (a compressed key-tile
-list per query tile, a per-slot key bias for padding, scales folded into the scores and the
-output) but 16-bit or float32 dots, with the FP8 rounding of P emulated by a cast. The caller
-(`fpsa_jax.attention.pallas`) does the tile reorder and quantization.
+Arrays only, and exactly the Triton forward's operands, tables and argument order
+(`fpsa_jax.attention.kernel_layout` builds them): Q, K [B, N, Lp, D] and V^T [B, N, D, Lp] (E4M3
+values, or 16-/32-bit ones for quant "none"), q_scale, k_scale float32 [B, N, n_tiles], v_scale
+float32 [B, N, D], key_bias float32 [Lp] (0 real slot, -inf padding), kv_tiles int32
+[n_tiles, K], and optionally the slot table slot_token int32 [Lp] (-1 padding) that sends each
+output row straight to its token. The dots run in bf16 (float32 for float32 values) with float32
+accumulation: E4M3 values and their products are exact there, so only P's E4M3 rounding, done by a
+cast, is FP8 arithmetic.
 
-Layout (H = B * N (batch, head) pairs, Pp padded tile length, Dp padded head dim, K key tiles per
-query tile): q, k, v [H, n_tiles, Pp, Dp]; key_bias float32 [n_tiles, Pp] (0 real, -inf padding);
-kv_tiles int32 [n_tiles, K'] whose first K columns are read (K' >= K may pad K to a power of two
-for the Triton lowering); q_scales, k_scales float32 [H, n_tiles]; v_scales float32 [H, Dp].
+Grid (B * N, n_tiles, Pp / block_q): one program per block of query rows of one query tile. It
+loops (`lax.fori_loop`) over the tile's K key tiles and, unrolled, over the Pp / block_k key
+blocks of each, with the Triton kernel's online softmax in base 2:
+  s2 = (q . k) * q_scale[u] * k_scale[v] * softmax_scale * log2(e) + key_bias
+  m = running row max (from a finite -1e30); p' = exp2(s2 - m) * p_scale; l' += sum(p') unrounded
+  acc = alpha * acc + e4m3(p') . v   (P rounded against the RUNNING max)
+and writes o = acc * v_scale / l' and lse2 = m + log2(l' / p_scale).
 
-Grid (H, n_tiles, Pp / block_q): one program per block of query rows of one query tile. It loops
-(`lax.fori_loop`) over its K key tiles and, unrolled, over the Pp / block_k key blocks of each,
-with an online softmax in float32:
-  s = (q . k) * q_scale[u] * k_scale[v] * softmax_scale * log2(e) + key_bias
-  m = running row max; p = exp2(s - m); l = alpha * l + sum(p)   (the UNROUNDED p)
-  FP8: p8 = e4m3(p * p_scale), against the RUNNING max
-  acc = alpha * acc + p8 . v
-and writes o = acc * v_scale / (l * p_scale).
-
-The Triton lowering needs power-of-two loaded blocks and dot dimensions >= 16: block_q, block_k
-and Dp are powers of two, Pp a multiple of both.
+The Triton lowering needs power-of-two blocks and dot dimensions >= 16: block_q, block_k and D
+powers of two (D >= 16), Pp a multiple of both. Interpret mode takes any D.
 """
 
 from __future__ import annotations
@@ -31,6 +29,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
@@ -41,50 +40,50 @@ E4M3_MAX = 448.0
 
 def _kernel(
     kv_ref,  # int32 [K]: key tiles of this query tile
-    bias_ref,  # float32 [n_tiles, Pp]
+    bias_ref,  # float32 [Lp]
     qs_ref,  # float32 [n_tiles]: Q scale per tile of this (batch, head)
     ks_ref,  # float32 [n_tiles]: K scale per tile
-    vs_ref,  # float32 [Dp]: V scale per channel
-    q_ref,  # [block_q, Dp]
-    k_ref,  # [n_tiles, Pp, Dp]
-    v_ref,  # [n_tiles, Pp, Dp]
-    o_ref,  # [block_q, Dp]
+    vs_ref,  # float32 [D]: V scale per channel
+    token_ref,  # int32 [block_q]: token of each query row (-1 padding), or None
+    q_ref,  # [block_q, D]
+    k_ref,  # [Lp, D]
+    vt_ref,  # [D, Lp]
+    o_ref,  # [block_q, D], or [L, N, D] of this batch when token_ref is given
+    lse_ref,  # float32 [block_q]
     *,
-    kv_count: int,
-    k_blocks: int,
+    padded_tile: int,
+    heads: int,
     block_k: int,
     softmax_scale: float,
-    p_scale: float | None,
+    p_scale: float,
+    round_p: bool,
+    compute_dtype,
     precision,
 ):
-    q = q_ref[...]
-    block_q, d_pad = q.shape
+    q = q_ref[...].astype(compute_dtype)
+    block_q = q.shape[0]
     # Scores go to base 2 (exp(x) = exp2(x * log2 e)); the Q scale and softmax scale fold in here.
     q_scale = qs_ref[pl.program_id(1)] * (softmax_scale * LOG2E)
 
-    def key_block(tile, start, carry):
+    def key_block(col, scale, carry):
         acc, m_prev, l_prev = carry
-        k = k_ref[tile, pl.ds(start, block_k), :]  # [block_k, Dp]
-        v = v_ref[tile, pl.ds(start, block_k), :]
-        bias = bias_ref[tile, pl.ds(start, block_k)]  # [block_k]
+        k = k_ref[pl.ds(col, block_k), :].astype(compute_dtype)  # [block_k, D]
+        vt = vt_ref[:, pl.ds(col, block_k)].astype(compute_dtype)  # [D, block_k]
         s = lax.dot_general(
             q, k, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
         )  # [block_q, block_k]
-        s = s * (q_scale * ks_ref[tile]) + bias[None, :]
+        s = s * scale + bias_ref[pl.ds(col, block_k)][None, :]
         m_new = jnp.maximum(m_prev, s.max(axis=1))
-        # A block of padding only, before any real key: keep everything at zero instead of NaN.
-        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-        alpha = jnp.exp2(m_prev - m_use)
-        p = jnp.exp2(s - m_use[:, None])  # in [0, 1]
+        alpha = jnp.exp2(m_prev - m_new)
+        p = jnp.exp2(s - m_new[:, None]) * p_scale  # in [0, p_scale]
         l_new = alpha * l_prev + p.sum(axis=1)  # the denominator sums the unrounded p
-        if p_scale is not None:
-            # E4M3 rounding of P against the running max; p * p_scale <= 448 (p <= 1), the
-            # minimum only guards float round-off. The cast back to bf16/float32 is exact.
-            p = jnp.minimum(p * p_scale, E4M3_MAX).astype(jnp.float8_e4m3fn)
+        if round_p:
+            # The minimum only guards float round-off above 448; the cast back is exact.
+            p = jnp.minimum(p, E4M3_MAX).astype(jnp.float8_e4m3fn)
         pv = lax.dot_general(
-            p.astype(v.dtype),
-            v,
-            (((1,), (0,)), ((), ())),
+            p.astype(compute_dtype),
+            vt,
+            (((1,), (1,)), ((), ())),
             precision=precision,
             preferred_element_type=jnp.float32,
         )
@@ -92,83 +91,135 @@ def _kernel(
 
     def key_tile(j, carry):
         tile = kv_ref[j]
-        for b in range(k_blocks):  # unrolled: no integer division in the lowered loop
-            carry = key_block(tile, b * block_k, carry)
+        scale = q_scale * ks_ref[tile]
+        for b in range(padded_tile // block_k):  # unrolled: no integer division in the loop
+            carry = key_block(tile * padded_tile + b * block_k, scale, carry)
         return carry
 
     init = (
-        jnp.zeros((block_q, d_pad), jnp.float32),
-        jnp.full((block_q,), -jnp.inf, jnp.float32),
+        jnp.zeros((block_q, q.shape[1]), jnp.float32),
+        jnp.full((block_q,), -1e30, jnp.float32),
         jnp.zeros((block_q,), jnp.float32),
     )
-    acc, _, row_sum = lax.fori_loop(0, kv_count, key_tile, init)
-    # Every row sees at least one real key (no tile is all padding), so row_sum > 0.
-    denom = row_sum if p_scale is None else row_sum * p_scale
-    o_ref[...] = (acc * vs_ref[...][None, :] / denom[:, None]).astype(o_ref.dtype)
+    acc, m, l_sum = lax.fori_loop(0, kv_ref.shape[0], key_tile, init)
+    # Every row sees at least one real key (no tile is all padding), so l_sum > 0.
+    out = (acc * vs_ref[...][None, :] / l_sum[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = m + jnp.log2(l_sum) - math.log2(p_scale)
+    if token_ref is None:
+        o_ref[...] = out
+    else:
+        token = token_ref[...]
+        head = pl.program_id(0) % heads
+        # Padded rows point past the end: masked on the GPU, dropped by the interpreter's scatter
+        # (a repeated in-range index would race with the real row written there).
+        rows = jnp.where(token >= 0, token, o_ref.shape[0])
+        channels = jnp.arange(out.shape[1], dtype=jnp.int32)[None, :]
+        mask = jnp.broadcast_to((token >= 0)[:, None], out.shape)
+        plgpu.store(o_ref.at[rows[:, None], head, channels], out, mask=mask)
 
 
-def pallas_fpsa_forward(
-    kv_tiles,
-    key_bias,
-    q_scales,
-    k_scales,
-    v_scales,
+def fpsa_forward(
     q,
     k,
-    v,
+    v_t,
+    q_scale,
+    k_scale,
+    v_scale,
+    key_bias,
+    kv_tiles: np.ndarray,
     *,
-    softmax_scale: float,
-    p_scale: float | None,
+    padded_tile: int,
+    scale: float,
+    p_scale: float,
+    out_dtype,
     block_q: int,
     block_k: int,
     interpret: bool,
-    out_dtype,
-    kv_count: int | None = None,
+    slot_token: np.ndarray | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
-) -> jax.Array:
-    """The kernel over pre-laid-out arrays (shapes in the module docstring).
+):
+    """The kernel over the shared operands (module docstring), Triton's argument order.
 
-    `kv_count` is the number of real key tiles per row of kv_tiles (default: all columns).
-    `p_scale` None means no P rounding (16-bit or float32 attention); float32 operands get IEEE
-    float32 dots, 16-bit ones default precision.
+    `p_scale` 1 means no P rounding (16-bit or float32 attention); other values round P to E4M3
+    at that static scale. `slot_token` (host int32 [Lp]) selects the token-order output.
 
     Returns:
-      [H, n_tiles, Pp, Dp] in out_dtype; rows of padded slots hold finite values.
+      (o, lse2 float32 [B, N, Lp]): o [B, N, Lp, D] in out_dtype (padded rows finite), or
+      [B, L, N, D] in token order when `slot_token` is given.
     """
-    h, n_tiles, p_pad, d_pad = q.shape
-    kv_width = kv_tiles.shape[1]
-    kv_count = kv_width if kv_count is None else int(kv_count)
-    precision = lax.Precision.HIGHEST if jnp.dtype(q.dtype).itemsize >= 4 else lax.Precision.DEFAULT
+    b, n, lp, d = q.shape
+    if k.shape != q.shape or v_t.shape != (b, n, d, lp):
+        raise ValueError(f"q, k [B, N, Lp, D] and v_t [B, N, D, Lp], got {q.shape}, {v_t.shape}")
+    if padded_tile % block_q or padded_tile % block_k or lp % padded_tile:
+        raise ValueError(
+            f"Pp = {padded_tile} must be a multiple of block_q = {block_q} and block_k = "
+            f"{block_k}, and Lp = {lp} a multiple of Pp"
+        )
+    if not interpret and (d < 16 or d & (d - 1)):
+        raise ValueError(f"the Triton lowering needs a power-of-two head dim >= 16, got {d}")
+    n_tiles = lp // padded_tile
+    compute = jnp.float32 if jnp.dtype(q.dtype).itemsize >= 4 else jnp.bfloat16
     kernel = functools.partial(
         _kernel,
-        kv_count=kv_count,
-        k_blocks=p_pad // block_k,
+        padded_tile=padded_tile,
+        heads=n,
         block_k=block_k,
-        softmax_scale=float(softmax_scale),
-        p_scale=p_scale,
-        precision=precision,
+        softmax_scale=float(scale),
+        p_scale=float(p_scale),
+        round_p=float(p_scale) != 1.0,
+        compute_dtype=compute,
+        precision=lax.Precision.HIGHEST if compute == jnp.float32 else lax.Precision.DEFAULT,
     )
-    whole_head = pl.BlockSpec((None, n_tiles, p_pad, d_pad), lambda i, u, r: (i, 0, 0, 0))
-    q_block = pl.BlockSpec((None, None, block_q, d_pad), lambda i, u, r: (i, u, r, 0))
+    q_blocks = padded_tile // block_q
+    row_block = lambda i, u, r: (i // n, i % n, u * q_blocks + r, 0)
+    head_map = lambda i, u, r: (i // n, i % n, 0, 0)
+    in_specs = [
+        pl.BlockSpec((None, kv_tiles.shape[1]), lambda i, u, r: (u, 0)),
+        pl.BlockSpec((lp,), lambda i, u, r: (0,)),
+        pl.BlockSpec((None, None, n_tiles), lambda i, u, r: (i // n, i % n, 0)),
+        pl.BlockSpec((None, None, n_tiles), lambda i, u, r: (i // n, i % n, 0)),
+        pl.BlockSpec((None, None, d), lambda i, u, r: (i // n, i % n, 0)),
+    ]
+    args = [jnp.asarray(np.ascontiguousarray(kv_tiles, np.int32)), key_bias]
+    args += [q_scale, k_scale, v_scale]
+    if slot_token is None:
+        o_spec = pl.BlockSpec((None, None, block_q, d), row_block)
+        o_shape = (b, n, lp, d)
+    else:
+        if np.shape(slot_token) != (lp,):
+            raise ValueError(f"slot_token must be [Lp] = [{lp}], got {np.shape(slot_token)}")
+        tokens = int(np.count_nonzero(np.asarray(slot_token) >= 0))
+        in_specs.append(pl.BlockSpec((block_q,), lambda i, u, r: (u * q_blocks + r,)))
+        args.append(jnp.asarray(np.ascontiguousarray(slot_token, np.int32)))
+        o_spec = pl.BlockSpec((None, tokens, n, d), lambda i, u, r: (i // n, 0, 0, 0))
+        o_shape = (b, tokens, n, d)
+    in_specs += [
+        pl.BlockSpec((None, None, block_q, d), row_block),
+        pl.BlockSpec((None, None, lp, d), head_map),
+        pl.BlockSpec((None, None, d, lp), head_map),
+    ]
+    with_tokens = slot_token is not None
+
+    def body(kv, bias, qs, ks, vs, *rest):
+        token, rest = (rest[0], rest[1:]) if with_tokens else (None, rest)
+        kernel(kv, bias, qs, ks, vs, token, *rest)
+
     return pl.pallas_call(
-        kernel,
-        grid=(h, n_tiles, p_pad // block_q),
-        in_specs=[
-            pl.BlockSpec((None, kv_width), lambda i, u, r: (u, 0)),
-            pl.BlockSpec((n_tiles, p_pad), lambda i, u, r: (0, 0)),
-            pl.BlockSpec((None, n_tiles), lambda i, u, r: (i, 0)),
-            pl.BlockSpec((None, n_tiles), lambda i, u, r: (i, 0)),
-            pl.BlockSpec((None, d_pad), lambda i, u, r: (i, 0)),
-            q_block,
-            whole_head,
-            whole_head,
-        ],
-        out_specs=q_block,
-        out_shape=jax.ShapeDtypeStruct(q.shape, out_dtype),
+        body,
+        grid=(b * n, n_tiles, q_blocks),
+        in_specs=in_specs,
+        out_specs=(
+            o_spec,
+            pl.BlockSpec((None, None, block_q), lambda i, u, r: (i // n, i % n, u * q_blocks + r)),
+        ),
+        out_shape=(
+            jax.ShapeDtypeStruct(o_shape, out_dtype),
+            jax.ShapeDtypeStruct((b, n, lp), jnp.float32),
+        ),
         compiler_params=plgpu.CompilerParams(
-            num_warps=num_warps or (4 if d_pad <= 64 else 8), num_stages=num_stages or 2
+            num_warps=num_warps or (4 if d <= 64 else 8), num_stages=num_stages or 2
         ),
         interpret=interpret,
         name="fpsa_forward",
-    )(kv_tiles, key_bias, q_scales, k_scales, v_scales, q, k, v)
+    )(*args, q, k, v_t)

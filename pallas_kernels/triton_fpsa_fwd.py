@@ -10,17 +10,19 @@ tiles from `kv_tiles` [n_tiles, KV_COUNT], each in Pp / BLOCK_N key blocks, with
 in base 2:
 
   s2 = (Q8 . K8^T) * (q_scale[u] * k_scale[v] * softmax_scale * log2(e)) + key_bias   (float32)
-  m = running row max of s2;  p' = exp2(s2 - (m - log2(p_scale))) = p_scale * exp2(s2 - m)
+  m = running row max of s2;  p' = p_scale * exp2(s2 - m)
   l' += sum(p')  (unrounded);  acc = acc * exp2(m_old - m) + e4m3(p') . V8   (FP8 wgmma, f32 acc)
   o = acc / l' * v_scale  per channel,  written in o's dtype;  lse2 = m + log2(l' / p_scale).
 
 So the scales are folded: one scalar per (query tile, key tile) pair multiplies the scores (it
-carries log2(e) so the kernel uses exp2), P's static scale rides in the exponent (p' needs no
-multiply, and it cancels between acc and l'), and the per-channel V scale is applied once at the
-end. P is rounded against the running max. Padded key slots get a -inf bias; the
-running max starts at a finite -1e30 so a fully padded key block gives p = 0 and alpha = 1, never
-NaN. Padded query rows compute finite values that callers drop. `lse2` (float32 [B, N, Lp], base
-2, of the scaled scores) is what the backward needs to rebuild P.
+carries log2(e) so the kernel uses exp2), P's static scale multiplies p after the exp2 (it
+cancels between acc and l'; folded into the exponent as exp2(s2 - (m - log2 p_scale)) it would
+lose the row max's low bits once |m| is large, e.g. 64 in float32 at 1e9: inputs of size 1e4
+gave p' = 2^64), and the per-channel V scale is applied once at the end. P is rounded against
+the running max. Padded key slots get a -inf bias; the running max starts at a finite -1e30 so
+a fully padded key block gives p = 0 and alpha = 1, never NaN. Padded query rows compute finite
+values that callers drop. `lse2` (float32 [B, N, Lp], base 2, of the scaled scores) is what the
+backward needs to rebuild P.
 
 The output goes either to [B, N, Lp, D] (kernel layout) or, given the slot table of the pre-pass
 (`slot_token` int32 [Lp], -1 for padding), straight to [B, L, N, D] in token order: each query
@@ -92,7 +94,8 @@ def make_kernel():
         KV_COUNT: tl.constexpr,
         HEAD_DIM: tl.constexpr,
         QK_SCALE: tl.constexpr,  # softmax scale * log2(e)
-        LOG2_P_SCALE: tl.constexpr,  # log2 of P's static scale (448 for FP8, 1 otherwise)
+        P_SCALE: tl.constexpr,  # P's static scale (448 for FP8, 1 otherwise)
+        LOG2_P_SCALE: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         EMULATE_FP8_P: tl.constexpr,
@@ -136,7 +139,7 @@ def make_kernel():
             s = tl.dot(q, tl.trans(k)) * pair_scale + bias[None, :]
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.math.exp2(m_i - m_new)
-            p = tl.math.exp2(s - (m_new - LOG2_P_SCALE)[:, None])  # p * p_scale
+            p = tl.math.exp2(s - m_new[:, None]) * P_SCALE
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None]
             if EMULATE_FP8_P:
@@ -204,6 +207,7 @@ def kernel_meta(
         KV_COUNT=kv_count,
         HEAD_DIM=d,
         QK_SCALE=float(scale) * LOG2_E,
+        P_SCALE=float(p_scale),
         LOG2_P_SCALE=float(np.log2(p_scale)),
         BLOCK_M=launch.block_m,
         BLOCK_N=launch.block_n,

@@ -33,7 +33,6 @@ import numpy as np
 import pytest
 
 from fpsa_jax.attention import FPSAConfig
-from fpsa_jax.attention.api import resolve_impl
 from fpsa_jax.attention.kernel_layout import (
     from_kernel_layout,
     kernel_scales,
@@ -52,6 +51,7 @@ from fpsa_jax.model.wan import WanModel, init_params
 from pallas_kernels import triton_fpsa_bwd as tb
 from pallas_kernels import triton_fpsa_fwd as tf
 from pallas_kernels import triton_fpsa_prepass as tp
+from tests.kernels.kernel_suite import KernelBehaviour
 
 LOG2_E = 1.4426950408889634
 
@@ -401,6 +401,22 @@ def test_interpreted_backward_matches_float64_gradients(i, interpreted):
 # ----------------------------------------------------------------------------- GPU
 
 
+@pytest.mark.gpu
+class TestTritonKernel(KernelBehaviour):
+    """The shared kernel suite through jax-triton."""
+
+    impl = "triton"
+    differentiable = True
+
+    def kernel(self, ops, kv_tiles, scale, p_scale, out_dtype):
+        args = (ops.q, ops.k, ops.v_t, ops.q_scale, ops.k_scale, ops.v_scale, ops.key_bias)
+        fn = lambda *a: tf.fpsa_forward(
+            *a, kv_tiles, padded_tile=ops.padded_tile, scale=scale, p_scale=p_scale,
+            out_dtype=out_dtype,
+        )  # fmt: skip
+        return jax.jit(fn)(*args)
+
+
 def _jit_triton(grid, config, scale):
     return jax.jit(lambda q, k, v: triton_attention(q, k, v, grid=grid, config=config, scale=scale))
 
@@ -409,20 +425,6 @@ def _grads(fn, q, k, v, do):
     """(dq, dk, dv) of sum(fn(q, k, v) * do)."""
     loss = lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) * do)
     return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("case", CASES)
-def test_fp8_forward_matches_reference(case):
-    grid, tile, window, qg, kg, heads, d = case
-    config = FPSAConfig(tile=tile, window=window, quant="fp8", q_group=qg, k_group=kg)
-    q, k, v = _inputs(grid, heads, d, jnp.bfloat16, seed=3)
-    scale = 1 / math.sqrt(d)
-    out = _jit_triton(grid, config, scale)(q, k, v)
-    assert out.dtype == jnp.bfloat16 and out.shape == q.shape
-    assert np.isfinite(np.asarray(out, np.float32)).all()
-    ref = reference_attention(q, k, v, grid=grid, config=config, scale=scale)
-    assert _rel(out, ref) < 0.03
 
 
 @pytest.mark.gpu
@@ -531,37 +533,6 @@ def test_backward_kernels_write_every_element(case):
 
 
 @pytest.mark.gpu
-def test_bf16_forward_matches_reference():
-    grid, tile, window = (5, 7, 9), (3, 5, 6), (1, 2, 1)
-    config = FPSAConfig(tile=tile, window=window)
-    q, k, v = _inputs(grid, 2, 64, jnp.bfloat16, seed=5)
-    out = triton_attention(q, k, v, grid=grid, config=config, scale=0.125)
-    ref = reference_attention(q, k, v, grid=grid, config=config, scale=0.125)
-    assert _rel(out, ref) < 1e-2
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("quant", ["none", "fp8"])
-@pytest.mark.parametrize("case", CASES)
-def test_gradients_match_xla(case, quant):
-    """jax.grad through impl="triton" against jax.grad through impl="xla" (straight-through FP8).
-
-    Unquantized: both bf16, 2e-2. FP8: the xla path's dV uses the E4M3-rounded P (its STE), the
-    kernel's the unrounded P, and both round P at different maxima: 5e-2.
-    """
-    grid, tile, window, qg, kg, heads, d = case
-    config = FPSAConfig(tile=tile, window=window, quant=quant, q_group=qg, k_group=kg)
-    q, k, v = _inputs(grid, heads, d, jnp.bfloat16, seed=7)
-    do = jax.random.normal(jax.random.key(8), q.shape)
-    scale = 1 / math.sqrt(d)
-    got = _grads(_jit_triton(grid, config, scale), q, k, v, do)
-    want = _grads(lambda *a: xla_attention(*a, grid=grid, config=config, scale=scale), q, k, v, do)
-    for name, g, w in zip(("dq", "dk", "dv"), got, want, strict=True):
-        assert g.dtype == jnp.bfloat16 and np.isfinite(np.asarray(g, np.float32)).all(), name
-        assert _rel(g, w) < (2e-2 if quant == "none" else 5e-2), name
-
-
-@pytest.mark.gpu
 def test_wan_shape_forward_and_gradients_match_xla():
     grid, tile, window = (21, 30, 52), (3, 8, 8), (3, 2, 3)  # 18 of 196 key tiles: 91% sparse
     config = FPSAConfig(tile=tile, window=window, quant="fp8")
@@ -580,17 +551,8 @@ def test_wan_shape_forward_and_gradients_match_xla():
 
 
 @pytest.mark.gpu
-def test_auto_picks_the_kernel_where_it_runs():
-    fp8 = FPSAConfig(tile=(1, 4, 4), window=(1, 1, 2), quant="fp8")
-    assert resolve_impl("auto", fp8, jnp.bfloat16, 128) == "triton"
-    assert resolve_impl("auto", fp8, jnp.float32, 64) == "triton"  # FP8 takes any float input
-    assert resolve_impl("auto", FPSAConfig(tile=(1, 4, 4)), jnp.float32, 64) == "xla"
-    assert resolve_impl("auto", fp8, jnp.bfloat16, 48) == "xla"  # D not a power of two
-
-
-@pytest.mark.gpu
 def test_wan_model_on_the_kernel_matches_xla_forward_and_gradients():
-    """The tiny DiT end to end through impl="auto" (= triton here) against impl="xla".
+    """The tiny DiT end to end through impl="triton" against impl="xla".
 
     Same quantized operands on both paths; they differ by where P is rounded (running vs final
     row max) and bf16 vs float32 inside attention, a few percent through two blocks.
@@ -613,11 +575,11 @@ def test_wan_model_on_the_kernel_matches_xla_forward_and_gradients():
         return jnp.mean(out**2), out
 
     results = {}
-    for impl in ("auto", "xla"):
+    for impl in ("triton", "xla"):
         fn = jax.jit(jax.value_and_grad(functools.partial(loss_and_out, impl=impl), has_aux=True))
         (_, out), grads = fn(params)
         results[impl] = (out, jnp.concatenate([g.ravel() for g in jax.tree.leaves(grads)]))
-    (out, grads), (want_out, want_grads) = results["auto"], results["xla"]
+    (out, grads), (want_out, want_grads) = results["triton"], results["xla"]
     assert np.isfinite(np.asarray(out)).all() and np.isfinite(np.asarray(grads)).all()
     assert _rel(out, want_out) < 3e-2
     assert _rel(grads, want_grads) < 5e-2

@@ -1,0 +1,185 @@
+"""impl="mosaic": the warp-specialized Mosaic GPU forward (with the Triton backward).
+
+CPU: the shared kernel suite on two cases in Mosaic GPU's interpreter (its barriers, TMA copies and
+wgmma are simulated; the P.V product accumulates out of place there, see the kernel's docstring),
+the padded-block table against brute force, and every error branch. GPU (marker `gpu`, or the suite
+whenever JAX sees a GPU): the compiled kernel on all suite cases, its launch options against each
+other, the backward, the Wan 480p shape and what impl="auto" picks.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fpsa_jax.attention import FPSAConfig, fpsa_attention
+from fpsa_jax.attention.api import resolve_impl
+from fpsa_jax.attention.kernel_layout import padded_key_blocks, quantize_for_kernel, slot_tokens
+from fpsa_jax.attention.mask import build_mask_info
+from fpsa_jax.attention.mosaic import mosaic_attention
+from pallas_kernels import mosaic_fpsa_fwd as mf
+from tests.kernels.kernel_suite import CASES, KernelBehaviour, config_of, rel_err
+
+ON_GPU = jax.default_backend() == "gpu"
+
+
+class TestMosaicKernel(KernelBehaviour):
+    impl = "mosaic"
+    differentiable = ON_GPU  # the Triton backward needs a GPU
+    cases = CASES if ON_GPU else CASES[:2]  # the interpreter takes ~10 s a case
+
+    def attention(self, q, k, v, grid, config, scale):
+        if ON_GPU:
+            return super().attention(q, k, v, grid, config, scale)
+        fn = lambda q, k, v: mosaic_attention(
+            q, k, v, grid=grid, config=config, scale=scale, interpret=True
+        )
+        return jax.jit(fn)(q, k, v)
+
+    def kernel(self, ops, kv_tiles, scale, p_scale, out_dtype):
+        args = (ops.q, ops.k, ops.v_t, ops.q_scale, ops.k_scale, ops.v_scale, ops.key_bias)
+        padded = padded_key_blocks(ops.grid, ops.tile, ops.padded_tile, mf.BLOCK_KV)
+        fn = lambda *a: mf.fpsa_forward(
+            *a, kv_tiles, padded_tile=ops.padded_tile, scale=scale, p_scale=p_scale,
+            out_dtype=out_dtype, padded_blocks=padded, interpret=not ON_GPU,
+        )  # fmt: skip
+        return jax.jit(fn)(*args)
+
+
+def test_padded_key_blocks_mark_exactly_the_blocks_holding_padding():
+    grid, tile, pp = (4, 9, 10), (3, 8, 8), 192
+    tokens = slot_tokens(grid, tile, pp)
+    want = [int(any(tokens[b * 64 : (b + 1) * 64] < 0)) for b in range(len(tokens) // 64)]
+    got = padded_key_blocks(grid, tile, pp, 64)
+    assert got.dtype == np.int32 and got.tolist() == want
+    assert 0 < sum(want) < len(want)  # both kinds occur: the test can fail either way
+
+
+def _operands(quant="fp8", d=64, grid=(3, 8, 8), tile=(3, 8, 8)):
+    q = jnp.zeros((1, math.prod(grid), 1, d), jnp.bfloat16)
+    return quantize_for_kernel(q, q, q, grid, FPSAConfig(tile=tile, quant=quant), block_n=64)
+
+
+def _forward(ops, **kwargs):
+    args = (ops.q, ops.k, ops.v_t, ops.q_scale, ops.k_scale, ops.v_scale, ops.key_bias)
+    table = kwargs.pop("kv_tiles", np.zeros((ops.q.shape[2] // ops.padded_tile, 1), np.int32))
+    defaults = dict(padded_tile=ops.padded_tile, scale=0.1, p_scale=448.0, out_dtype=jnp.bfloat16)
+    return mf.fpsa_forward(*args, table, **{**defaults, **kwargs})
+
+
+def test_kernel_rejects_operands_it_cannot_take():
+    ops = _operands()
+    with pytest.raises(ValueError, match=r"v_t must be \[B, N, D, Lp\]"):
+        _forward(ops.replace(v_t=ops.k))
+    with pytest.raises(ValueError, match="float8_e4m3fn or bfloat16"):
+        f32 = {f: getattr(ops, f).astype(jnp.float32) for f in ("q", "k", "v_t")}
+        _forward(ops.replace(**f32))
+    with pytest.raises(ValueError, match="head dim D in"):
+        _forward(_operands(d=32))
+    with pytest.raises(ValueError, match="padded tile Pp in 64, 128 or 192"):
+        _forward(_operands(grid=(4, 8, 8), tile=(4, 8, 8)))
+    with pytest.raises(ValueError, match=r"k_scale must have shape \(1, 1, 1\)"):
+        _forward(ops.replace(k_scale=jnp.ones((1, 1, 2))))
+    with pytest.raises(ValueError, match=r"kv_tiles must be \[n_tiles=1, K\]"):
+        _forward(ops, kv_tiles=np.zeros((2, 1), np.int32))
+    with pytest.raises(ValueError, match=r"padded_blocks must be \[Lp / 64\] = \[3\]"):
+        _forward(ops, padded_blocks=np.zeros(2, np.int32))
+    with pytest.raises(ValueError, match="static scale must be positive"):
+        _forward(ops, p_scale=0.0)
+    with pytest.raises(ValueError, match="stages must be >= 2"):
+        _forward(ops, launch=mf.MosaicLaunch(stages=1))
+    with pytest.raises(ValueError, match="bytes of SMEM .* use fewer stages"):
+        _forward(_operands(quant="none", d=128), launch=mf.MosaicLaunch(stages=8))
+
+
+def test_default_launch_fits_shared_memory():
+    for dtype in (jnp.float8_e4m3fn, jnp.bfloat16):
+        for pp in (64, 128, 192):
+            launch = mf.default_launch(pp, 128, dtype, jnp.bfloat16)
+            assert mf.smem_bytes(launch, pp, 128, dtype, jnp.bfloat16) <= mf.SMEM_BYTES
+    assert mf.default_launch(192, 128, jnp.float8_e4m3fn, jnp.bfloat16).stages == 4
+
+
+@pytest.mark.skipif(ON_GPU, reason="checks the error off a Hopper GPU")
+def test_impl_says_it_needs_a_hopper_gpu():
+    q = jnp.zeros((1, 192, 1, 64), jnp.bfloat16)
+    cfg = FPSAConfig(tile=(3, 8, 8), quant="fp8")
+    with pytest.raises(ValueError, match="impl='mosaic' needs an NVIDIA Hopper GPU"):
+        fpsa_attention(q, q, q, grid=(3, 8, 8), config=cfg, impl="mosaic")
+
+
+@pytest.mark.parametrize(
+    "config, dtype, d, error, match",
+    [
+        (None, jnp.bfloat16, 64, ValueError, "needs an FPSAConfig"),
+        (FPSAConfig(tile=(3, 8, 8)), jnp.float32, 64, NotImplementedError, "bf16 operands only"),
+        (FPSAConfig(tile=(3, 8, 8), quant="fp8"), jnp.bfloat16, 48, ValueError, "head dim D in"),
+        (FPSAConfig(tile=(4, 8, 8), quant="fp8"), jnp.bfloat16, 64, ValueError, "up to 192"),
+    ],
+)
+def test_impl_rejects_inputs_before_touching_a_gpu(config, dtype, d, error, match):
+    q = jnp.zeros((1, 256, 1, d), dtype)
+    with pytest.raises(error, match=match):
+        mosaic_attention(q, q, q, grid=(4, 8, 8), config=config, scale=0.1, interpret=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "launch",
+    [
+        mf.MosaicLaunch(stages=2),
+        mf.MosaicLaunch(stages=6),
+        mf.MosaicLaunch(prefetch=False),
+        mf.MosaicLaunch(pipeline=True),
+        mf.MosaicLaunch(p_in_registers=True),
+        mf.MosaicLaunch(consumer_registers=None, producer_registers=None),
+    ],
+)
+def test_launch_options_compute_the_same_attention(launch):
+    """Every option reorders the same arithmetic: equal to the default launch up to float32
+    reassociation and E4M3 ties (1e-3)."""
+    case = CASES[1]
+    grid, config = case[0], config_of(case, "fp8")
+    keys = jax.random.split(jax.random.key(9), 3)
+    q, k, v = (jax.random.normal(kk, (1, math.prod(grid), 2, 128), jnp.bfloat16) for kk in keys)
+    run = lambda launch: jax.jit(
+        lambda q, k, v: mosaic_attention(
+            q, k, v, grid=grid, config=config, scale=0.088, launch=launch
+        )
+    )(q, k, v)
+    assert rel_err(run(launch), run(None)) < 1e-3
+
+
+@pytest.mark.gpu
+def test_wan_480p_shape_forward_and_gradients_match_xla():
+    grid, config = (21, 30, 52), FPSAConfig(tile=(3, 8, 8), window=(3, 2, 3), quant="fp8")
+    keys = jax.random.split(jax.random.key(6), 4)
+    q, k, v, do = (jax.random.normal(kk, (1, 32760, 2, 128), jnp.bfloat16) for kk in keys)
+
+    def grads(impl):
+        def loss(q, k, v):
+            o = fpsa_attention(q, k, v, grid=grid, config=config, impl=impl)
+            return jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32)), o
+
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+
+    (_, out), got = grads("mosaic")
+    (_, want_out), want = grads("xla")
+    assert rel_err(out, want_out) < 0.03
+    for name, g, w in zip(("dq", "dk", "dv"), got, want, strict=True):
+        assert np.isfinite(np.asarray(g, np.float32)).all(), name
+        assert rel_err(g, w) < 5e-2, name
+
+
+@pytest.mark.gpu
+def test_auto_picks_mosaic_where_it_runs():
+    fp8 = FPSAConfig(tile=(3, 8, 8), window=(1, 1, 2), quant="fp8")
+    assert resolve_impl("auto", fp8, jnp.bfloat16, 128) == "mosaic"
+    assert resolve_impl("auto", fp8, jnp.float32, 64) == "mosaic"  # FP8 takes any float input
+    big = FPSAConfig(tile=(4, 8, 8), quant="fp8")  # 256 tokens: Triton takes it, Mosaic not
+    assert resolve_impl("auto", big, jnp.bfloat16, 128) == "triton"
+    assert resolve_impl("auto", fp8, jnp.bfloat16, 48) == "xla"
+    info = build_mask_info((21, 30, 52), (3, 8, 8), (3, 2, 3))
+    assert info.kv_count == 18  # the 90% window the benchmark times
