@@ -27,8 +27,7 @@ from fpsa_jax.training import (
     TrainState,
     init_train_state,
     make_optimizer,
-    phase_attention,
-    sample_phase_and_sigmas,
+    sample_phase,
     train_step,
 )
 from train.checkpoints import Checkpoints
@@ -212,8 +211,7 @@ def run(settings: RunSettings) -> dict[str, float]:
         ):
             # The phase/sigma draw depends on (seed, step) only, so a resumed run draws the same.
             key = jax.random.fold_in(jax.random.key(settings.seed + 1), step)
-            phase, sigmas = sample_phase_and_sigmas(key, settings.batch_size, train_config)
-            attention = phase_attention(train_config, phase)
+            phase, sigmas, attention = sample_phase(key, settings.batch_size, train_config)
             batch, data_state = next(batches)
             arrays = {
                 "latents": np.asarray(batch.latents, np.float32),

@@ -38,9 +38,9 @@ from jax.tree_util import Partial
 
 from fpsa_jax.attention import FPSAConfig, StepSchedule
 from fpsa_jax.config import WanConfig
-from fpsa_jax.flow_schedule import flow_schedule
 from fpsa_jax.model.wan import WanModel
 from fpsa_jax.sampling.euler import euler_init, euler_step, euler_tables
+from fpsa_jax.sampling.schedule import flow_schedule
 from fpsa_jax.sampling.unipc import unipc_init, unipc_step, unipc_tables
 
 SolverName = Literal["unipc", "euler"]

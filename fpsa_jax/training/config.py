@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from typing import Any, Literal, get_args
 
 from fpsa_jax.attention.schedule import StepSchedule
-from fpsa_jax.flow_schedule import flow_schedule
+from fpsa_jax.sampling.schedule import flow_schedule
 
 SigmaSampling = Literal["shifted", "logit_normal"]
 SIGMA_SAMPLINGS: tuple[str, ...] = get_args(SigmaSampling)
@@ -57,8 +57,9 @@ class TrainConfig:
         FSDP's mixed precision; halves parameter all-gathers). False keeps float32 parameters and
         lets each layer cast at use, so Wan's float32 islands read float32 weights. Gradients
         reach the float32 masters either way.
-      num_inference_steps, inference_shift: the sampling schedule (fpsa_jax.flow_schedule) whose
-        steps map a training sigma to a phase of `schedule`, so training sees inference's operator.
+      num_inference_steps, inference_shift: the sampling schedule (fpsa_jax.sampling.flow_schedule)
+        whose steps map a training sigma to a phase of `schedule`, so training sees inference's
+        operator.
       schedule: the step-aware FPSA schedule, or None for dense attention at every sigma.
     """
 

@@ -1,10 +1,9 @@
 """One quantization-aware flow-matching train step (pure; the caller jits it).
 
-The FPSA operator of the step is static (`attention`): the app draws a batch's phase and sigmas
-with `sample_phase_and_sigmas`, looks up `phase_attention(config, phase)` and calls the train step
-compiled for that operator, one compilation per phase. FP8 quantization passes gradients straight
-through and sparsity masks them exactly: both come from the operator (impl "xla" is
-differentiable).
+The FPSA operator of the step is static (`attention`): the app draws a batch's phase, sigmas and
+operator with `sample_phase` and calls the train step compiled for that operator, one compilation
+per phase. FP8 quantization passes gradients straight through and sparsity masks them exactly:
+both come from the operator (impl "xla" is differentiable).
 
 Batch (a dict):
   latents       [B, F, H, W, C] float32 clean latents x0 (C = out_dim)
