@@ -128,12 +128,8 @@ def _resolve_schedule(height: int, width: int, trained=None):
         return trained, "demo (as fine-tuned)"
     name = _SCHEDULE.value or ("wan-480p" if height * width <= 480 * 832 else "wan-720p")
     try:
-        if name.endswith(".json"):
-            if not Path(name).is_file():
-                raise app.UsageError(f"--schedule file not found: {name}")
-            return StepSchedule.from_json(Path(name).read_text()), name
-        return StepSchedule.preset(name), name
-    except ValueError as e:
+        return StepSchedule.load(name), name
+    except (OSError, ValueError) as e:
         raise app.UsageError(f"--schedule {name}: {e}") from None
 
 

@@ -92,19 +92,15 @@ def _train_config():
             fields[key] = json.loads(value)
         except json.JSONDecodeError:
             fields[key] = value  # a bare string, e.g. --set lr_schedule=cosine
+    schedule = None
     if _SCHEDULE.value:
-        name = _SCHEDULE.value
         try:
-            schedule = (
-                StepSchedule.from_json(Path(name).read_text())
-                if name.endswith(".json")
-                else StepSchedule.preset(name)
-            )
+            schedule = StepSchedule.load(_SCHEDULE.value)
         except (OSError, ValueError) as e:
-            raise app.UsageError(f"--schedule {name}: {e}") from None
-        fields["schedule"] = schedule.to_dict()
+            raise app.UsageError(f"--schedule {_SCHEDULE.value}: {e}") from None
     try:
-        return TrainConfig.from_dict(fields)
+        config = TrainConfig.from_dict(fields)
+        return config if schedule is None else config.replace(schedule=schedule)
     except (TypeError, ValueError) as e:
         raise app.UsageError(f"bad training config: {e}") from None
 

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import numbers
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
@@ -128,6 +129,23 @@ class StepSchedule:
     @classmethod
     def from_json(cls, text: str) -> StepSchedule:
         return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def load(cls, spec: str) -> StepSchedule:
+        """A preset name (see `preset`) or, for a name ending in .json, the file `to_json` wrote.
+
+        Raises FileNotFoundError for a missing file, ValueError for an unknown preset or a file
+        that is not a schedule.
+        """
+        if not spec.endswith(".json"):
+            return cls.preset(spec)
+        path = Path(spec)
+        if not path.is_file():
+            raise FileNotFoundError(f"StepSchedule file not found: {spec}")
+        try:
+            return cls.from_json(path.read_text())
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{spec} is not a StepSchedule JSON file: {e!r}") from None
 
     @classmethod
     def preset(cls, name: str) -> StepSchedule:

@@ -75,3 +75,27 @@ def test_invalid_lookups_raise():
         StepSchedule.preset("wan-1080p")
     with pytest.raises(ValueError, match="exactly the key 'phases'"):
         StepSchedule.from_dict({"phases": [], "extra": 1})
+
+
+def test_load_reads_a_preset_name_or_a_json_file(tmp_path):
+    assert StepSchedule.load("wan-720p") == StepSchedule.preset("wan-720p")
+    path = tmp_path / "mine.json"
+    path.write_text(SCHED.to_json())
+    assert StepSchedule.load(str(path)) == SCHED
+
+
+@pytest.mark.parametrize(
+    "text, error, match",
+    [
+        (None, FileNotFoundError, "StepSchedule file not found"),
+        ('{"phases": [{"end_fraction": 1.0}]}', ValueError, "not a StepSchedule JSON file"),
+        ("{not json", ValueError, "not a StepSchedule JSON file"),
+        ('{"phases": [{"end_fraction": 2.0, "config": null}]}', ValueError, "end_fraction"),
+    ],
+)
+def test_load_names_what_is_wrong_with_a_file(tmp_path, text, error, match):
+    path = tmp_path / "s.json"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(error, match=match):
+        StepSchedule.load(str(path))

@@ -69,6 +69,7 @@ def test_dense_run_with_flags_writes_video_and_array(tmp_path):
         (["--frame_num=4"], "frame count must be 4k+1"),
         (["--sample_steps=0"], "--sample_steps must be >= 1"),
         (["--attention=fpsa", "--schedule=wan-9000p"], "unknown StepSchedule preset"),
+        (["--schedule=/no/schedule.json"], "StepSchedule file not found"),
         (["--attention=dense", "--schedule=wan-480p"], "--schedule needs --attention=fpsa"),
         (["--size=64*64"], "the embedded demo model generates 9 frames of 32*32 only"),
         (["--save_file=out.avi"], "--save_file must end in .mp4"),

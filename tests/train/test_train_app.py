@@ -194,6 +194,7 @@ def test_a_kill_during_saves_leaves_the_last_checkpoint_restorable(tmp_path):
         (["--set=learning_rate"], "--set takes KEY=VALUE"),
         (["--set=warmup_step=3"], "unknown TrainConfig fields"),
         (["--schedule=wan-9000p"], "unknown StepSchedule preset"),
+        (["--schedule=/no/schedule.json"], "StepSchedule file not found"),
         (["--data=/no/records"], "no records index.json"),
         (["--num_steps=0"], "--num_steps must be >= 1"),
     ],
