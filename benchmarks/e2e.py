@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fpsa_jax import pipeline
-from fpsa_jax.attention import StepSchedule
+from fpsa_jax.attention import IMPLS, StepSchedule
 from fpsa_jax.config import WanConfig
 from fpsa_jax.model import vae as wan_vae
 from fpsa_jax.model import wan
@@ -75,7 +75,9 @@ def main():
     )
     parser.add_argument("--repeats", type=int, default=2, help="dense runs (the first compiles)")
     parser.add_argument("--fpsa_repeats", type=int, default=1, help="fpsa runs")
-    parser.add_argument("--fpsa_impl", default="xla", help="impl for the FPSA phases")
+    parser.add_argument(
+        "--fpsa_impl", default="xla", choices=IMPLS, help="impl for the FPSA phases"
+    )
     parser.add_argument("--schedule", default=None, help="StepSchedule preset (default by size)")
     parser.add_argument("--vae", default="wan2.1", help="VAE preset for the decode timing")
     args = parser.parse_args()

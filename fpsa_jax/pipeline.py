@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from fpsa_jax.attention import StepSchedule
+from fpsa_jax.attention import Impl, StepSchedule
 from fpsa_jax.config import WanConfig
 from fpsa_jax.model import vae as wan_vae
 from fpsa_jax.model.umt5 import Tokenizer, UMT5Config, encode_text
@@ -97,7 +97,7 @@ def denoise(
     guide_scale: float,
     solver: str = "unipc",
     schedule: StepSchedule | None = None,
-    attention_impl: str = "auto",
+    attention_impl: Impl = "auto",
     progress: Callable[[int, int], None] | None = None,
     mesh: jax.sharding.Mesh | None = None,
 ) -> jax.Array:

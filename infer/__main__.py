@@ -17,6 +17,8 @@ from pathlib import Path
 
 from absl import app, flags
 
+from fpsa_jax.attention import IMPLS
+
 _TASK = flags.DEFINE_enum(
     "task",
     "t2v-1.3B",
@@ -96,10 +98,12 @@ _ULYSSES_SIZE = flags.DEFINE_integer(
     "Sequence-parallel degree (as in Wan's generate.py): self-attention is split over this many "
     "devices by heads (Ulysses all-to-all); the heads and tokens must divide by it.",
 )
-_ATTENTION_IMPL = flags.DEFINE_string(
+_ATTENTION_IMPL = flags.DEFINE_enum(
     "attention_impl",
     "auto",
-    "Implementation of the attention operator: auto, xla, reference, cudnn, cudnn_fp8.",
+    IMPLS,
+    "Implementation of the self-attention operator (fpsa_jax.attention.fpsa_attention); auto "
+    "picks the fastest that runs the inputs here.",
 )
 
 _FPS = 16  # Wan2.1's sample_fps

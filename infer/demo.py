@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fpsa_jax.attention import Impl
 from fpsa_jax.data.synthetic import ADVERBS, DIRECTIONS, PALETTE, SHAPES
 
 DEFAULT_PROMPT = "a magenta circle moves down slowly"
@@ -66,7 +67,7 @@ def run(
     num_steps: int | None,
     shift: float | None,
     guide_scale: float | None,
-    attention_impl: str,
+    attention_impl: Impl,
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[np.ndarray, dict[str, float], object]:
     """Loads the embedded model and samples one video [F, H, W, 3] in [-1, 1].

@@ -17,6 +17,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
+from fpsa_jax.attention import Impl, check_impl
 from fpsa_jax.config import WanConfig
 from fpsa_jax.data import Loader, StandInEncoder, SyntheticLatentSource
 from fpsa_jax.demo.task import DemoSource
@@ -49,6 +50,7 @@ class RunSettings:
     mesh_shape: (data, fsdp, seq) over the first data*fsdp*seq devices; batch over data x fsdp,
       parameters and optimizer state FSDP over fsdp, self-attention sequence-parallel over seq.
     remat: the DiT's per-block rematerialisation policy (WanConfig.remat) for training.
+    attention_impl: the FPSA operator's implementation, checked here (before any weights load).
     """
 
     workdir: Path
@@ -65,9 +67,12 @@ class RunSettings:
     frames: int = 17
     height: int = 64
     width: int = 64
-    attention_impl: str = "xla"
+    attention_impl: Impl = "xla"
     mesh_shape: tuple[int, int, int] = (1, 1, 1)
     remat: str = "full"
+
+    def __post_init__(self):
+        check_impl(self.attention_impl)
 
 
 def _initial_params(settings: RunSettings) -> tuple[WanConfig, Any]:

@@ -35,16 +35,25 @@ REGISTRY: dict[str, AttentionFn] = {
 }
 
 
-def resolve_impl(impl: str, config: FPSAConfig | None, dtype, head_dim: int) -> str:
+def check_impl(impl: str) -> Impl:
+    """`impl` when it names an implementation (one of `IMPLS`), else a ValueError listing them.
+
+    Callers that build a model function check its impl with this once, before loading weights or
+    tracing, so a typo fails fast; `fpsa_attention` checks again at trace time.
+    """
+    if not isinstance(impl, str) or impl not in IMPLS:
+        raise ValueError(f"unknown impl {impl!r}; valid: {', '.join(IMPLS)}")
+    return impl
+
+
+def resolve_impl(impl: Impl, config: FPSAConfig | None, dtype, head_dim: int) -> Impl:
     """The concrete implementation `impl` stands for (only "auto" is resolved).
 
     "auto": FPSA configs go to the Triton kernels where they run (a Hopper GPU with jax-triton, a
     power-of-two head dim, FP8 or 16-bit inputs), else to "xla"; dense (config=None) 16-bit
     attention on a GPU goes to cuDNN, and everything else to "xla".
     """
-    if impl not in IMPLS:
-        raise ValueError(f"unknown impl {impl!r}; valid: {', '.join(IMPLS)}")
-    if impl != "auto":
+    if check_impl(impl) != "auto":
         return impl
     if config is not None:
         return "triton" if kernel_supports(dtype, head_dim, config) else "xla"

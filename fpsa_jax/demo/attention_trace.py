@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.tree_util import Partial
 
+from fpsa_jax.attention import Impl
 from fpsa_jax.config import WanConfig
 from fpsa_jax.demo import task
 from fpsa_jax.model.wan import Attention, WanModel
@@ -102,7 +103,7 @@ def _interceptor():
 @dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: one compile per log
 class _TracedWanApply:
     config: WanConfig
-    attention_impl: str
+    attention_impl: Impl
     log: ErrorLog
 
     def __call__(self, params, condition, latents, timesteps, context, attention):
@@ -123,7 +124,7 @@ class _TracedWanApply:
         return out
 
 
-def traced_model_fn(config: WanConfig, params, log: ErrorLog, attention_impl: str = "xla"):
+def traced_model_fn(config: WanConfig, params, log: ErrorLog, attention_impl: Impl = "xla"):
     """A `model_fn` for `fpsa_jax.sampling.sample` that reports attention errors to `log` (a
     demo model: it gets the demo task's position channels, `task.model_condition`)."""
     condition = task.model_condition(config)

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fpsa_jax.attention.schedule import StepSchedule
+from fpsa_jax.attention import Impl, StepSchedule
 from fpsa_jax.demo import task
 from fpsa_jax.demo.checkpoint import DemoCheckpoint
 from fpsa_jax.sampling import sample, wan_model_fn
@@ -52,7 +52,7 @@ def generate(
     schedule: StepSchedule | str | None = TRAINED,
     guide_scale: float | None = None,
     num_steps: int | None = None,
-    attention_impl: str = "xla",
+    attention_impl: Impl = "xla",
     model_fn: Callable[..., jax.Array] | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> np.ndarray:
@@ -68,14 +68,14 @@ def generate(
             f"need one seed per caption (>= 1), got {len(captions)} captions, {len(seeds)} seeds"
         )
     s = checkpoint.sampling
-    context = jnp.asarray(task.encode_captions(list(captions)))
-    null = jnp.zeros((1, 1, context.shape[-1]), context.dtype)
     fn = model_fn or wan_model_fn(
         checkpoint.config,
         params_as(checkpoint),
         attention_impl,
         condition=task.model_condition(checkpoint.config),
     )
+    context = jnp.asarray(task.encode_captions(list(captions)))
+    null = jnp.zeros((1, 1, context.shape[-1]), context.dtype)
     out = sample(
         fn,
         initial_noise(seeds),

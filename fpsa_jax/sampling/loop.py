@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.tree_util import Partial
 
-from fpsa_jax.attention import FPSAConfig, StepSchedule
+from fpsa_jax.attention import FPSAConfig, Impl, StepSchedule, check_impl
 from fpsa_jax.config import WanConfig
 from fpsa_jax.model.wan import WanModel
 from fpsa_jax.sampling.euler import euler_init, euler_step, euler_tables
@@ -90,7 +90,7 @@ class _WanApply:
     """Hashable `WanModel.apply` for `wan_model_fn` (equal configs share compiled programs)."""
 
     config: WanConfig
-    attention_impl: str
+    attention_impl: Impl
 
     def __call__(self, params, condition, latents, timesteps, context, attention):
         model = WanModel(self.config, attention_impl=self.attention_impl)
@@ -105,11 +105,15 @@ class _WanApply:
 
 
 def wan_model_fn(
-    config: WanConfig, params: Any, attention_impl: str = "auto", condition: Any = None
+    config: WanConfig, params: Any, attention_impl: Impl = "auto", condition: Any = None
 ) -> Partial:
     """A `model_fn` for `sample` that runs `WanModel(config)` with `params` (and the model's
-    `condition` channels [1, F, H, W, C'], if any, shared by every sample) as traced arguments."""
-    return Partial(_WanApply(config, attention_impl), params, condition)
+    `condition` channels [1, F, H, W, C'], if any, shared by every sample) as traced arguments.
+
+    attention_impl is checked here (`fpsa_jax.attention.check_impl`): an unknown name raises
+    ValueError listing the valid ones before anything is traced.
+    """
+    return Partial(_WanApply(config, check_impl(attention_impl)), params, condition)
 
 
 # Progress hooks of the runs in flight, by run id (a traced int32, so hooks never recompile).

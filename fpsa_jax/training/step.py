@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fpsa_jax.attention.config import FPSAConfig
+from fpsa_jax.attention import FPSAConfig, Impl
 from fpsa_jax.config import WanConfig
 from fpsa_jax.model.wan import WanModel
 from fpsa_jax.training.config import TrainConfig
@@ -66,7 +66,7 @@ def batch_loss(
     model_config: WanConfig,
     train_config: TrainConfig,
     attention: FPSAConfig | None,
-    impl: str = "xla",
+    impl: Impl = "xla",
 ) -> tuple[Array, Array]:
     """The flow-matching loss of `batch` under `params`: (scalar, per-sample [B]), float32.
 
@@ -105,7 +105,7 @@ def train_step(
     model_config: WanConfig,
     train_config: TrainConfig,
     attention: FPSAConfig | None,
-    impl: str = "xla",
+    impl: Impl = "xla",
 ) -> tuple[TrainState, dict[str, Array]]:
     """One micro-step: loss and gradients, optimizer update (every grad_accum_steps calls), EMA.
 

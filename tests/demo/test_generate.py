@@ -49,6 +49,8 @@ def test_trained_schedule_is_the_checkpoints_and_fpsa_changes_the_video(checkpoi
 def test_bad_requests_are_refused(checkpoint):
     with pytest.raises(ValueError, match="need one seed per caption"):
         generate(checkpoint, CAPTIONS, [0])
+    with pytest.raises(ValueError, match="unknown impl 'nonsense'; valid: auto"):
+        generate(checkpoint, CAPTIONS[:1], [0], attention_impl="nonsense")
     with pytest.raises(ValueError, match="schedule must be a StepSchedule, None or 'trained'"):
         generate(checkpoint, CAPTIONS[:1], [0], schedule="demo")
     assert TRAINED == "trained"

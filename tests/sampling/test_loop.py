@@ -177,6 +177,12 @@ def test_wan_model_fn_passes_weights_as_arguments_not_constants():
     assert rel_err(other, got) > 1e-4
 
 
+def test_wan_model_fn_refuses_an_unknown_impl_when_built():
+    # No params are read and nothing is traced: the name alone is checked.
+    with pytest.raises(ValueError, match="unknown impl 'flash'; valid: auto, reference, xla"):
+        wan_model_fn(WanConfig.preset("tiny"), params=None, attention_impl="flash")
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from fpsa_jax.attention import FPSAConfig, Phase, StepSchedule
+from fpsa_jax.attention import IMPLS, FPSAConfig, Phase, StepSchedule
 from fpsa_jax.config import WanConfig
 from fpsa_jax.training import TrainConfig
 from train.checkpoints import Checkpoints
@@ -197,6 +197,11 @@ def test_a_kill_during_saves_leaves_the_last_checkpoint_restorable(tmp_path):
         (["--schedule=/no/schedule.json"], "StepSchedule file not found"),
         (["--data=/no/records"], "no records index.json"),
         (["--num_steps=0"], "--num_steps must be >= 1"),
+        # Checked while the flags parse, before the (missing) checkpoint or the workdir is touched.
+        (
+            ["--attention_impl=nonsense", "--model=/no/checkpoint"],
+            f"value should be one of <{'|'.join(IMPLS)}>",
+        ),
     ],
 )
 def test_bad_flags_are_refused_with_the_reason(tmp_path, flags, message):
@@ -204,3 +209,14 @@ def test_bad_flags_are_refused_with_the_reason(tmp_path, flags, message):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode != 0 and message in err
     assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+def test_help_lists_every_attention_impl():
+    out, _ = _train_cli("--help").communicate(timeout=120)
+    assert f"--attention_impl: <{'|'.join(IMPLS)}>" in out
+
+
+def test_an_unknown_impl_is_refused_when_the_run_is_described_not_after_loading(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown impl 'nonsense'; valid: auto, reference"):
+        _settings(tmp_path / "w", 1, attention_impl="nonsense", init="/no/checkpoint")
+    assert not (tmp_path / "w").exists()
