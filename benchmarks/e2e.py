@@ -25,6 +25,7 @@ import numpy as np
 from fpsa_jax import pipeline
 from fpsa_jax.attention import IMPLS, StepSchedule
 from fpsa_jax.config import WanConfig
+from fpsa_jax.convert import T2VWeights
 from fpsa_jax.model import vae as wan_vae
 from fpsa_jax.model import wan
 from fpsa_jax.model.random_weights import random_weights
@@ -87,7 +88,7 @@ def main():
     config = WanConfig.preset(args.preset, param_dtype="bfloat16")
     vae_config = wan_vae.WanVAEConfig.preset(args.vae)
     key = jax.random.key(0)
-    weights = pipeline.T2VWeights(
+    weights = T2VWeights(
         config,
         random_weights(functools.partial(wan.init_params, config), key),
         vae_config,

@@ -166,6 +166,7 @@ def main(argv):
     prompt = _PROMPT.value or (demo.DEFAULT_PROMPT if embedded else _WAN_PROMPT)
 
     from fpsa_jax import pipeline
+    from fpsa_jax.convert import load_t2v_weights
 
     try:
         pipeline.check_video_request(width, height, frames)
@@ -242,7 +243,7 @@ def main(argv):
     timings: dict[str, float] = {}
     start = time.perf_counter()
     try:
-        weights = pipeline.load_t2v_weights(_CKPT_DIR.value)
+        weights = load_t2v_weights(_CKPT_DIR.value)
     except (FileNotFoundError, ValueError) as e:
         raise app.UsageError(f"--ckpt_dir {_CKPT_DIR.value}: {e}") from None
     timings["loading weights"] = time.perf_counter() - start

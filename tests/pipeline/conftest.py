@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from fpsa_jax.convert import load_wan_checkpoint
+from fpsa_jax.convert import T2VWeights, load_wan_checkpoint
 from fpsa_jax.convert.vae import load_wan_vae
-from fpsa_jax.pipeline import T2VWeights, latent_shape
+from fpsa_jax.pipeline import latent_shape
 from tests.convert.wan_state import diffusers_model, make_original_state_dict
 from tests.vae.conftest import random_wan_vae
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from fpsa_jax.attention import StepSchedule
-from fpsa_jax.pipeline import ModelFiles, check_video_request, find_model_files, latent_shape
+from fpsa_jax.convert import ModelFiles, find_model_files
+from fpsa_jax.pipeline import check_video_request, latent_shape
 
 SIZE = r"video size {}\*{} \(width\*height\): both must be positive multiples of 16"
 FRAMES = r"frame count must be 4k\+1 .*; got {}$"
