@@ -1,14 +1,18 @@
 """Text to video with Wan2.1: prompts -> UMT5 embeddings -> flow sampling (FPSA per step) -> VAE.
 
-Pure functions over explicit weights; the app (`python -m infer`) owns flags, files, progress
-bars and timing. Shapes: latents [B, f, h, w, 16] with f = (frames - 1) / 4 + 1 and (h, w) =
-(height, width) / 8; videos [B, frames, height, width, 3] in [-1, 1].
+Functions over explicit weights (`fpsa_jax.convert.load_t2v_weights` loads them);
+`text_to_video` runs one request through every stage and reports the seconds each took. The app
+(`python -m infer`) owns flags, files and progress bars. Shapes: latents [B, f, h, w, 16] with
+f = (frames - 1) / 4 + 1 and (h, w) = (height, width) / 8; videos [B, frames, height, width, 3]
+in [-1, 1].
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import numbers
+import time
 from collections.abc import Callable
 
 import jax
@@ -19,7 +23,7 @@ from fpsa_jax.convert import T2VWeights
 from fpsa_jax.model import vae as wan_vae
 from fpsa_jax.model.umt5 import encode_text
 from fpsa_jax.parallel import use_sharding
-from fpsa_jax.sampling import sample, wan_model_fn
+from fpsa_jax.sampling import SolverName, sample, wan_model_fn
 
 # Wan2.1's default negative prompt (`sample_neg_prompt` of its shared config), used when the
 # user gives none, as Wan's generate.py does.
@@ -91,12 +95,12 @@ def denoise(
     sequence-parallel (Ulysses) over the mesh's 'seq' axis, the CFG batch spread over data/fsdp.
     """
     model_fn = wan_model_fn(weights.dit_config, weights.dit_params, attention_impl)
-    run = functools.partial(
-        sample,
+    return _sample(
         model_fn,
         noise,
         context,
         negative_context,
+        mesh,
         num_steps=num_steps,
         shift=shift,
         guide_scale=guide_scale,
@@ -104,6 +108,10 @@ def denoise(
         schedule=schedule,
         progress=progress,
     )
+
+
+def _sample(model_fn, noise, context, negative_context, mesh, **settings) -> jax.Array:
+    run = functools.partial(sample, model_fn, noise, context, negative_context, **settings)
     if mesh is None:
         return run()
     with use_sharding(mesh):
@@ -119,3 +127,83 @@ def initial_noise(seed: int, shape: tuple[int, ...]) -> jax.Array:
     """Standard normal float32 latents, deterministic in `seed` (not torch's stream: the same
     seed gives a different video than Wan's PyTorch code)."""
     return jax.random.normal(jax.random.key(seed), shape, jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class T2VRequest:
+    """One video to generate: what, how large, from which noise, with which sampler settings.
+
+    The size is checked on construction (`check_video_request`). schedule picks the FPSA operator
+    of each step (None = dense attention throughout). The defaults are Wan2.1's (1.3B at 480p).
+    """
+
+    prompt: str
+    width: int = 832
+    height: int = 480
+    frames: int = 81
+    seed: int = 0
+    negative_prompt: str = WAN_NEGATIVE_PROMPT
+    num_steps: int = 50
+    shift: float = 5.0
+    guide_scale: float = 5.0
+    solver: SolverName = "unipc"
+    schedule: StepSchedule | None = None
+
+    def __post_init__(self):
+        check_video_request(self.width, self.height, self.frames)
+
+
+@dataclasses.dataclass(frozen=True)
+class T2VResult:
+    """latents [1, f, h, w, 16]; video [1, frames, height, width, 3] in [-1, 1]; timings: seconds
+    per stage ("text encoding", "denoising (incl. compilation)", "decoding")."""
+
+    latents: jax.Array
+    video: jax.Array
+    timings: dict[str, float]
+
+
+def text_to_video(
+    weights: T2VWeights,
+    request: T2VRequest,
+    *,
+    attention_impl: Impl = "auto",
+    progress: Callable[[int, int], None] | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+) -> T2VResult:
+    """The video of `request`: encode the prompts, denoise the seed's noise, decode.
+
+    The model function is built (and attention_impl checked) before any prompt is encoded;
+    progress and mesh as in `denoise`.
+    """
+    model_fn = wan_model_fn(weights.dit_config, weights.dit_params, attention_impl)
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    context = encode_prompts(weights, [request.prompt])
+    negative_context = encode_prompts(weights, [request.negative_prompt])
+    jax.block_until_ready((context, negative_context))
+    timings["text encoding"] = time.perf_counter() - start
+
+    r = request
+    shape = latent_shape(1, r.width, r.height, r.frames, weights.dit_config.in_dim)
+    noise = initial_noise(r.seed, shape)
+    start = time.perf_counter()
+    latents = _sample(
+        model_fn,
+        noise,
+        context,
+        negative_context,
+        mesh,
+        num_steps=r.num_steps,
+        shift=r.shift,
+        guide_scale=r.guide_scale,
+        solver=r.solver,
+        schedule=r.schedule,
+        progress=progress,
+    )
+    timings["denoising (incl. compilation)"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    video = jax.block_until_ready(decode_latents(weights, latents))
+    timings["decoding"] = time.perf_counter() - start
+    return T2VResult(latents, video, timings)
