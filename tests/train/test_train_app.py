@@ -2,12 +2,14 @@
 are written, bad flags are refused."""
 
 import dataclasses
+import gc
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import jax
@@ -16,9 +18,10 @@ import pytest
 
 from fpsa_jax.attention import IMPLS, FPSAConfig, Phase, StepSchedule
 from fpsa_jax.config import WanConfig
+from fpsa_jax.parallel import make_mesh
 from fpsa_jax.training import TrainConfig
 from train.checkpoints import Checkpoints
-from train.loop import RunSettings, run
+from train.loop import RunSettings, _Layout, _step_programs, run
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = WanConfig.preset("tiny", num_layers=1, text_len=8)
@@ -184,6 +187,18 @@ def test_a_kill_during_saves_leaves_the_last_checkpoint_restorable(tmp_path):
     out, err = resumed.communicate(timeout=240)
     assert resumed.returncode == 0, err[-2000:]
     assert f"resuming from step {last}" in out
+
+
+def test_step_programs_are_made_once_per_operator_and_go_with_their_run():
+    layout = _Layout(make_mesh(1, 1, 1, devices=jax.devices()[:1]), None, None)
+    programs = _step_programs(MODEL, TRAIN, "xla", layout)  # jit is lazy: nothing compiles
+    dense = programs(None)
+    assert programs(None) is dense
+    assert programs(FPSAConfig(tile=(1, 2, 2), window=(1, 1, 1))) is not dense
+    gone = weakref.ref(dense)
+    del programs, dense
+    gc.collect()
+    assert gone() is None  # no module-level cache keeps a finished run's programs
 
 
 @pytest.mark.parametrize(
