@@ -18,6 +18,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from fpsa_jax.attention import IMPLS, Impl
 from fpsa_jax.config import WanConfig
 from fpsa_jax.model.random_weights import random_weights
 from fpsa_jax.model.wan import WanModel, init_params
@@ -30,7 +31,7 @@ CASES = {
 }
 
 
-def run_case(name: str, repeats: int, impl: str) -> dict:
+def run_case(name: str, repeats: int, impl: Impl) -> dict:
     preset, f, h, w = CASES[name]
     config = WanConfig.preset(preset, dtype="bfloat16", param_dtype="bfloat16")
     key = jax.random.key(0)
@@ -70,7 +71,9 @@ def main():
         "--cases", nargs="+", default=["1.3b-480p", "14b-720p"], choices=sorted(CASES)
     )
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per case")
-    parser.add_argument("--impl", default="auto", help="self-attention impl (cudnn on GPU)")
+    parser.add_argument(
+        "--impl", default="auto", choices=IMPLS, help="self-attention impl (cudnn on GPU)"
+    )
     args = parser.parse_args()
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}")
     rows = [run_case(name, args.repeats, args.impl) for name in args.cases]

@@ -23,8 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from fpsa_jax import pipeline
-from fpsa_jax.attention import StepSchedule
+from fpsa_jax.attention import IMPLS, StepSchedule
 from fpsa_jax.config import WanConfig
+from fpsa_jax.convert import T2VWeights
 from fpsa_jax.model import vae as wan_vae
 from fpsa_jax.model import wan
 from fpsa_jax.model.random_weights import random_weights
@@ -75,7 +76,9 @@ def main():
     )
     parser.add_argument("--repeats", type=int, default=2, help="dense runs (the first compiles)")
     parser.add_argument("--fpsa_repeats", type=int, default=1, help="fpsa runs")
-    parser.add_argument("--fpsa_impl", default="xla", help="impl for the FPSA phases")
+    parser.add_argument(
+        "--fpsa_impl", default="xla", choices=IMPLS, help="impl for the FPSA phases"
+    )
     parser.add_argument("--schedule", default=None, help="StepSchedule preset (default by size)")
     parser.add_argument("--vae", default="wan2.1", help="VAE preset for the decode timing")
     args = parser.parse_args()
@@ -85,7 +88,7 @@ def main():
     config = WanConfig.preset(args.preset, param_dtype="bfloat16")
     vae_config = wan_vae.WanVAEConfig.preset(args.vae)
     key = jax.random.key(0)
-    weights = pipeline.T2VWeights(
+    weights = T2VWeights(
         config,
         random_weights(functools.partial(wan.init_params, config), key),
         vae_config,

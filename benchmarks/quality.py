@@ -31,6 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from fpsa_jax.attention import IMPLS, Impl  # noqa: E402
 from fpsa_jax.demo import DEFAULT_CHECKPOINT, DENSE_CHECKPOINT, load_demo  # noqa: E402
 from fpsa_jax.demo.attention_trace import ErrorLog, mean_over_layers, traced_model_fn  # noqa: E402
 from fpsa_jax.demo.evaluate import attribute_accuracy, chance_accuracy, read_attributes  # noqa: E402
@@ -52,7 +53,7 @@ def variants(dense, qat):
     ]
 
 
-def quality_table(dense, qat, seeds: int, impl: str) -> list[dict]:
+def quality_table(dense, qat, seeds: int, impl: Impl) -> list[dict]:
     targets = [a for a in held_out_attributes() for _ in range(seeds)]
     captions = [a.caption for a in targets]
     noise_seeds = [1000 + i % seeds for i in range(len(targets))]
@@ -81,7 +82,7 @@ def quality_table(dense, qat, seeds: int, impl: str) -> list[dict]:
     return rows
 
 
-def attention_errors(dense, qat, captions: int, impl: str) -> dict[str, dict]:
+def attention_errors(dense, qat, captions: int, impl: Impl) -> dict[str, dict]:
     """Mean-over-layers rel L2 and cosine per step, for each non-dense variant."""
     targets = held_out_attributes()[:captions]
     out = {}
@@ -164,7 +165,7 @@ def main() -> None:
     parser.add_argument("--qat", default=str(DEFAULT_CHECKPOINT), help="FPSA fine-tuned checkpoint")
     parser.add_argument("--seeds", type=int, default=2, help="noise seeds per held-out caption")
     parser.add_argument("--trace_captions", type=int, default=4, help="captions in the error trace")
-    parser.add_argument("--impl", default="xla", help="attention implementation")
+    parser.add_argument("--impl", default="xla", choices=IMPLS, help="attention implementation")
     parser.add_argument("--plot", default="benchmarks/quality_attention_error.png")
     parser.add_argument("--json", default=None, help="also write all numbers to this JSON file")
     args = parser.parse_args()

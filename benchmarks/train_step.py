@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from fpsa_jax import pipeline
-from fpsa_jax.attention import StepSchedule
+from fpsa_jax.attention import IMPLS, StepSchedule
 from fpsa_jax.config import WanConfig
 from fpsa_jax.model.random_weights import random_weights
 from fpsa_jax.model.wan import init_params
@@ -48,7 +48,7 @@ def main():
     parser.add_argument("--frame_num", type=int, default=81)
     parser.add_argument("--remat", default="full")
     parser.add_argument("--modes", nargs="+", default=["dense", "fpsa"])
-    parser.add_argument("--fpsa_impl", default="xla")
+    parser.add_argument("--fpsa_impl", default="xla", choices=IMPLS)
     parser.add_argument("--phase", type=int, default=1, help="schedule phase for the fpsa mode")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps after one warm-up")
     args = parser.parse_args()

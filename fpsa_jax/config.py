@@ -7,17 +7,18 @@ F/H/W latent frames/height/width, T/H/W token grid after patchify.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 from typing import Any
+
+from fpsa_jax.json_config import JsonConfig
 
 _DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 
 
 @dataclasses.dataclass(frozen=True)
-class WanConfig:
+class WanConfig(JsonConfig):
     """Hyper-parameters of the Wan2.1 text-to-video DiT.
 
     `dtype` is the compute dtype of matmuls and attention; `param_dtype` the dtype of freshly
@@ -127,26 +128,6 @@ class WanConfig:
 
     def replace(self, **changes: Any) -> WanConfig:
         return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["patch_size"] = list(self.patch_size)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> WanConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown WanConfig fields {unknown}; valid: {sorted(known)}")
-        return cls(**d)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> WanConfig:
-        return cls.from_dict(json.loads(text))
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.to_json() + "\n")

@@ -1,8 +1,10 @@
 """Text to video with Wan2.1: prompts -> UMT5 embeddings -> flow sampling (FPSA per step) -> VAE.
 
-Pure functions over explicit weights; the app (`python -m infer`) owns flags, files, progress
-bars and timing. Shapes: latents [B, f, h, w, 16] with f = (frames - 1) / 4 + 1 and (h, w) =
-(height, width) / 8; videos [B, frames, height, width, 3] in [-1, 1].
+Functions over explicit weights (`fpsa_jax.convert.load_t2v_weights` loads them);
+`text_to_video` runs one request through every stage and reports the seconds each took. The app
+(`python -m infer`) owns flags, files and progress bars. Shapes: latents [B, f, h, w, 16] with
+f = (frames - 1) / 4 + 1 and (h, w) = (height, width) / 8; videos [B, frames, height, width, 3]
+in [-1, 1].
 """
 
 from __future__ import annotations
@@ -10,20 +12,18 @@ from __future__ import annotations
 import dataclasses
 import functools
 import numbers
+import time
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from fpsa_jax.attention import StepSchedule
-from fpsa_jax.config import WanConfig
+from fpsa_jax.attention import Impl, StepSchedule
+from fpsa_jax.convert import T2VWeights
 from fpsa_jax.model import vae as wan_vae
-from fpsa_jax.model.umt5 import Tokenizer, UMT5Config, encode_text
-from fpsa_jax.model.vae import WanVAEConfig
+from fpsa_jax.model.umt5 import encode_text
 from fpsa_jax.parallel import use_sharding
-from fpsa_jax.sampling import sample, wan_model_fn
+from fpsa_jax.sampling import SolverName, sample, wan_model_fn
 
 # Wan2.1's default negative prompt (`sample_neg_prompt` of its shared config), used when the
 # user gives none, as Wan's generate.py does.
@@ -34,20 +34,6 @@ WAN_NEGATIVE_PROMPT = (
 )
 # Pixels per latent cell (VAE stride) and the DiT's patch on top of it: sizes must divide by 16.
 SIZE_MULTIPLE = 16
-
-
-@dataclasses.dataclass(frozen=True)
-class T2VWeights:
-    """Everything a text-to-video run needs. The text encoder is optional: without it callers
-    pass embeddings themselves."""
-
-    dit_config: WanConfig
-    dit_params: Any
-    vae_config: WanVAEConfig
-    vae_params: Any
-    text_config: UMT5Config | None = None
-    text_params: Any = None
-    tokenizer: Tokenizer | None = None
 
 
 def check_video_request(width: int, height: int, frames: int) -> None:
@@ -97,7 +83,7 @@ def denoise(
     guide_scale: float,
     solver: str = "unipc",
     schedule: StepSchedule | None = None,
-    attention_impl: str = "auto",
+    attention_impl: Impl = "auto",
     progress: Callable[[int, int], None] | None = None,
     mesh: jax.sharding.Mesh | None = None,
 ) -> jax.Array:
@@ -109,12 +95,12 @@ def denoise(
     sequence-parallel (Ulysses) over the mesh's 'seq' axis, the CFG batch spread over data/fsdp.
     """
     model_fn = wan_model_fn(weights.dit_config, weights.dit_params, attention_impl)
-    run = functools.partial(
-        sample,
+    return _sample(
         model_fn,
         noise,
         context,
         negative_context,
+        mesh,
         num_steps=num_steps,
         shift=shift,
         guide_scale=guide_scale,
@@ -122,6 +108,10 @@ def denoise(
         schedule=schedule,
         progress=progress,
     )
+
+
+def _sample(model_fn, noise, context, negative_context, mesh, **settings) -> jax.Array:
+    run = functools.partial(sample, model_fn, noise, context, negative_context, **settings)
     if mesh is None:
         return run()
     with use_sharding(mesh):
@@ -139,68 +129,81 @@ def initial_noise(seed: int, shape: tuple[int, ...]) -> jax.Array:
     return jax.random.normal(jax.random.key(seed), shape, jnp.float32)
 
 
-# -- locating the files of a Wan2.1 model directory ------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class T2VRequest:
+    """One video to generate: what, how large, from which noise, with which sampler settings.
+
+    The size is checked on construction (`check_video_request`). schedule picks the FPSA operator
+    of each step (None = dense attention throughout). The defaults are Wan2.1's (1.3B at 480p).
+    """
+
+    prompt: str
+    width: int = 832
+    height: int = 480
+    frames: int = 81
+    seed: int = 0
+    negative_prompt: str = WAN_NEGATIVE_PROMPT
+    num_steps: int = 50
+    shift: float = 5.0
+    guide_scale: float = 5.0
+    solver: SolverName = "unipc"
+    schedule: StepSchedule | None = None
+
+    def __post_init__(self):
+        check_video_request(self.width, self.height, self.frames)
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelFiles:
-    """Where the parts of a Wan2.1 text-to-video model live (original or diffusers layout)."""
+class T2VResult:
+    """latents [1, f, h, w, 16]; video [1, frames, height, width, 3] in [-1, 1]; timings: seconds
+    per stage ("text encoding", "denoising (incl. compilation)", "decoding")."""
 
-    layout: str
-    dit: Path
-    vae: Path
-    text_encoder: Path
-    tokenizer: Path
+    latents: jax.Array
+    video: jax.Array
+    timings: dict[str, float]
 
 
-def find_model_files(ckpt_dir: str | Path) -> ModelFiles:
-    """The DiT, VAE, UMT5 and tokenizer paths of an original Wan2.1 directory (config.json +
-    diffusion_pytorch_model*.safetensors, Wan2.1_VAE.pth, models_t5_umt5-xxl-enc-bf16.pth,
-    google/umt5-xxl/) or a diffusers one (transformer/, vae/, text_encoder/, tokenizer/).
+def text_to_video(
+    weights: T2VWeights,
+    request: T2VRequest,
+    *,
+    attention_impl: Impl = "auto",
+    progress: Callable[[int, int], None] | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+) -> T2VResult:
+    """The video of `request`: encode the prompts, denoise the seed's noise, decode.
 
-    Raises FileNotFoundError naming every missing part.
+    The model function is built (and attention_impl checked) before any prompt is encoded;
+    progress and mesh as in `denoise`.
     """
-    root = Path(ckpt_dir).expanduser()
-    if not root.is_dir():
-        raise FileNotFoundError(f"model directory not found: {root}")
-    if (root / "transformer").is_dir() or (root / "model_index.json").is_file():
-        parts = {
-            "dit": root / "transformer",
-            "vae": root / "vae",
-            "text_encoder": root / "text_encoder",
-            "tokenizer": root / "tokenizer",
-        }
-        layout = "diffusers"
-    else:
-        parts = {
-            "dit": root,
-            "vae": root / "Wan2.1_VAE.pth",
-            "text_encoder": root / "models_t5_umt5-xxl-enc-bf16.pth",
-            "tokenizer": root / "google" / "umt5-xxl",
-        }
-        layout = "original"
-    missing = [str(p) for p in parts.values() if not p.exists()]
-    if layout == "original" and not list(root.glob("diffusion_pytorch_model*.safetensors")):
-        missing.insert(0, str(root / "diffusion_pytorch_model*.safetensors"))
-    if missing:
-        raise FileNotFoundError(
-            f"{root} is not a complete Wan2.1 text-to-video directory ({layout} layout); "
-            f"missing: {', '.join(missing)}"
-        )
-    return ModelFiles(layout=layout, **parts)
+    model_fn = wan_model_fn(weights.dit_config, weights.dit_params, attention_impl)
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    context = encode_prompts(weights, [request.prompt])
+    negative_context = encode_prompts(weights, [request.negative_prompt])
+    jax.block_until_ready((context, negative_context))
+    timings["text encoding"] = time.perf_counter() - start
 
-
-def load_t2v_weights(ckpt_dir: str | Path, dtype: Any = jnp.bfloat16) -> T2VWeights:
-    """Loads DiT, VAE (float32, as Wan runs it), UMT5 and tokenizer from a model directory."""
-    from fpsa_jax.convert import load_wan_checkpoint
-    from fpsa_jax.convert.umt5 import load_umt5
-    from fpsa_jax.convert.vae import load_wan_vae
-
-    files = find_model_files(ckpt_dir)
-    dit_config, dit_params = load_wan_checkpoint(files.dit, dtype)
-    vae_config, vae_params = load_wan_vae(files.vae, jnp.float32)
-    text_config, text_params = load_umt5(files.text_encoder, dtype)
-    tokenizer = Tokenizer(files.tokenizer, max_length=dit_config.text_len)
-    return T2VWeights(
-        dit_config, dit_params, vae_config, vae_params, text_config, text_params, tokenizer
+    r = request
+    shape = latent_shape(1, r.width, r.height, r.frames, weights.dit_config.in_dim)
+    noise = initial_noise(r.seed, shape)
+    start = time.perf_counter()
+    latents = _sample(
+        model_fn,
+        noise,
+        context,
+        negative_context,
+        mesh,
+        num_steps=r.num_steps,
+        shift=r.shift,
+        guide_scale=r.guide_scale,
+        solver=r.solver,
+        schedule=r.schedule,
+        progress=progress,
     )
+    timings["denoising (incl. compilation)"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    video = jax.block_until_ready(decode_latents(weights, latents))
+    timings["decoding"] = time.perf_counter() - start
+    return T2VResult(latents, video, timings)

@@ -11,11 +11,14 @@ generates a 9-frame 32x32 video on a CPU in well under a minute.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from pathlib import Path
 
 from absl import app, flags
+
+from fpsa_jax.attention import IMPLS, StepSchedule
 
 _TASK = flags.DEFINE_enum(
     "task",
@@ -96,13 +99,34 @@ _ULYSSES_SIZE = flags.DEFINE_integer(
     "Sequence-parallel degree (as in Wan's generate.py): self-attention is split over this many "
     "devices by heads (Ulysses all-to-all); the heads and tokens must divide by it.",
 )
-_ATTENTION_IMPL = flags.DEFINE_string(
+_ATTENTION_IMPL = flags.DEFINE_enum(
     "attention_impl",
     "auto",
-    "Implementation of the attention operator: auto, xla, reference, cudnn, cudnn_fp8.",
+    IMPLS,
+    "Implementation of the self-attention operator (fpsa_jax.attention.fpsa_attention); auto "
+    "picks the fastest that runs the inputs here.",
 )
 
 _FPS = 16  # Wan2.1's sample_fps
+
+
+@dataclasses.dataclass(frozen=True)
+class _Request:
+    """What the flags ask for, every one checked (no weights touched yet). None fields take the
+    embedded demo model's own settings; `schedule` is --schedule, parsed (None: not given)."""
+
+    prompt: str
+    size: str
+    width: int
+    height: int
+    frames: int
+    steps: int | None
+    shift: float | None
+    guide_scale: float | None
+    dense: bool
+    schedule: tuple[StepSchedule, str] | None
+    save_file: Path
+    save_latents: Path | None
 
 
 def _parse_size(size: str) -> tuple[int, int]:
@@ -112,47 +136,23 @@ def _parse_size(size: str) -> tuple[int, int]:
     return int(match.group(1)), int(match.group(2))
 
 
-def _attention_mode() -> str:
-    return _ATTENTION.value or ("dense" if _CKPT_DIR.value else "fpsa")
-
-
-def _resolve_schedule(height: int, width: int, trained=None):
-    """(StepSchedule | None, name); `trained` is the embedded model's own schedule."""
-    from fpsa_jax.attention import StepSchedule
-
-    if _attention_mode() == "dense":
-        if _SCHEDULE.value:
-            raise app.UsageError("--schedule needs --attention=fpsa")
-        return None, "dense"
-    if trained is not None and not _SCHEDULE.value:
-        return trained, "demo (as fine-tuned)"
-    name = _SCHEDULE.value or ("wan-480p" if height * width <= 480 * 832 else "wan-720p")
+def _schedule_flag(dense: bool) -> tuple[StepSchedule, str] | None:
+    if not _SCHEDULE.value:
+        return None
+    if dense:
+        raise app.UsageError("--schedule needs --attention=fpsa")
     try:
-        if name.endswith(".json"):
-            if not Path(name).is_file():
-                raise app.UsageError(f"--schedule file not found: {name}")
-            return StepSchedule.from_json(Path(name).read_text()), name
-        return StepSchedule.preset(name), name
-    except ValueError as e:
-        raise app.UsageError(f"--schedule {name}: {e}") from None
+        return StepSchedule.load(_SCHEDULE.value), _SCHEDULE.value
+    except (OSError, ValueError) as e:
+        raise app.UsageError(f"--schedule {_SCHEDULE.value}: {e}") from None
 
 
-def _default_save_file(size: str, seed: int, prompt: str) -> Path:
-    task = _TASK.value if _CKPT_DIR.value else "default"
-    slug = re.sub(r"[^A-Za-z0-9]+", "_", prompt)[:50].strip("_") or "video"
-    return Path("outputs") / f"{task}_{size.replace('*', 'x')}_{seed}_{slug}.mp4"
-
-
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+def _request(embedded: bool) -> _Request:
+    from fpsa_jax.pipeline import check_video_request
     from infer import demo
 
-    embedded = not _CKPT_DIR.value
-    default_size = (
-        demo.SIZE if embedded else ("832*480" if _TASK.value == "t2v-1.3B" else "1280*720")
-    )
-    size = _SIZE.value or default_size
+    wan_size = "832*480" if _TASK.value == "t2v-1.3B" else "1280*720"
+    size = _SIZE.value or (demo.SIZE if embedded else wan_size)
     width, height = _parse_size(size)
     frames = _FRAME_NUM.value if _FRAME_NUM.value is not None else (demo.FRAMES if embedded else 81)
     steps = _SAMPLE_STEPS.value if _SAMPLE_STEPS.value is not None else (None if embedded else 50)
@@ -163,12 +163,10 @@ def main(argv):
     )
     if guide_scale is not None and not guide_scale >= 0:
         raise app.UsageError(f"--sample_guide_scale must be >= 0, got {guide_scale}")
+    shift = _SAMPLE_SHIFT.value if _SAMPLE_SHIFT.value is not None else (None if embedded else 5.0)
     prompt = _PROMPT.value or (demo.DEFAULT_PROMPT if embedded else _WAN_PROMPT)
-
-    from fpsa_jax import pipeline
-
     try:
-        pipeline.check_video_request(width, height, frames)
+        check_video_request(width, height, frames)
     except ValueError as e:
         raise app.UsageError(str(e)) from None
     if embedded and (size.replace(" ", "").replace("x", "*") != demo.SIZE or frames != demo.FRAMES):
@@ -176,127 +174,184 @@ def main(argv):
             f"the embedded demo model generates {demo.FRAMES} frames of {demo.SIZE} only, got "
             f"--size={size} --frame_num={frames}; pass --ckpt_dir for Wan2.1"
         )
-    schedule, schedule_name = _resolve_schedule(height, width)  # validates the flags early
-    save_file = Path(_SAVE_FILE.value or _default_save_file(size, _BASE_SEED.value, prompt))
+    dense = (_ATTENTION.value or ("fpsa" if embedded else "dense")) == "dense"
+    schedule = _schedule_flag(dense)
+    task = _TASK.value if not embedded else "default"
+    save_file = Path(_SAVE_FILE.value or _default_save_file(task, size, _BASE_SEED.value, prompt))
     if save_file.suffix.lower() != ".mp4":
         raise app.UsageError(f"--save_file must end in .mp4, got {save_file}")
     if _SAVE_LATENTS.value and not _SAVE_LATENTS.value.endswith(".npy"):
         raise app.UsageError(f"--save_latents must end in .npy, got {_SAVE_LATENTS.value}")
+    save_latents = Path(_SAVE_LATENTS.value) if _SAVE_LATENTS.value else None
+    return _Request(
+        prompt=prompt,
+        size=size,
+        width=width,
+        height=height,
+        frames=frames,
+        steps=steps,
+        shift=shift,
+        guide_scale=guide_scale,
+        dense=dense,
+        schedule=schedule,
+        save_file=save_file,
+        save_latents=save_latents,
+    )
 
+
+def _default_save_file(task: str, size: str, seed: int, prompt: str) -> Path:
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", prompt)[:50].strip("_") or "video"
+    return Path("outputs") / f"{task}_{size.replace('*', 'x')}_{seed}_{slug}.mp4"
+
+
+def _schedule(request: _Request, default: StepSchedule | None, default_name: str):
+    """(StepSchedule | None, its name) of the run: dense, --schedule, or the model's default."""
+    if request.dense:
+        return None, "dense"
+    return request.schedule or (default, default_name)
+
+
+def _mesh(embedded: bool):
     import jax
-    import numpy as np
-    from tqdm import tqdm
 
     from fpsa_jax.parallel import make_mesh
 
-    if not 1 <= _ULYSSES_SIZE.value <= jax.device_count():
+    n = _ULYSSES_SIZE.value
+    if not 1 <= n <= jax.device_count():
         raise app.UsageError(
-            f"--ulysses_size must be in [1, {jax.device_count()}] (devices), got "
-            f"{_ULYSSES_SIZE.value}"
+            f"--ulysses_size must be in [1, {jax.device_count()}] (devices), got {n}"
         )
-    if embedded and _ULYSSES_SIZE.value > 1:
+    if embedded and n > 1:
         raise app.UsageError("--ulysses_size > 1 needs --ckpt_dir (the demo model is one device)")
-    mesh = None
-    if _ULYSSES_SIZE.value > 1:
-        mesh = make_mesh(seq=_ULYSSES_SIZE.value, devices=jax.devices()[: _ULYSSES_SIZE.value])
+    return make_mesh(seq=n, devices=jax.devices()[:n]) if n > 1 else None
 
+
+def _progress_bar(total: int):
+    """(tqdm bar, hook for `progress`): the hook sets the bar to (done, total) steps."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc="denoising", unit="step")
+
+    def progress(done: int, steps: int) -> None:
+        bar.total, bar.n = steps, done
+        bar.refresh()
+
+    return bar, progress
+
+
+def _generate_demo(request: _Request) -> None:
+    """The embedded demo model (fpsa_jax.demo): one `generate` call, then the files."""
+    from fpsa_jax.demo import load_demo
+    from fpsa_jax.demo.evaluate import read_attributes
+    from fpsa_jax.demo.generate import generate
+    from infer import demo
     from infer.video import save_npy, save_video
 
-    if embedded:
-        print(f"No --ckpt_dir: the embedded demo model, trained on captions {demo.vocabulary()}.")
-        with tqdm(total=steps or 1, desc="denoising", unit="step") as bar:
-
-            def progress(done: int, total: int) -> None:
-                bar.total, bar.n = total, done
-                bar.refresh()
-
-            video, timings, reading = demo.run(
-                prompt=prompt,
-                seed=_BASE_SEED.value,
-                resolve_schedule=lambda ckpt: _resolve_schedule(height, width, ckpt.schedule),
-                num_steps=steps,
-                shift=_SAMPLE_SHIFT.value,
-                guide_scale=guide_scale,
-                attention_impl=_ATTENTION_IMPL.value,
-                progress=progress,
-            )
-        save_video(save_file, demo.upscale(video), fps=demo.FPS)
-        strip = save_file.with_suffix(".png")
-        demo.save_strip(strip, video)
-        if _SAVE_LATENTS.value:
-            save_npy(Path(_SAVE_LATENTS.value), video[None])
-        print("time per phase: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
-        print(
-            "the analytic evaluator reads the video as: "
-            + " ".join(f"{k}={v}" for k, v in reading.as_dict().items())
-        )
-        print(
-            f"wrote {video.shape[0]} frames at {demo.FPS} fps ({demo.SIZE} upscaled "
-            f"{demo.UPSCALE}x) to {save_file.resolve()}"
-        )
-        print(f"wrote the frames as a strip to {strip.resolve()}")
-        if _SAVE_LATENTS.value:
-            print(f"wrote the video array to {Path(_SAVE_LATENTS.value).resolve()}")
-        return
-
-    timings: dict[str, float] = {}
+    print(f"No --ckpt_dir: the embedded demo model, trained on captions {demo.vocabulary()}.")
     start = time.perf_counter()
-    try:
-        weights = pipeline.load_t2v_weights(_CKPT_DIR.value)
-    except (FileNotFoundError, ValueError) as e:
-        raise app.UsageError(f"--ckpt_dir {_CKPT_DIR.value}: {e}") from None
-    timings["loading weights"] = time.perf_counter() - start
-
+    checkpoint = load_demo()
+    timings = {"loading weights": time.perf_counter() - start}
+    schedule, name = _schedule(request, checkpoint.schedule, "demo (as fine-tuned)")
+    steps = request.steps or checkpoint.sampling.num_steps
+    print(demo.describe(checkpoint.config, steps, checkpoint.sampling.solver, name))
     start = time.perf_counter()
-    negative = _NEGATIVE_PROMPT.value or pipeline.WAN_NEGATIVE_PROMPT
-    cfg = weights.dit_config
-    context = pipeline.encode_prompts(weights, [prompt])
-    negative_context = pipeline.encode_prompts(weights, [negative])
-    jax.block_until_ready((context, negative_context))
-    timings["text encoding"] = time.perf_counter() - start
-
-    shape = pipeline.latent_shape(1, width, height, frames, cfg.in_dim)
-    noise = pipeline.initial_noise(_BASE_SEED.value, shape)
-    tokens = shape[1] * (shape[2] // 2) * (shape[3] // 2)
-    print(
-        f"{cfg.num_params() / 1e6:,.1f}M-parameter DiT, {size} x {frames} frames -> latents "
-        f"{shape[1:]} = {tokens:,} tokens; {steps} {_SAMPLE_SOLVER.value} steps, attention "
-        f"{schedule_name}"
-    )
-    start = time.perf_counter()
-    with tqdm(total=steps, desc="denoising", unit="step") as bar:
-
-        def progress(done: int, total: int) -> None:
-            bar.n = done
-            bar.refresh()
-
-        latents = pipeline.denoise(
-            weights,
-            noise,
-            context,
-            negative_context,
-            num_steps=steps,
-            shift=5.0 if _SAMPLE_SHIFT.value is None else _SAMPLE_SHIFT.value,
-            guide_scale=guide_scale,
-            solver=_SAMPLE_SOLVER.value,
+    bar, progress = _progress_bar(steps)
+    with bar:
+        video = generate(
+            checkpoint,
+            [request.prompt],
+            [_BASE_SEED.value],
             schedule=schedule,
+            guide_scale=request.guide_scale,
+            num_steps=request.steps,
+            shift=request.shift,
             attention_impl=_ATTENTION_IMPL.value,
             progress=progress,
-            mesh=mesh,
-        )
+        )[0]
     timings["denoising (incl. compilation)"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    video = jax.block_until_ready(pipeline.decode_latents(weights, latents))
-    timings["decoding"] = time.perf_counter() - start
-
-    save_video(save_file, np.asarray(video[0]), fps=_FPS)
-    if _SAVE_LATENTS.value:
-        save_npy(Path(_SAVE_LATENTS.value), np.asarray(latents))
+    save_video(request.save_file, demo.upscale(video), fps=demo.FPS)
+    strip = request.save_file.with_suffix(".png")
+    demo.save_strip(strip, video)
+    if request.save_latents:
+        save_npy(request.save_latents, video[None])
     print("time per phase: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
-    print(f"wrote {video.shape[1]} frames at {_FPS} fps to {save_file.resolve()}")
-    if _SAVE_LATENTS.value:
-        print(f"wrote latents {tuple(latents.shape)} to {Path(_SAVE_LATENTS.value).resolve()}")
+    reading = read_attributes(video)
+    print(
+        "the analytic evaluator reads the video as: "
+        + " ".join(f"{k}={v}" for k, v in reading.as_dict().items())
+    )
+    print(
+        f"wrote {video.shape[0]} frames at {demo.FPS} fps ({demo.SIZE} upscaled "
+        f"{demo.UPSCALE}x) to {request.save_file.resolve()}"
+    )
+    print(f"wrote the frames as a strip to {strip.resolve()}")
+    if request.save_latents:
+        print(f"wrote the video array to {request.save_latents.resolve()}")
+
+
+def _generate_wan(request: _Request, mesh) -> None:
+    """Wan2.1 weights from --ckpt_dir: one `text_to_video` call, then the files."""
+    import numpy as np
+
+    from fpsa_jax import pipeline
+    from fpsa_jax.convert import load_t2v_weights
+    from infer.video import save_npy, save_video
+
+    preset = "wan-480p" if request.height * request.width <= 480 * 832 else "wan-720p"
+    schedule, name = _schedule(request, StepSchedule.preset(preset), preset)
+    t2v = pipeline.T2VRequest(
+        prompt=request.prompt,
+        width=request.width,
+        height=request.height,
+        frames=request.frames,
+        seed=_BASE_SEED.value,
+        negative_prompt=_NEGATIVE_PROMPT.value or pipeline.WAN_NEGATIVE_PROMPT,
+        num_steps=request.steps,
+        shift=request.shift,
+        guide_scale=request.guide_scale,
+        solver=_SAMPLE_SOLVER.value,
+        schedule=schedule,
+    )
+    start = time.perf_counter()
+    try:
+        weights = load_t2v_weights(_CKPT_DIR.value)
+    except (FileNotFoundError, ValueError) as e:
+        raise app.UsageError(f"--ckpt_dir {_CKPT_DIR.value}: {e}") from None
+    loading = time.perf_counter() - start
+
+    cfg = weights.dit_config
+    shape = pipeline.latent_shape(1, t2v.width, t2v.height, t2v.frames, cfg.in_dim)
+    tokens = shape[1] * (shape[2] // 2) * (shape[3] // 2)
+    print(
+        f"{cfg.num_params() / 1e6:,.1f}M-parameter DiT, {request.size} x {t2v.frames} frames -> "
+        f"latents {shape[1:]} = {tokens:,} tokens; {t2v.num_steps} {t2v.solver} steps, "
+        f"attention {name}"
+    )
+    bar, progress = _progress_bar(t2v.num_steps)
+    with bar:
+        result = pipeline.text_to_video(
+            weights, t2v, attention_impl=_ATTENTION_IMPL.value, progress=progress, mesh=mesh
+        )
+    save_video(request.save_file, np.asarray(result.video[0]), fps=_FPS)
+    if request.save_latents:
+        save_npy(request.save_latents, np.asarray(result.latents))
+    timings = {"loading weights": loading, **result.timings}
+    print("time per phase: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
+    print(f"wrote {result.video.shape[1]} frames at {_FPS} fps to {request.save_file.resolve()}")
+    if request.save_latents:
+        print(f"wrote latents {tuple(result.latents.shape)} to {request.save_latents.resolve()}")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    embedded = not _CKPT_DIR.value
+    request = _request(embedded)
+    mesh = _mesh(embedded)
+    if embedded:
+        _generate_demo(request)
+    else:
+        _generate_wan(request, mesh)
 
 
 if __name__ == "__main__":

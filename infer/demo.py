@@ -1,4 +1,5 @@
-"""The embedded default of `python -m infer`: the demo model shipped in fpsa_jax/assets/demo.
+"""The embedded default of `python -m infer`: the demo model shipped in fpsa_jax/assets/demo (what
+the app prints and writes around `fpsa_jax.demo.generate`).
 
 A small pixel-space Wan DiT fine-tuned with the demo FPSA schedule (fpsa_jax.demo) generates 9
 frames of 32x32 for a caption of the form "a <colour> <shape> moves <direction> <slowly|quickly>";
@@ -8,8 +9,6 @@ as an mp4 (upscaled 8x, nearest neighbour, so it can be seen) and a PNG strip of
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -52,60 +51,13 @@ def save_strip(path: Path, video: np.ndarray) -> None:
     tmp.replace(path)
 
 
-def _tokens(config) -> int:
+def describe(config, steps: int, solver: str, attention: str) -> str:
+    """One line on the model and the run: parameters, tokens, steps, attention."""
     pt, ph, pw = config.patch_size
     width, height = (int(x) for x in SIZE.split("*"))
-    return (FRAMES // pt) * (height // ph) * (width // pw)
-
-
-def run(
-    *,
-    prompt: str,
-    seed: int,
-    resolve_schedule: Callable[[object], tuple[object, str]],
-    num_steps: int | None,
-    shift: float | None,
-    guide_scale: float | None,
-    attention_impl: str,
-    progress: Callable[[int, int], None] | None = None,
-) -> tuple[np.ndarray, dict[str, float], object]:
-    """Loads the embedded model and samples one video [F, H, W, 3] in [-1, 1].
-
-    resolve_schedule(checkpoint) -> (StepSchedule | None, its name); None arguments take the
-    checkpoint's sampling settings. Returns the video, timings and the evaluator's reading
-    (fpsa_jax.demo.evaluate.VideoAttributes).
-    """
-    import dataclasses
-
-    from fpsa_jax.demo import load_demo
-    from fpsa_jax.demo.evaluate import read_attributes
-    from fpsa_jax.demo.generate import generate
-
-    timings = {}
-    start = time.perf_counter()
-    checkpoint = load_demo()
-    if shift is not None:
-        sampling = dataclasses.replace(checkpoint.sampling, shift=shift)
-        checkpoint = dataclasses.replace(checkpoint, sampling=sampling)
-    timings["loading weights"] = time.perf_counter() - start
-    schedule, name = resolve_schedule(checkpoint)
-    steps = checkpoint.sampling.num_steps if num_steps is None else num_steps
-    cfg = checkpoint.config
-    print(
-        f"{cfg.num_params() / 1e6:,.2f}M-parameter demo DiT (pixel space, fpsa_jax/assets/demo), "
-        f"{SIZE} x {FRAMES} frames = {_tokens(cfg)} tokens; {steps} "
-        f"{checkpoint.sampling.solver} steps, attention {name}"
+    tokens = (FRAMES // pt) * (height // ph) * (width // pw)
+    return (
+        f"{config.num_params() / 1e6:,.2f}M-parameter demo DiT (pixel space, "
+        f"fpsa_jax/assets/demo), {SIZE} x {FRAMES} frames = {tokens} tokens; {steps} {solver} "
+        f"steps, attention {attention}"
     )
-    start = time.perf_counter()
-    video = generate(
-        checkpoint,
-        [prompt],
-        [seed],
-        schedule=schedule,
-        guide_scale=guide_scale,
-        num_steps=num_steps,
-        attention_impl=attention_impl,
-        progress=progress,
-    )[0]
-    timings["denoising (incl. compilation)"] = time.perf_counter() - start
-    return video, timings, read_attributes(video)

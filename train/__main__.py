@@ -15,6 +15,8 @@ from pathlib import Path
 
 from absl import app, flags, logging
 
+from fpsa_jax.attention import IMPLS
+
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory: checkpoints, metrics.csv, tb/. Re-running resumes from it."
 )
@@ -55,8 +57,11 @@ _SAVE_EVERY = flags.DEFINE_integer("save_every", 50, "Checkpoint every N steps (
 _KEEP = flags.DEFINE_integer("keep", 3, "Checkpoints kept (the newest N).")
 _LOG_EVERY = flags.DEFINE_integer("log_every", 1, "Log metrics every N steps.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the weights (fresh), data order and noise.")
-_ATTENTION_IMPL = flags.DEFINE_string(
-    "attention_impl", "xla", "FPSA operator implementation for training (xla is differentiable)."
+_ATTENTION_IMPL = flags.DEFINE_enum(
+    "attention_impl",
+    "xla",
+    IMPLS,
+    "FPSA operator implementation for training (xla is differentiable).",
 )
 
 _MESH = flags.DEFINE_string(
@@ -92,19 +97,15 @@ def _train_config():
             fields[key] = json.loads(value)
         except json.JSONDecodeError:
             fields[key] = value  # a bare string, e.g. --set lr_schedule=cosine
+    schedule = None
     if _SCHEDULE.value:
-        name = _SCHEDULE.value
         try:
-            schedule = (
-                StepSchedule.from_json(Path(name).read_text())
-                if name.endswith(".json")
-                else StepSchedule.preset(name)
-            )
+            schedule = StepSchedule.load(_SCHEDULE.value)
         except (OSError, ValueError) as e:
-            raise app.UsageError(f"--schedule {name}: {e}") from None
-        fields["schedule"] = schedule.to_dict()
+            raise app.UsageError(f"--schedule {_SCHEDULE.value}: {e}") from None
     try:
-        return TrainConfig.from_dict(fields)
+        config = TrainConfig.from_dict(fields)
+        return config if schedule is None else config.replace(schedule=schedule)
     except (TypeError, ValueError) as e:
         raise app.UsageError(f"bad training config: {e}") from None
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
+from fpsa_jax.attention import FPSAConfig, Impl, check_impl
 from fpsa_jax.config import WanConfig
 from fpsa_jax.data import Loader, StandInEncoder, SyntheticLatentSource
 from fpsa_jax.demo.task import DemoSource
@@ -27,8 +29,7 @@ from fpsa_jax.training import (
     TrainState,
     init_train_state,
     make_optimizer,
-    phase_attention,
-    sample_phase_and_sigmas,
+    sample_phase,
     train_step,
 )
 from train.checkpoints import Checkpoints
@@ -50,6 +51,7 @@ class RunSettings:
     mesh_shape: (data, fsdp, seq) over the first data*fsdp*seq devices; batch over data x fsdp,
       parameters and optimizer state FSDP over fsdp, self-attention sequence-parallel over seq.
     remat: the DiT's per-block rematerialisation policy (WanConfig.remat) for training.
+    attention_impl: the FPSA operator's implementation, checked here (before any weights load).
     """
 
     workdir: Path
@@ -66,9 +68,12 @@ class RunSettings:
     frames: int = 17
     height: int = 64
     width: int = 64
-    attention_impl: str = "xla"
+    attention_impl: Impl = "xla"
     mesh_shape: tuple[int, int, int] = (1, 1, 1)
     remat: str = "full"
+
+    def __post_init__(self):
+        check_impl(self.attention_impl)
 
 
 def _initial_params(settings: RunSettings) -> tuple[WanConfig, Any]:
@@ -122,7 +127,7 @@ def _data_source(settings: RunSettings, config: WanConfig, state: dict | None):
     )
 
 
-@dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: a cache key per run
+@dataclasses.dataclass(frozen=True)
 class _Layout:
     """Where the state and the batches live on the mesh."""
 
@@ -153,22 +158,30 @@ def _layout(settings: RunSettings, config: WanConfig, state: TrainState) -> _Lay
     return _Layout(mesh, shardings, NamedSharding(mesh, P(("data", "fsdp"))))
 
 
-@functools.cache
-def _compiled_step(model_config, train_config, attention, impl, layout):
-    # One program per distinct FPSA operator: a three-phase schedule compiles three times.
-    step = functools.partial(
-        train_step,
-        model_config=model_config,
-        train_config=train_config,
-        attention=attention,
-        impl=impl,
-    )
-    return jax.jit(
-        step,
-        in_shardings=(layout.state, layout.batch),  # every batch array split along B
-        donate_argnums=0,
-        out_shardings=(layout.state, NamedSharding(layout.mesh, P())),
-    )
+def _step_programs(
+    model_config: WanConfig, train_config: TrainConfig, impl: Impl, layout: _Layout
+) -> Callable[[FPSAConfig | None], Callable]:
+    """attention -> the jitted train step of one run for that FPSA operator, made once per
+    operator (a three-phase schedule compiles three times). The cache belongs to the run: it
+    and its programs go when the run ends, so runs in one process do not accumulate them."""
+
+    @functools.cache
+    def program(attention: FPSAConfig | None):
+        step = functools.partial(
+            train_step,
+            model_config=model_config,
+            train_config=train_config,
+            attention=attention,
+            impl=impl,
+        )
+        return jax.jit(
+            step,
+            in_shardings=(layout.state, layout.batch),  # every batch array split along B
+            donate_argnums=0,
+            out_shardings=(layout.state, NamedSharding(layout.mesh, P())),
+        )
+
+    return program
 
 
 def run(settings: RunSettings) -> dict[str, float]:
@@ -185,6 +198,7 @@ def run(settings: RunSettings) -> dict[str, float]:
     del params
     layout = _layout(settings, config, state)
     state = jax.device_put(state, layout.state)
+    programs = _step_programs(config, train_config, settings.attention_impl, layout)
     meta = {"model_config": config.to_dict(), "train_config": train_config.to_dict()}
 
     checkpoints = Checkpoints(workdir, settings.keep)
@@ -212,8 +226,7 @@ def run(settings: RunSettings) -> dict[str, float]:
         ):
             # The phase/sigma draw depends on (seed, step) only, so a resumed run draws the same.
             key = jax.random.fold_in(jax.random.key(settings.seed + 1), step)
-            phase, sigmas = sample_phase_and_sigmas(key, settings.batch_size, train_config)
-            attention = phase_attention(train_config, phase)
+            phase, sigmas, attention = sample_phase(key, settings.batch_size, train_config)
             batch, data_state = next(batches)
             arrays = {
                 "latents": np.asarray(batch.latents, np.float32),
@@ -226,11 +239,8 @@ def run(settings: RunSettings) -> dict[str, float]:
             inputs = jax.device_put(arrays, layout.batch)
             tokens = tokens or _tokens_per_sample(batch.latents.shape, config)
             start = time.perf_counter()
-            step_fn = _compiled_step(
-                config, train_config, attention, settings.attention_impl, layout
-            )
             with use_sharding(layout.mesh):  # traced (first call per phase) under the rules
-                state, metrics = step_fn(state, inputs)
+                state, metrics = programs(attention)(state, inputs)
             metrics = {k: float(v) for k, v in metrics.items()}  # waits for the step
             elapsed = time.perf_counter() - start
             if (step + 1) % settings.log_every == 0 or step + 1 == settings.num_steps:

@@ -109,8 +109,8 @@ def _encoder():
             "vectors), not Wan's VAE and UMT5. Only for trying the training pipeline."
         )
         return StandInEncoder(text_dim=_STANDIN_TEXT_DIM.value)
+    from fpsa_jax.convert import load_t2v_weights
     from fpsa_jax.data.encoders import WanEncoder
-    from fpsa_jax.pipeline import load_t2v_weights
 
     t0 = time.perf_counter()
     try:

@@ -1,6 +1,6 @@
 """The FPSA operator: tiles, windows, FP8 quantization, step schedules and the impl registry."""
 
-from fpsa_jax.attention.api import IMPLS, Impl, fpsa_attention
+from fpsa_jax.attention.api import IMPLS, Impl, check_impl, fpsa_attention
 from fpsa_jax.attention.config import FPSAConfig
 from fpsa_jax.attention.mask import MaskInfo, build_mask_info
 from fpsa_jax.attention.metrics import AttentionErrors, error_report
@@ -17,6 +17,7 @@ __all__ = [
     "QuantizedTensor",
     "StepSchedule",
     "build_mask_info",
+    "check_impl",
     "error_report",
     "fpsa_attention",
 ]

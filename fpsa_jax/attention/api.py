@@ -36,7 +36,18 @@ REGISTRY: dict[str, AttentionFn] = {
 }
 
 
-def resolve_impl(impl: str, config: FPSAConfig | None, dtype, head_dim: int) -> str:
+def check_impl(impl: str) -> Impl:
+    """`impl` when it names an implementation (one of `IMPLS`), else a ValueError listing them.
+
+    Callers that build a model function check its impl with this once, before loading weights or
+    tracing, so a typo fails fast; `fpsa_attention` checks again at trace time.
+    """
+    if not isinstance(impl, str) or impl not in IMPLS:
+        raise ValueError(f"unknown impl {impl!r}; valid: {', '.join(IMPLS)}")
+    return impl
+
+
+def resolve_impl(impl: Impl, config: FPSAConfig | None, dtype, head_dim: int) -> Impl:
     """The concrete implementation `impl` stands for (only "auto" is resolved).
 
     "auto": FPSA configs go to the Mosaic GPU forward (with the Triton backward) where both run
@@ -45,9 +56,7 @@ def resolve_impl(impl: str, config: FPSAConfig | None, dtype, head_dim: int) -> 
     Triton kernels where they run, else to "xla"; dense (config=None) 16-bit attention on a GPU
     goes to cuDNN, and everything else to "xla".
     """
-    if impl not in IMPLS:
-        raise ValueError(f"unknown impl {impl!r}; valid: {', '.join(IMPLS)}")
-    if impl != "auto":
+    if check_impl(impl) != "auto":
         return impl
     if config is not None:
         if mosaic_supports(dtype, head_dim, config) and kernel_supports(dtype, head_dim, config):

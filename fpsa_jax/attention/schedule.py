@@ -1,8 +1,8 @@
 """`StepSchedule`: which FPSA operator each denoising step uses.
 
-Step i of N (i = 0 first, noisiest) uses the first phase with i / N < end_fraction. Training maps a
-noise level sigma to the inference step whose (shifted) sigma is nearest, so training and inference
-see the same operator for the same noise level.
+Step i of N (i = 0 first, noisiest) uses the first phase with i / N < end_fraction. Which step a
+training noise level stands for is the sampling schedule's business
+(`fpsa_jax.sampling.FlowSchedule.nearest_step`); this module knows steps only.
 """
 
 from __future__ import annotations
@@ -11,13 +11,13 @@ import dataclasses
 import json
 import numbers
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 
 from fpsa_jax.attention.config import FPSAConfig
-from fpsa_jax.flow_schedule import flow_schedule
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,22 +96,6 @@ class StepSchedule:
         """The operator of denoising step `step` in [0, num_steps) (0 = noisiest)."""
         return self.phases[self.phase_index(int(step), num_steps)].config
 
-    def step_for_sigma(self, sigma, num_steps: int, shift: float):
-        """The inference step whose shifted Wan sigma is nearest to `sigma` (float or array)."""
-        sigmas = flow_schedule(num_steps, shift).sigmas[:-1]
-        if isinstance(sigma, numbers.Real):
-            return int(np.argmin(np.abs(sigmas - float(sigma))))
-        sigma = jnp.asarray(sigma)
-        return jnp.argmin(jnp.abs(jnp.asarray(sigmas, sigma.dtype) - sigma[..., None]), axis=-1)
-
-    def phase_index_for_sigma(self, sigma, num_steps: int, shift: float):
-        """`phase_index(step_for_sigma(...))`; with arrays it is jit-friendly (for lax.switch)."""
-        return self.phase_index(self.step_for_sigma(sigma, num_steps, shift), num_steps)
-
-    def config_for_sigma(self, sigma: float, num_steps: int, shift: float) -> FPSAConfig | None:
-        """The operator for a training sample at noise level `sigma` (a host float)."""
-        return self.config_for_step(self.step_for_sigma(float(sigma), num_steps, shift), num_steps)
-
     def to_dict(self) -> dict[str, Any]:
         return {
             "phases": [
@@ -145,6 +129,23 @@ class StepSchedule:
     @classmethod
     def from_json(cls, text: str) -> StepSchedule:
         return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def load(cls, spec: str) -> StepSchedule:
+        """A preset name (see `preset`) or, for a name ending in .json, the file `to_json` wrote.
+
+        Raises FileNotFoundError for a missing file, ValueError for an unknown preset or a file
+        that is not a schedule.
+        """
+        if not spec.endswith(".json"):
+            return cls.preset(spec)
+        path = Path(spec)
+        if not path.is_file():
+            raise FileNotFoundError(f"StepSchedule file not found: {spec}")
+        try:
+            return cls.from_json(path.read_text())
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{spec} is not a StepSchedule JSON file: {e!r}") from None
 
     @classmethod
     def preset(cls, name: str) -> StepSchedule:

@@ -7,7 +7,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from fpsa_jax.pipeline import T2VWeights
+from fpsa_jax.convert import T2VWeights
 
 
 class Encoder(Protocol):

@@ -2,13 +2,14 @@
 FPSA operator against dense attention on the very same inputs (the paper's error-versus-step
 figure, in miniature).
 
-How. `traced_model_fn` wraps `WanModel` in a Flax method interceptor. At every self-attention call
-(the `Attention` modules with a token grid) it runs the layer twice on the layer's actual input,
-once with the step's `FPSAConfig` and once dense, both with the output projection replaced by the
-identity so that the operator's output o [B, L, N * D] is compared, not its projection. The sums
-behind the relative L2 error and the cosine similarity go to the host through an ordered
-`jax.debug.callback`, so they arrive step by step, layer by layer. The model's own output (what
-the sampler continues from) is unchanged: the trajectory is the configured one.
+How. `traced_model_fn` is `wan_model_fn` with a Flax method interceptor. At every self-attention
+call (the `Attention` modules with a token grid) it runs the layer twice on the layer's actual
+input, once with the step's `FPSAConfig` and once dense, both with the output projection replaced
+by the identity so that the operator's output o [B, L, N * D] is compared, not its projection.
+Each layer sows the sums behind the relative L2 error and the cosine similarity; when the model
+call returns they go to the host through an ordered `jax.debug.callback`, so they arrive step by
+step, layer by layer. The model's own output (what the sampler continues from) is unchanged: the
+trajectory is the configured one.
 """
 
 from __future__ import annotations
@@ -16,15 +17,15 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.tree_util import Partial
 
+from fpsa_jax.attention import Impl
 from fpsa_jax.config import WanConfig
 from fpsa_jax.demo import task
 from fpsa_jax.model.wan import Attention, WanModel
+from fpsa_jax.sampling import wan_model_fn
 
 
 class ErrorLog:
@@ -63,16 +64,20 @@ def _identity_output(params, dim: int):
     return {**params, "o": {"kernel": eye, "bias": jnp.zeros((dim,), eye.dtype)}}
 
 
-def _interceptor():
+def _interceptor(log: ErrorLog):
     measuring = []  # non-empty while the two measuring runs trace (they are not measured)
 
     def intercept(next_fun, args, kwargs, context):
         module = context.module
-        if (
-            measuring
-            or context.method_name != "__call__"
-            or not (isinstance(module, Attention) and module.grid is not None)
-        ):
+        if measuring or context.method_name != "__call__":
+            return next_fun(*args, **kwargs)
+        if isinstance(module, WanModel):
+            out = next_fun(*args, **kwargs)
+            # [num_layers, 4], sown per layer and stacked by the blocks' scan; in step order.
+            (sums,) = jax.tree.leaves(module.variables["intermediates"])
+            jax.debug.callback(log, sums, ordered=True)
+            return out
+        if not (isinstance(module, Attention) and module.grid is not None):
             return next_fun(*args, **kwargs)
         params = _identity_output(module.variables["params"], module.config.dim)
         (x,) = args
@@ -99,35 +104,17 @@ def _interceptor():
     return intercept
 
 
-@dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: one compile per log
-class _TracedWanApply:
-    config: WanConfig
-    attention_impl: str
-    log: ErrorLog
-
-    def __call__(self, params, condition, latents, timesteps, context, attention):
-        model = WanModel(self.config, attention_impl=self.attention_impl)
-        with nn.intercept_methods(_interceptor()):
-            out, state = model.apply(
-                {"params": params},
-                latents,
-                timesteps,
-                context,
-                attention=attention,
-                condition=condition,
-                mutable=["intermediates"],
-            )
-        # [num_layers, 4], stacked by the blocks' scan; reported in step order.
-        (sums,) = jax.tree.leaves(state["intermediates"])
-        jax.debug.callback(self.log, sums, ordered=True)
-        return out
-
-
-def traced_model_fn(config: WanConfig, params, log: ErrorLog, attention_impl: str = "xla"):
+def traced_model_fn(config: WanConfig, params, log: ErrorLog, attention_impl: Impl = "xla"):
     """A `model_fn` for `fpsa_jax.sampling.sample` that reports attention errors to `log` (a
-    demo model: it gets the demo task's position channels, `task.model_condition`)."""
-    condition = task.model_condition(config)
-    return Partial(_TracedWanApply(config, attention_impl, log), params, condition)
+    demo model: it gets the demo task's position channels, `task.model_condition`); one compiled
+    program per call."""
+    return wan_model_fn(
+        config,
+        params,
+        attention_impl,
+        condition=task.model_condition(config),
+        interceptor=_interceptor(log),
+    )
 
 
 def mean_over_layers(errors: StepErrors) -> dict[str, Sequence[float]]:

@@ -18,13 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fpsa_jax.attention.schedule import StepSchedule
+from fpsa_jax.attention import Impl, StepSchedule
 from fpsa_jax.demo import task
 from fpsa_jax.demo.checkpoint import DemoCheckpoint
 from fpsa_jax.sampling import sample, wan_model_fn
-
-# Passing this as `schedule` means: the schedule the checkpoint was trained for.
-TRAINED = "trained"
 
 
 def initial_noise(seeds: Sequence[int]) -> jax.Array:
@@ -33,59 +30,50 @@ def initial_noise(seeds: Sequence[int]) -> jax.Array:
     return jnp.stack([jax.random.normal(jax.random.key(int(s)), shape) for s in seeds])
 
 
-def resolve_schedule(checkpoint: DemoCheckpoint, schedule: StepSchedule | str | None):
-    """`schedule`, with TRAINED replaced by the checkpoint's own (None = dense)."""
-    if isinstance(schedule, str):
-        if schedule != TRAINED:
-            raise ValueError(
-                f"schedule must be a StepSchedule, None or {TRAINED!r}, got {schedule!r}"
-            )
-        return checkpoint.schedule
-    return schedule
-
-
 def generate(
     checkpoint: DemoCheckpoint,
     captions: Sequence[str],
     seeds: Sequence[int],
     *,
-    schedule: StepSchedule | str | None = TRAINED,
+    schedule: StepSchedule | None,
     guide_scale: float | None = None,
     num_steps: int | None = None,
-    attention_impl: str = "xla",
+    shift: float | None = None,
+    attention_impl: Impl = "xla",
     model_fn: Callable[..., jax.Array] | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> np.ndarray:
     """Videos float32 [B, F, H, W, 3] in [-1, 1] for `captions` (B) from the noise of `seeds` (B).
 
-    schedule: a StepSchedule, None (dense attention) or TRAINED (the checkpoint's schedule).
-    guide_scale, num_steps: default to the checkpoint's sampling settings. The model runs in
-    checkpoint.config.dtype (bfloat16 for the demo preset). model_fn overrides the model function
-    (see `fpsa_jax.sampling.sample`), e.g. to trace attention errors.
+    schedule: the FPSA operator of each step (None = dense attention), e.g. checkpoint.schedule
+    (the one it was trained for). guide_scale, num_steps, shift: None takes the checkpoint's
+    sampling settings. The model runs in checkpoint.config.dtype (bfloat16 for the demo preset).
+    model_fn overrides the model function (see `fpsa_jax.sampling.sample`), e.g. to trace
+    attention errors.
     """
     if len(captions) != len(seeds) or not captions:
         raise ValueError(
             f"need one seed per caption (>= 1), got {len(captions)} captions, {len(seeds)} seeds"
         )
     s = checkpoint.sampling
-    context = jnp.asarray(task.encode_captions(list(captions)))
-    null = jnp.zeros((1, 1, context.shape[-1]), context.dtype)
     fn = model_fn or wan_model_fn(
         checkpoint.config,
         params_as(checkpoint),
         attention_impl,
         condition=task.model_condition(checkpoint.config),
     )
+    context = jnp.asarray(task.encode_captions(list(captions)))
+    null = jnp.zeros((1, 1, context.shape[-1]), context.dtype)
     out = sample(
         fn,
         initial_noise(seeds),
         context,
         null,
         num_steps=s.num_steps if num_steps is None else num_steps,
-        shift=s.shift,
+        shift=s.shift if shift is None else shift,
         guide_scale=s.guide_scale if guide_scale is None else guide_scale,
         solver=s.solver,
-        schedule=resolve_schedule(checkpoint, schedule),
+        schedule=schedule,
         progress=progress,
     )
     return np.clip(np.asarray(out, np.float32), -1.0, 1.0)

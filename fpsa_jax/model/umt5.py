@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import html
-import json
 import math
 import re
 import warnings
@@ -30,13 +29,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fpsa_jax.json_config import JsonConfig
+
 Array = jax.Array
 _F32 = jnp.float32
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclasses.dataclass(frozen=True)
-class UMT5Config:
+class UMT5Config(JsonConfig):
     """Hyper-parameters of a UMT5 encoder.
 
     `d_kv` is the head dim D (num_heads * d_kv need not equal d_model); `dtype` is the compute
@@ -116,24 +117,6 @@ class UMT5Config:
 
     def replace(self, **changes: Any) -> UMT5Config:
         return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> UMT5Config:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown UMT5Config fields {unknown}; valid: {sorted(known)}")
-        return cls(**d)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> UMT5Config:
-        return cls.from_dict(json.loads(text))
 
 
 PRESETS: dict[str, UMT5Config] = {

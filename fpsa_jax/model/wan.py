@@ -23,7 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fpsa_jax.attention import FPSAConfig
+from fpsa_jax.attention import FPSAConfig, Impl
 from fpsa_jax.config import WanConfig
 from fpsa_jax.model.embeddings import apply_rope, fit_text_length, rope_tables, sinusoidal_embedding
 from fpsa_jax.parallel import ulysses_attention
@@ -124,7 +124,7 @@ class Attention(nn.Module):
     config: WanConfig
     grid: tuple[int, int, int] | None = None
     attention: FPSAConfig | None = None
-    attention_impl: str = "auto"
+    attention_impl: Impl = "auto"
 
     @nn.compact
     def __call__(self, x: Array, context: Array | None = None) -> Array:
@@ -189,7 +189,7 @@ class WanBlock(nn.Module):
     config: WanConfig
     grid: tuple[int, int, int]
     attention: FPSAConfig | None = None
-    attention_impl: str = "auto"
+    attention_impl: Impl = "auto"
 
     @nn.compact
     def __call__(self, x: Array, e0: Array, context: Array) -> tuple[Array, None]:
@@ -230,7 +230,7 @@ class WanModel(nn.Module):
     """
 
     config: WanConfig
-    attention_impl: str = "auto"
+    attention_impl: Impl = "auto"
 
     @nn.compact
     def __call__(
@@ -332,7 +332,7 @@ class Head(nn.Module):
 
 
 def _scanned_blocks(
-    cfg: WanConfig, grid: tuple[int, int, int], attention: FPSAConfig | None, attention_impl: str
+    cfg: WanConfig, grid: tuple[int, int, int], attention: FPSAConfig | None, attention_impl: Impl
 ) -> nn.Module:
     block = WanBlock
     if cfg.remat != "none":

@@ -15,7 +15,7 @@ import math
 import jax
 from jax.sharding import AbstractMesh, Mesh, PartitionSpec
 
-from fpsa_jax.attention import FPSAConfig, fpsa_attention
+from fpsa_jax.attention import FPSAConfig, Impl, fpsa_attention
 
 Array = jax.Array
 
@@ -30,7 +30,7 @@ def ulysses_attention(
     *,
     grid: tuple[int, int, int],
     config: FPSAConfig | None = None,
-    impl: str = "auto",
+    impl: Impl = "auto",
     scale: float | None = None,
     mesh: Mesh | AbstractMesh | None = None,
     axis: str = "seq",

@@ -1,6 +1,5 @@
 """Wan2.1's flow-matching samplers (UniPC, Euler) and the CFG denoising loop with per-step FPSA."""
 
-from fpsa_jax.flow_schedule import FlowSchedule, flow_schedule
 from fpsa_jax.sampling.euler import EulerState, euler_init, euler_step, euler_tables
 from fpsa_jax.sampling.loop import (
     SOLVER_NAMES,
@@ -12,6 +11,7 @@ from fpsa_jax.sampling.loop import (
     step_segments,
     wan_model_fn,
 )
+from fpsa_jax.sampling.schedule import FlowSchedule, flow_schedule
 from fpsa_jax.sampling.unipc import UniPCState, unipc_init, unipc_step, unipc_tables
 
 __all__ = [

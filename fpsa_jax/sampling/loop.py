@@ -31,16 +31,17 @@ import threading
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple, get_args
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.tree_util import Partial
 
-from fpsa_jax.attention import FPSAConfig, StepSchedule
+from fpsa_jax.attention import FPSAConfig, Impl, StepSchedule, check_impl
 from fpsa_jax.config import WanConfig
-from fpsa_jax.flow_schedule import flow_schedule
 from fpsa_jax.model.wan import WanModel
 from fpsa_jax.sampling.euler import euler_init, euler_step, euler_tables
+from fpsa_jax.sampling.schedule import flow_schedule
 from fpsa_jax.sampling.unipc import unipc_init, unipc_step, unipc_tables
 
 SolverName = Literal["unipc", "euler"]
@@ -85,16 +86,23 @@ def step_segments(schedule: StepSchedule | None, num_steps: int) -> tuple[Segmen
     return tuple(segments)
 
 
+# A Flax method interceptor: (next_fun, args, kwargs, context) -> output (nn.intercept_methods).
+Interceptor = Callable[..., Any]
+
+
 @dataclasses.dataclass(frozen=True)
 class _WanApply:
-    """Hashable `WanModel.apply` for `wan_model_fn` (equal configs share compiled programs)."""
+    """Hashable `WanModel.apply` for `wan_model_fn` (equal fields share compiled programs; an
+    interceptor is compared by identity)."""
 
     config: WanConfig
-    attention_impl: str
+    attention_impl: Impl
+    interceptor: Interceptor | None = None
 
     def __call__(self, params, condition, latents, timesteps, context, attention):
         model = WanModel(self.config, attention_impl=self.attention_impl)
-        return model.apply(
+        apply = functools.partial(
+            model.apply,
             {"params": params},
             latents,
             timesteps,
@@ -102,14 +110,31 @@ class _WanApply:
             attention=attention,
             condition=condition,
         )
+        if self.interceptor is None:
+            return apply()
+        with nn.intercept_methods(self.interceptor):
+            out, _ = apply(mutable=["intermediates"])
+        return out
 
 
 def wan_model_fn(
-    config: WanConfig, params: Any, attention_impl: str = "auto", condition: Any = None
+    config: WanConfig,
+    params: Any,
+    attention_impl: Impl = "auto",
+    condition: Any = None,
+    interceptor: Interceptor | None = None,
 ) -> Partial:
     """A `model_fn` for `sample` that runs `WanModel(config)` with `params` (and the model's
-    `condition` channels [1, F, H, W, C'], if any, shared by every sample) as traced arguments."""
-    return Partial(_WanApply(config, attention_impl), params, condition)
+    `condition` channels [1, F, H, W, C'], if any, shared by every sample) as traced arguments.
+
+    attention_impl is checked here (`fpsa_jax.attention.check_impl`): an unknown name raises
+    ValueError listing the valid ones before anything is traced. `interceptor`, a Flax method
+    interceptor, wraps every module method call of each model call (e.g. to measure a layer, as
+    `fpsa_jax.demo.attention_trace` does); under it the "intermediates" collection is mutable, so
+    modules may sow into it and the interceptor read the result when `WanModel.__call__` returns
+    (the collection is dropped after each call).
+    """
+    return Partial(_WanApply(config, check_impl(attention_impl), interceptor), params, condition)
 
 
 # Progress hooks of the runs in flight, by run id (a traced int32, so hooks never recompile).

@@ -15,16 +15,18 @@ from fpsa_jax.training.flow import (
 )
 from fpsa_jax.training.optimizer import adamw_hyperparams, learning_rate_at, make_optimizer
 from fpsa_jax.training.phases import (
+    PhaseSample,
     PhaseTable,
     phase_attention,
     phase_table,
-    sample_phase_and_sigmas,
+    sample_phase,
     sample_sigmas_in_phase,
 )
 from fpsa_jax.training.state import TrainState, init_train_state
 from fpsa_jax.training.step import batch_loss, drop_text, train_step
 
 __all__ = [
+    "PhaseSample",
     "PhaseTable",
     "TrainConfig",
     "TrainState",
@@ -38,7 +40,7 @@ __all__ = [
     "make_optimizer",
     "phase_attention",
     "phase_table",
-    "sample_phase_and_sigmas",
+    "sample_phase",
     "sample_sigmas",
     "sample_sigmas_in_phase",
     "sigma_cdf",

@@ -10,14 +10,14 @@ with shift 5, a constant learning rate, bf16 compute from float32 master paramet
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import numbers
 from collections.abc import Mapping
 from typing import Any, Literal, get_args
 
 from fpsa_jax.attention.schedule import StepSchedule
-from fpsa_jax.flow_schedule import flow_schedule
+from fpsa_jax.json_config import JsonConfig
+from fpsa_jax.sampling.schedule import flow_schedule
 
 SigmaSampling = Literal["shifted", "logit_normal"]
 SIGMA_SAMPLINGS: tuple[str, ...] = get_args(SigmaSampling)
@@ -28,7 +28,7 @@ COMPUTE_DTYPES: tuple[str, ...] = get_args(ComputeDtype)
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(JsonConfig):
     """One training run's hyper-parameters (frozen, hashable: usable as a static jit argument).
 
     Attributes:
@@ -57,8 +57,9 @@ class TrainConfig:
         FSDP's mixed precision; halves parameter all-gathers). False keeps float32 parameters and
         lets each layer cast at use, so Wan's float32 islands read float32 weights. Gradients
         reach the float32 masters either way.
-      num_inference_steps, inference_shift: the sampling schedule (fpsa_jax.flow_schedule) whose
-        steps map a training sigma to a phase of `schedule`, so training sees inference's operator.
+      num_inference_steps, inference_shift: the sampling schedule (fpsa_jax.sampling.flow_schedule)
+        whose steps map a training sigma to a phase of `schedule`, so training sees inference's
+        operator.
       schedule: the step-aware FPSA schedule, or None for dense attention at every sigma.
     """
 
@@ -135,30 +136,11 @@ class TrainConfig:
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
 
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-compatible dict (the schedule nested as StepSchedule.to_dict); see from_dict."""
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        d["schedule"] = None if self.schedule is None else self.schedule.to_dict()
-        return d
-
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
-        """A config from `to_dict` output (missing keys take defaults; unknown keys raise)."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig fields {unknown}; valid: {sorted(known)}")
-        d = dict(d)
-        if isinstance(d.get("schedule"), Mapping):
-            d["schedule"] = StepSchedule.from_dict(d["schedule"])
-        return cls(**d)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> TrainConfig:
-        return cls.from_dict(json.loads(text))
+    def _from_json_fields(cls, fields: dict[str, Any]) -> dict[str, Any]:
+        if isinstance(fields.get("schedule"), Mapping):  # nested as StepSchedule.to_dict
+            fields["schedule"] = StepSchedule.from_dict(fields["schedule"])
+        return fields
 
 
 def _check_real(cfg, name, lo=None, hi=None, lo_open=False, hi_open=False) -> None:

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fpsa_jax.flow_schedule import NUM_TRAIN_TIMESTEPS
+from fpsa_jax.sampling.schedule import NUM_TRAIN_TIMESTEPS
 from fpsa_jax.training.config import TrainConfig
 
 Array = jax.Array

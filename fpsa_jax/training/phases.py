@@ -1,8 +1,9 @@
 """Phase-grouped sigma sampling: every sample of a batch shares one FPSA schedule phase.
 
-A training sample at noise level sigma uses `StepSchedule.config_for_sigma(sigma, N, shift)` (the
-phase of the inference step whose sigma is nearest), so training sees inference's operator. The
-phase is a static choice (one compiled train step per phase), hence one phase per batch:
+A training sample at noise level sigma uses the phase of the inference step whose sigma is nearest
+(`fpsa_jax.sampling.FlowSchedule.nearest_step` for config.num_inference_steps and inference_shift),
+so training sees inference's operator. The phase is a static choice (one compiled train step per
+phase), hence one phase per batch:
 
   1. draw u0 ~ U(0, 1) and take the phase of sigma = F^-1(u0): phase p has probability
      P(p) = F(c_p) - F(c_{p+1}), the mass the sigma distribution puts on its sigma interval;
@@ -13,15 +14,18 @@ Each sample's marginal is sum_p P(p) F(. | p) = F, the unconditioned distributio
 changes which sigmas share a batch, not how often each sigma is trained. Samples of one batch are
 not independent (they share the phase); across batches they are.
 
-Phase cells are computed on the host against the float32 sigmas the app will look up: `lo`/`hi`
-are the smallest / largest float32 values whose host lookup `phase_index_for_sigma(float(x))`
-gives the phase, so after the final clip every drawn sigma maps to its phase exactly.
+A phase's cell is the union of its steps' cells (`FlowSchedule.step_cells`: the float32 sigmas
+whose host lookup gives the step), so `lo`/`hi` are the smallest / largest float32 values of the
+phase and, after the final clip, every drawn sigma maps to its phase exactly.
+
+`sample_phase` is the one call a training step makes: (phase, sigmas, operator).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +33,7 @@ import numpy as np
 
 from fpsa_jax.attention.config import FPSAConfig
 from fpsa_jax.attention.schedule import StepSchedule
-from fpsa_jax.flow_schedule import flow_schedule
+from fpsa_jax.sampling.schedule import flow_schedule
 from fpsa_jax.training.config import TrainConfig
 from fpsa_jax.training.flow import sigma_cdf, sigma_from_u
 
@@ -78,19 +82,15 @@ def phase_attention(
 
 @functools.lru_cache(maxsize=64)
 def _table(config: TrainConfig, schedule: StepSchedule) -> PhaseTable:
-    n, shift = config.num_inference_steps, config.inference_shift
-    sig = flow_schedule(n, shift).sigmas[:-1]
+    n = config.num_inference_steps
+    step_lo, step_hi = flow_schedule(n, config.inference_shift).step_cells()
     step_phase = np.array([schedule.phase_index(i, n) for i in range(n)])
-    lookup = lambda x: schedule.phase_index_for_sigma(float(x), n, shift)  # noqa: E731
     num = len(schedule.phases)
     lo, hi = np.full(num, np.nan), np.full(num, np.nan)
     for p in range(num):
         steps = np.flatnonzero(step_phase == p)
-        if steps.size == 0:
-            continue
-        a, b = steps[0], steps[-1]
-        hi[p] = 1.0 if a == 0 else _edge(lookup, p, (sig[a - 1] + sig[a]) / 2, np.inf)
-        lo[p] = 0.0 if b == n - 1 else _edge(lookup, p, (sig[b] + sig[b + 1]) / 2, -np.inf)
+        if steps.size:  # phases are contiguous runs of steps, noisiest first
+            hi[p], lo[p] = step_hi[steps[0]], step_lo[steps[-1]]
     # Cut halfway between the float32 edges of adjacent non-empty phases (an empty phase gets an
     # empty cell), so the u-ranges tile [0, 1]. cuts[p] is the upper sigma cut of phase p.
     cuts = np.zeros(num + 1)
@@ -105,18 +105,6 @@ def _table(config: TrainConfig, schedule: StepSchedule) -> PhaseTable:
     u = np.asarray(sigma_cdf(cuts, config), np.float64)
     u[0], u[num] = 1.0, 0.0
     return PhaseTable(sigma_lo=lo, sigma_hi=hi, u_lo=u[1:], u_hi=u[:-1])
-
-
-def _edge(lookup, phase: int, boundary: float, direction: float) -> float:
-    """The float32 nearest `boundary` on the side of `phase`: the last x (moving toward
-    `direction`) whose host lookup still gives `phase`."""
-    x = np.float32(boundary)
-    toward_phase = np.float32(-direction)
-    while lookup(x) != phase:
-        x = np.nextafter(x, toward_phase)
-    while lookup(np.nextafter(x, np.float32(direction))) == phase:
-        x = np.nextafter(x, np.float32(direction))
-    return float(x)
 
 
 def phase_table(config: TrainConfig, schedule: StepSchedule | None = None) -> PhaseTable:
@@ -151,17 +139,33 @@ def _draw_in_cell(key: Array, bounds: Array, *, batch: int, config: TrainConfig)
 _uniform = jax.jit(lambda key: jax.random.uniform(key, (), jnp.float32))
 
 
-def sample_phase_and_sigmas(
-    key: Array, batch: int, config: TrainConfig, schedule: StepSchedule | None = None
-) -> tuple[int, Array]:
-    """A batch's phase (host int) and its sigmas [B] float32, every sigma in that phase.
+class PhaseSample(NamedTuple):
+    """What one train step takes from the schedule.
 
-    Host-side (the phase is returned as a Python int to pick the static FPSAConfig: see
-    `phase_attention`); the sigmas' marginal is config's sigma distribution (module docstring).
+    Attributes:
+      phase: the batch's phase (a host int; index 0 = noisiest).
+      sigmas: float32 [B], every one in that phase's cell.
+      attention: the phase's FPSA operator (None = dense), static for the compiled step.
+    """
+
+    phase: int
+    sigmas: Array
+    attention: FPSAConfig | None
+
+
+def sample_phase(
+    key: Array, batch: int, config: TrainConfig, schedule: StepSchedule | None = None
+) -> PhaseSample:
+    """A batch's phase, its sigmas [B] float32 (every sigma in that phase) and its operator.
+
+    Host-side (the phase is a Python int and the operator a static FPSAConfig, so the caller
+    picks the train step compiled for it); the sigmas' marginal is config's sigma distribution
+    (module docstring). schedule defaults to config.schedule (None = one dense phase).
     """
     table = phase_table(config, schedule)
     k_phase, k_sigma = jax.random.split(key)
     u0 = float(_uniform(k_phase))
     # u0 in [0, 1) lies in exactly one non-empty cell [u_lo, u_hi).
     phase = int(np.flatnonzero((table.u_lo <= u0) & (u0 < table.u_hi))[0])
-    return phase, sample_sigmas_in_phase(k_sigma, batch, config, phase, schedule)
+    sigmas = sample_sigmas_in_phase(k_sigma, batch, config, phase, schedule)
+    return PhaseSample(phase, sigmas, phase_attention(config, phase, schedule))

@@ -1,10 +1,9 @@
 """One quantization-aware flow-matching train step (pure; the caller jits it).
 
-The FPSA operator of the step is static (`attention`): the app draws a batch's phase and sigmas
-with `sample_phase_and_sigmas`, looks up `phase_attention(config, phase)` and calls the train step
-compiled for that operator, one compilation per phase. FP8 quantization passes gradients straight
-through and sparsity masks them exactly: both come from the operator (impl "xla" is
-differentiable).
+The FPSA operator of the step is static (`attention`): the app draws a batch's phase, sigmas and
+operator with `sample_phase` and calls the train step compiled for that operator, one compilation
+per phase. FP8 quantization passes gradients straight through and sparsity masks them exactly:
+both come from the operator (impl "xla" is differentiable).
 
 Batch (a dict):
   latents       [B, F, H, W, C] float32 clean latents x0 (C = out_dim)
@@ -25,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fpsa_jax.attention.config import FPSAConfig
+from fpsa_jax.attention import FPSAConfig, Impl
 from fpsa_jax.config import WanConfig
 from fpsa_jax.model.wan import WanModel
 from fpsa_jax.training.config import TrainConfig
@@ -67,7 +66,7 @@ def batch_loss(
     model_config: WanConfig,
     train_config: TrainConfig,
     attention: FPSAConfig | None,
-    impl: str = "xla",
+    impl: Impl = "xla",
 ) -> tuple[Array, Array]:
     """The flow-matching loss of `batch` under `params`: (scalar, per-sample [B]), float32.
 
@@ -106,7 +105,7 @@ def train_step(
     model_config: WanConfig,
     train_config: TrainConfig,
     attention: FPSAConfig | None,
-    impl: str = "xla",
+    impl: Impl = "xla",
 ) -> tuple[TrainState, dict[str, Array]]:
     """One micro-step: loss and gradients, optimizer update (every grad_accum_steps calls), EMA.
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from fpsa_testlib import F32_RTOL, numpy_attention, random_qkv, rel_err
 
-from fpsa_jax.attention import IMPLS, FPSAConfig, fpsa_attention
+from fpsa_jax.attention import IMPLS, FPSAConfig, check_impl, fpsa_attention
 from fpsa_jax.attention.api import resolve_impl
 from fpsa_jax.attention.tiling import from_tiles, to_tiles
 
@@ -31,6 +31,13 @@ def test_explicit_scale_is_used():
 def test_unknown_impl_lists_valid_ones():
     with pytest.raises(ValueError, match="unknown impl 'flash'; valid: auto, reference, xla"):
         fpsa_attention(Q, K, V, grid=GRID, impl="flash")
+
+
+@pytest.mark.parametrize("bad", ["flash", "XLA", "", None, ["xla"]])
+def test_check_impl_accepts_exactly_the_registered_names(bad):
+    assert [check_impl(name) for name in IMPLS] == list(IMPLS)
+    with pytest.raises(ValueError, match=r"unknown impl .*; valid: auto, reference, xla"):
+        check_impl(bad)
 
 
 def test_triton_off_hopper_says_what_it_needs():

@@ -1,14 +1,12 @@
-"""StepSchedule: phase lookup by step and by sigma, JSON round trip, presets."""
+"""StepSchedule: phase lookup by step, JSON round trip, presets."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fpsa_jax.attention import FPSAConfig, Phase, StepSchedule
-from fpsa_jax.flow_schedule import flow_schedule
 
 A = FPSAConfig(tile=(1, 2, 2), window=(1, 1, 1), quant="fp8", q_group=(2, 2, 2))
 B = FPSAConfig(tile=(1, 2, 2), window=(3, 3, 3), quant="fp8")
@@ -38,20 +36,6 @@ def test_phase_index_agrees_on_host_and_under_jit(num_steps):
     ]
     assert host == want
     np.testing.assert_array_equal(jax.jit(lambda s: SCHED.phase_index(s, num_steps))(steps), want)
-
-
-def test_sigma_maps_to_nearest_shifted_inference_sigma():
-    sig = flow_schedule(50, 5.0).sigmas[:-1]
-    np.testing.assert_allclose(sig[0], 5 * 0.999 / (1 + 4 * 0.999), rtol=1e-6)
-    assert np.all(np.diff(sig) < 0) and sig[-1] > 0
-    for i in (0, 7, 31, 49):
-        assert SCHED.step_for_sigma(float(sig[i]), 50, 5.0) == i
-        assert SCHED.config_for_sigma(float(sig[i]), 50, 5.0) == SCHED.config_for_step(i, 50)
-    assert SCHED.step_for_sigma(1.0, 50, 5.0) == 0 and SCHED.step_for_sigma(0.0, 50, 5.0) == 49
-    traced = jax.jit(lambda s: SCHED.phase_index_for_sigma(s, 50, 5.0))(
-        jnp.asarray(sig[[0, 20, 45]])
-    )
-    np.testing.assert_array_equal(traced, [SCHED.phase_index(i, 50) for i in (0, 20, 45)])
 
 
 def test_presets_follow_the_papers_shape():
@@ -87,9 +71,31 @@ def test_invalid_lookups_raise():
         SCHED.config_for_step(10, 10)
     with pytest.raises(ValueError, match="num_steps"):
         SCHED.config_for_step(0, 0)
-    with pytest.raises(ValueError, match="shift"):
-        SCHED.config_for_sigma(0.5, 10, 0.0)
     with pytest.raises(ValueError, match="unknown StepSchedule preset"):
         StepSchedule.preset("wan-1080p")
     with pytest.raises(ValueError, match="exactly the key 'phases'"):
         StepSchedule.from_dict({"phases": [], "extra": 1})
+
+
+def test_load_reads_a_preset_name_or_a_json_file(tmp_path):
+    assert StepSchedule.load("wan-720p") == StepSchedule.preset("wan-720p")
+    path = tmp_path / "mine.json"
+    path.write_text(SCHED.to_json())
+    assert StepSchedule.load(str(path)) == SCHED
+
+
+@pytest.mark.parametrize(
+    "text, error, match",
+    [
+        (None, FileNotFoundError, "StepSchedule file not found"),
+        ('{"phases": [{"end_fraction": 1.0}]}', ValueError, "not a StepSchedule JSON file"),
+        ("{not json", ValueError, "not a StepSchedule JSON file"),
+        ('{"phases": [{"end_fraction": 2.0, "config": null}]}', ValueError, "end_fraction"),
+    ],
+)
+def test_load_names_what_is_wrong_with_a_file(tmp_path, text, error, match):
+    path = tmp_path / "s.json"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(error, match=match):
+        StepSchedule.load(str(path))

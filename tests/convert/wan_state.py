@@ -15,20 +15,25 @@ from typing import Any
 
 import numpy as np
 
-# The tiny config of the tests: head_dim 12, patch (1, 2, 2).
-TINY = dict(
-    dim=24,
-    num_heads=2,
-    ffn_dim=32,
-    num_layers=2,
-    in_dim=4,
-    out_dim=4,
-    text_dim=16,
-    freq_dim=256,
-    patch_size=(1, 2, 2),
-    qk_norm=True,
-    cross_attn_norm=True,
-)
+from tests.conftest import TINY_WAN
+
+# The tests' tiny DiT (tests/conftest.py) as the fields a checkpoint's tensors determine.
+TINY = {
+    name: getattr(TINY_WAN, name)
+    for name in (
+        "dim",
+        "num_heads",
+        "ffn_dim",
+        "num_layers",
+        "in_dim",
+        "out_dim",
+        "text_dim",
+        "freq_dim",
+        "patch_size",
+        "qk_norm",
+        "cross_attn_norm",
+    )
+}
 
 
 def make_original_state_dict(cfg_kwargs: Any = None, seed: int = 0) -> dict[str, np.ndarray]:

@@ -1,6 +1,7 @@
 """Sampling the demo model with any schedule, and tracing its attention error per step, on a
 small random model (the embedded checkpoints are covered in test_checkpoint and tests/infer)."""
 
+import dataclasses
 import functools
 
 import jax
@@ -11,7 +12,7 @@ from fpsa_jax.attention import FPSAConfig, StepSchedule
 from fpsa_jax.config import WanConfig
 from fpsa_jax.demo import DemoCheckpoint, Sampling
 from fpsa_jax.demo.attention_trace import ErrorLog, mean_over_layers, traced_model_fn
-from fpsa_jax.demo.generate import TRAINED, generate, params_as, with_attention
+from fpsa_jax.demo.generate import generate, params_as, with_attention
 from fpsa_jax.model.random_weights import random_weights
 from fpsa_jax.model.wan import init_params
 
@@ -38,20 +39,28 @@ def test_videos_have_the_demo_shape_and_depend_on_seed_and_caption(checkpoint):
     assert not np.array_equal(a[0], a[1])  # same noise, different caption
 
 
-def test_trained_schedule_is_the_checkpoints_and_fpsa_changes_the_video(checkpoint):
-    trained = generate(checkpoint, CAPTIONS[:1], [0], num_steps=4)
-    explicit = generate(checkpoint, CAPTIONS[:1], [0], num_steps=4, schedule=DEMO)
+def test_the_schedule_reaches_the_model_and_fpsa_changes_the_video(checkpoint):
+    fpsa = generate(checkpoint, CAPTIONS[:1], [0], num_steps=4, schedule=checkpoint.schedule)
     dense = generate(checkpoint, CAPTIONS[:1], [0], num_steps=4, schedule=None)
-    np.testing.assert_array_equal(trained, explicit)
-    assert not np.array_equal(trained, dense)
+    assert checkpoint.schedule == DEMO and not np.array_equal(fpsa, dense)
+
+
+def test_none_arguments_take_the_checkpoints_sampling_settings(checkpoint):
+    ckpt = dataclasses.replace(checkpoint, sampling=Sampling(num_steps=2, shift=2.0))
+    default = generate(ckpt, CAPTIONS[:1], [0], schedule=None)
+    np.testing.assert_array_equal(
+        default, generate(ckpt, CAPTIONS[:1], [0], schedule=None, num_steps=2, shift=2.0)
+    )
+    assert not np.array_equal(default, generate(ckpt, CAPTIONS[:1], [0], schedule=None, shift=5.0))
 
 
 def test_bad_requests_are_refused(checkpoint):
     with pytest.raises(ValueError, match="need one seed per caption"):
-        generate(checkpoint, CAPTIONS, [0])
-    with pytest.raises(ValueError, match="schedule must be a StepSchedule, None or 'trained'"):
+        generate(checkpoint, CAPTIONS, [0], schedule=None)
+    with pytest.raises(ValueError, match="unknown impl 'nonsense'; valid: auto"):
+        generate(checkpoint, CAPTIONS[:1], [0], schedule=None, attention_impl="nonsense")
+    with pytest.raises(ValueError, match="schedule must be a StepSchedule or None"):
         generate(checkpoint, CAPTIONS[:1], [0], schedule="demo")
-    assert TRAINED == "trained"
 
 
 def test_with_attention_changes_every_fpsa_phase_and_keeps_dense_ones():
@@ -67,8 +76,10 @@ def test_with_attention_changes_every_fpsa_phase_and_keeps_dense_ones():
 def test_trace_reports_each_step_and_layer_without_changing_the_video(checkpoint):
     log = ErrorLog()
     fn = traced_model_fn(SMALL, params_as(checkpoint), log)
-    traced = generate(checkpoint, CAPTIONS[:1], [0], num_steps=4, model_fn=fn)
-    np.testing.assert_array_equal(traced, generate(checkpoint, CAPTIONS[:1], [0], num_steps=4))
+    traced = generate(checkpoint, CAPTIONS[:1], [0], num_steps=4, schedule=DEMO, model_fn=fn)
+    np.testing.assert_array_equal(
+        traced, generate(checkpoint, CAPTIONS[:1], [0], num_steps=4, schedule=DEMO)
+    )
     errors = log.per_step(4, SMALL.num_layers)
     assert errors.rel_l2.shape == (4, 2)
     # FP8 + a window keeping 17-67% of the blocks: a real but bounded error. With near-uniform

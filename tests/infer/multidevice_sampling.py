@@ -17,6 +17,7 @@ import fpsa_jax.parallel.ulysses as ulysses  # noqa: E402
 from fpsa_jax import pipeline  # noqa: E402
 from fpsa_jax.attention import FPSAConfig, Phase, StepSchedule  # noqa: E402
 from fpsa_jax.config import WanConfig  # noqa: E402
+from fpsa_jax.convert import T2VWeights  # noqa: E402
 from fpsa_jax.model import wan  # noqa: E402
 from fpsa_jax.model.random_weights import random_weights  # noqa: E402
 from fpsa_jax.parallel import make_mesh  # noqa: E402
@@ -32,7 +33,7 @@ def _spy(q, k, v, **kw):
 
 ulysses.fpsa_attention = _spy
 config = WanConfig.preset("tiny", dtype="float32")
-weights = pipeline.T2VWeights(
+weights = T2VWeights(
     config,
     random_weights(functools.partial(wan.init_params, config), jax.random.key(0)),
     None,

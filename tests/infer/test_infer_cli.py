@@ -9,6 +9,8 @@ import imageio_ffmpeg
 import numpy as np
 import pytest
 
+from fpsa_jax.attention import IMPLS
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -69,10 +71,16 @@ def test_dense_run_with_flags_writes_video_and_array(tmp_path):
         (["--frame_num=4"], "frame count must be 4k+1"),
         (["--sample_steps=0"], "--sample_steps must be >= 1"),
         (["--attention=fpsa", "--schedule=wan-9000p"], "unknown StepSchedule preset"),
+        (["--schedule=/no/schedule.json"], "StepSchedule file not found"),
         (["--attention=dense", "--schedule=wan-480p"], "--schedule needs --attention=fpsa"),
         (["--size=64*64"], "the embedded demo model generates 9 frames of 32*32 only"),
         (["--save_file=out.avi"], "--save_file must end in .mp4"),
         (["--ckpt_dir=/does/not/exist"], "model directory not found"),
+        # Checked while the flags parse, before the (missing) model directory is looked at.
+        (
+            ["--attention_impl=nonsense", "--ckpt_dir=/does/not/exist"],
+            f"value should be one of <{'|'.join(IMPLS)}>",
+        ),
     ],
 )
 def test_bad_flags_are_refused_with_the_reason(tmp_path, flags, message):
@@ -80,6 +88,11 @@ def test_bad_flags_are_refused_with_the_reason(tmp_path, flags, message):
     assert result.returncode != 0
     assert message in result.stderr
     assert not (tmp_path / "outputs").exists()
+
+
+def test_help_lists_every_attention_impl(tmp_path):
+    result = _infer("--help", cwd=tmp_path)
+    assert f"--attention_impl: <{'|'.join(IMPLS)}>" in result.stdout
 
 
 def test_sequence_parallel_sampling_matches_one_device():

@@ -5,20 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fpsa_jax.config import WanConfig
 from fpsa_jax.model.wan import WanModel, init_params
+from tests.conftest import TINY_WAN
 
-CFG = WanConfig(
-    dim=24,
-    ffn_dim=32,
-    num_heads=2,
-    num_layers=2,
-    in_dim=4,
-    out_dim=4,
-    text_dim=16,
-    text_len=12,
-    dtype="float32",
-)
+CFG = TINY_WAN
 
 
 def _random_params(cfg, seed=0):

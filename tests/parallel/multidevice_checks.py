@@ -28,20 +28,11 @@ from fpsa_jax.parallel import (
     use_sharding,
 )
 from fpsa_jax.parallel import ulysses as ulysses_module
+from tests.conftest import TINY_WAN
 
 WINDOWED_FP8 = FPSAConfig(tile=(1, 2, 2), window=(1, 1, 2), quant="fp8", q_group=(1, 1, 2))
 WINDOWED = FPSAConfig(tile=(1, 2, 2), window=(1, 1, 1))
-CFG = WanConfig(
-    dim=48,
-    ffn_dim=64,
-    num_heads=4,
-    num_layers=2,
-    in_dim=4,
-    out_dim=4,
-    text_dim=16,
-    text_len=8,
-    dtype="float32",
-)
+CFG = TINY_WAN.replace(dim=48, ffn_dim=64, num_heads=4, text_len=8)
 
 
 def rel(a, b) -> float:

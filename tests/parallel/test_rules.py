@@ -8,7 +8,6 @@ import pytest
 from jax.sharding import AbstractMesh, AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from fpsa_jax.config import WanConfig
 from fpsa_jax.model.umt5 import UMT5Config, UMT5Encoder
 from fpsa_jax.model.wan import param_logical_axes
 from fpsa_jax.parallel import (
@@ -21,10 +20,11 @@ from fpsa_jax.parallel import (
     unmapped_logical_names,
     use_sharding,
 )
+from tests.conftest import TINY_WAN
 
 AXES = ("data", "fsdp", "seq")
 MESH_2X2X2 = AbstractMesh((2, 2, 2), AXES, axis_types=(AxisType.Auto,) * 3)
-WAN = WanConfig(dim=48, ffn_dim=64, num_heads=4, num_layers=2, in_dim=4, out_dim=4, text_dim=16)
+WAN = TINY_WAN.replace(dim=48, ffn_dim=64, num_heads=4, text_len=512, dtype="bfloat16")
 UMT5 = UMT5Config(vocab_size=50, d_model=32, d_kv=8, d_ff=48, num_heads=4, num_layers=2)
 
 

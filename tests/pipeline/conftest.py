@@ -12,23 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from fpsa_jax.convert import load_wan_checkpoint
+from fpsa_jax.convert import T2VWeights, load_wan_checkpoint
 from fpsa_jax.convert.vae import load_wan_vae
-from fpsa_jax.pipeline import T2VWeights, latent_shape
-from tests.convert.wan_state import diffusers_model, make_original_state_dict
+from fpsa_jax.pipeline import latent_shape
+from tests.convert.wan_state import TINY, diffusers_model, make_original_state_dict
 from tests.vae.conftest import random_wan_vae
 
-DIT = dict(
-    dim=24,
-    num_heads=2,
-    ffn_dim=32,
-    num_layers=2,
-    in_dim=16,
-    out_dim=16,
-    text_dim=16,
-    freq_dim=256,
-    patch_size=(1, 2, 2),
-)
+DIT = {**TINY, "in_dim": 16, "out_dim": 16}  # the tests' tiny DiT on 16 VAE latent channels
 TEXT_LEN = 512  # the converted config's text_len: diffusers gets contexts zero-padded to it
 BATCH, WIDTH, HEIGHT, FRAMES = 2, 48, 32, 9
 PROMPT_LEN, NEGATIVE_LEN = 7, 5

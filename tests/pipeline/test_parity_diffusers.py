@@ -21,8 +21,8 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
 
-from fpsa_jax.flow_schedule import flow_schedule
 from fpsa_jax.pipeline import decode_latents, denoise
+from fpsa_jax.sampling import flow_schedule
 from tests.pipeline.conftest import FRAMES, HEIGHT, TEXT_LEN, WIDTH
 
 NUM_STEPS, SHIFT, GUIDE = 4, 3.0, 3.0

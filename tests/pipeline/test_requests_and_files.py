@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from fpsa_jax.attention import StepSchedule
-from fpsa_jax.pipeline import ModelFiles, check_video_request, find_model_files, latent_shape
+from fpsa_jax.convert import ModelFiles, find_model_files
+from fpsa_jax.pipeline import T2VRequest, check_video_request, latent_shape, text_to_video
 
 SIZE = r"video size {}\*{} \(width\*height\): both must be positive multiples of 16"
 FRAMES = r"frame count must be 4k\+1 .*; got {}$"
@@ -114,3 +115,19 @@ def test_unknown_schedule_preset_names_the_valid_ones():
         match="unknown StepSchedule preset 'nope'; valid: dense, demo, wan-480p, wan-720p",
     ):
         StepSchedule.preset("nope")
+
+
+def test_a_request_of_an_impossible_size_is_refused_when_made():
+    with pytest.raises(ValueError, match="multiples of 16"):
+        T2VRequest("a cat", width=60, height=32)
+    with pytest.raises(ValueError, match="frame count must be 4k\\+1"):
+        T2VRequest("a cat", frames=8)
+
+
+def test_text_to_video_checks_the_impl_before_encoding_any_prompt(tiny_model):
+    # These weights have no text encoder: encoding would raise "no text encoder" first.
+    request = T2VRequest("a cat", width=48, height=32, frames=9, num_steps=1)
+    with pytest.raises(ValueError, match="unknown impl 'nonsense'; valid: auto"):
+        text_to_video(tiny_model.weights, request, attention_impl="nonsense")
+    with pytest.raises(ValueError, match="no text encoder"):
+        text_to_video(tiny_model.weights, request, attention_impl="xla")

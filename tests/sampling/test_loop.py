@@ -177,6 +177,38 @@ def test_wan_model_fn_passes_weights_as_arguments_not_constants():
     assert rel_err(other, got) > 1e-4
 
 
+def test_wan_model_fn_interceptor_sees_every_call_and_may_sow_without_changing_the_output():
+    cfg = WanConfig.preset("tiny", num_layers=1)
+    rng = np.random.default_rng(0)
+    noise = rng.normal(size=(1, 2, 4, 4, cfg.in_dim)).astype(np.float32)
+    ctx = rng.normal(size=(1, 3, cfg.text_dim)).astype(np.float32)
+    params = WanModel(cfg).init(jax.random.key(0), noise, jnp.zeros((1,)), ctx)["params"]
+    seen, sown = [], []
+
+    def interceptor(next_fun, args, kwargs, context):
+        name = type(context.module).__name__
+        seen.append(name)
+        if name == "FeedForward":
+            context.module.sow("intermediates", "probe", jnp.full((), 7.0))
+        out = next_fun(*args, **kwargs)
+        if name == "WanModel":  # what the layers sowed, stacked over them by the scan
+            sown.extend(jax.tree.leaves(context.module.variables["intermediates"]))
+        return out
+
+    kw = dict(num_steps=1, shift=5.0, guide_scale=5.0)
+    plain = sample(wan_model_fn(cfg, params), noise, ctx, ctx, **kw)
+    intercepted = sample(wan_model_fn(cfg, params, interceptor=interceptor), noise, ctx, ctx, **kw)
+    np.testing.assert_array_equal(np.asarray(intercepted), np.asarray(plain))
+    assert {"WanModel", "Attention", "FeedForward", "Head"} <= set(seen)
+    assert sown and all(x.shape == (1,) for x in sown)  # one value per layer, each trace
+
+
+def test_wan_model_fn_refuses_an_unknown_impl_when_built():
+    # No params are read and nothing is traced: the name alone is checked.
+    with pytest.raises(ValueError, match="unknown impl 'flash'; valid: auto, reference, xla"):
+        wan_model_fn(WanConfig.preset("tiny"), params=None, attention_impl="flash")
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [

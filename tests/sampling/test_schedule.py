@@ -1,8 +1,12 @@
-"""Wan's sigmas and timesteps against an independent re-derivation of set_timesteps."""
+"""Wan's sigmas and timesteps against an independent re-derivation of set_timesteps; the
+nearest-step lookup of a noise level and the float32 cells it partitions [0, 1] into."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fpsa_jax.attention import FPSAConfig, Phase, StepSchedule
 from fpsa_jax.sampling import flow_schedule
 from tests.sampling.reference import wan_schedule
 
@@ -47,3 +51,37 @@ def test_bad_shift_is_rejected(bad):
 def test_shift_too_large_for_float32_is_rejected():
     with pytest.raises(ValueError, match="strictly decreasing"):
         flow_schedule(200, 1e6)
+
+
+def test_sigma_maps_to_nearest_shifted_inference_sigma():
+    flow = flow_schedule(50, 5.0)
+    sig = flow.sigmas[:-1]
+    np.testing.assert_allclose(sig[0], 5 * 0.999 / (1 + 4 * 0.999), rtol=1e-6)
+    assert np.all(np.diff(sig) < 0) and sig[-1] > 0
+    for i in (0, 7, 31, 49):
+        assert flow.nearest_step(float(sig[i])) == i
+    assert flow.nearest_step(1.0) == 0 and flow.nearest_step(0.0) == 49
+    # Under jit, composed with a StepSchedule's phase lookup (as a lax.switch index would be).
+    a = FPSAConfig(tile=(1, 2, 2), window=(1, 1, 1), quant="fp8", q_group=(2, 2, 2))
+    b = FPSAConfig(tile=(1, 2, 2), window=(3, 3, 3), quant="fp8")
+    sched = StepSchedule((Phase(0.2, a), Phase(0.7, b), Phase(1.0, None)))
+    traced = jax.jit(lambda s: sched.phase_index(flow.nearest_step(s), 50))(
+        jnp.asarray(sig[[0, 20, 45]])
+    )
+    np.testing.assert_array_equal(traced, [sched.phase_index(i, 50) for i in (0, 20, 45)])
+
+
+@pytest.mark.parametrize("num_steps,shift", [(50, 5.0), (30, 3.0), (7, 1.0), (1, 5.0)])
+def test_step_cells_are_the_float32_sigmas_each_step_is_nearest_to(num_steps, shift):
+    flow = flow_schedule(num_steps, shift)
+    lo, hi = flow.step_cells()
+    assert hi[0] == 1.0 and lo[-1] == 0.0
+    lo32, hi32 = lo.astype(np.float32), hi.astype(np.float32)
+    np.testing.assert_array_equal(lo32, lo)  # float32 values
+    np.testing.assert_array_equal(hi32, hi)
+    for i in range(num_steps):
+        assert flow.nearest_step(float(lo32[i])) == i and flow.nearest_step(float(hi32[i])) == i
+        assert lo32[i] <= flow.sigmas[i] <= hi32[i]
+        if i > 0:  # one ulp up is the previous (noisier) step: the cells tile [0, 1]
+            assert np.nextafter(hi32[i], np.float32(2)) == lo32[i - 1]
+            assert flow.nearest_step(float(np.nextafter(hi32[i], np.float32(2)))) == i - 1

@@ -2,23 +2,26 @@
 are written, bad flags are refused."""
 
 import dataclasses
+import gc
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
-from fpsa_jax.attention import FPSAConfig, Phase, StepSchedule
+from fpsa_jax.attention import IMPLS, FPSAConfig, Phase, StepSchedule
 from fpsa_jax.config import WanConfig
+from fpsa_jax.parallel import make_mesh
 from fpsa_jax.training import TrainConfig
 from train.checkpoints import Checkpoints
-from train.loop import RunSettings, run
+from train.loop import RunSettings, _Layout, _step_programs, run
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = WanConfig.preset("tiny", num_layers=1, text_len=8)
@@ -186,6 +189,18 @@ def test_a_kill_during_saves_leaves_the_last_checkpoint_restorable(tmp_path):
     assert f"resuming from step {last}" in out
 
 
+def test_step_programs_are_made_once_per_operator_and_go_with_their_run():
+    layout = _Layout(make_mesh(1, 1, 1, devices=jax.devices()[:1]), None, None)
+    programs = _step_programs(MODEL, TRAIN, "xla", layout)  # jit is lazy: nothing compiles
+    dense = programs(None)
+    assert programs(None) is dense
+    assert programs(FPSAConfig(tile=(1, 2, 2), window=(1, 1, 1))) is not dense
+    gone = weakref.ref(dense)
+    del programs, dense
+    gc.collect()
+    assert gone() is None  # no module-level cache keeps a finished run's programs
+
+
 @pytest.mark.parametrize(
     "flags,message",
     [
@@ -194,8 +209,14 @@ def test_a_kill_during_saves_leaves_the_last_checkpoint_restorable(tmp_path):
         (["--set=learning_rate"], "--set takes KEY=VALUE"),
         (["--set=warmup_step=3"], "unknown TrainConfig fields"),
         (["--schedule=wan-9000p"], "unknown StepSchedule preset"),
+        (["--schedule=/no/schedule.json"], "StepSchedule file not found"),
         (["--data=/no/records"], "no records index.json"),
         (["--num_steps=0"], "--num_steps must be >= 1"),
+        # Checked while the flags parse, before the (missing) checkpoint or the workdir is touched.
+        (
+            ["--attention_impl=nonsense", "--model=/no/checkpoint"],
+            f"value should be one of <{'|'.join(IMPLS)}>",
+        ),
     ],
 )
 def test_bad_flags_are_refused_with_the_reason(tmp_path, flags, message):
@@ -203,3 +224,14 @@ def test_bad_flags_are_refused_with_the_reason(tmp_path, flags, message):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode != 0 and message in err
     assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+def test_help_lists_every_attention_impl():
+    out, _ = _train_cli("--help").communicate(timeout=120)
+    assert f"--attention_impl: <{'|'.join(IMPLS)}>" in out
+
+
+def test_an_unknown_impl_is_refused_when_the_run_is_described_not_after_loading(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown impl 'nonsense'; valid: auto, reference"):
+        _settings(tmp_path / "w", 1, attention_impl="nonsense", init="/no/checkpoint")
+    assert not (tmp_path / "w").exists()

@@ -5,22 +5,12 @@ import functools
 import jax
 import numpy as np
 
-from fpsa_jax.config import WanConfig
 from fpsa_jax.model.wan import init_params
 from fpsa_jax.training import TrainConfig, batch_loss, init_train_state, train_step
+from tests.conftest import TINY_WAN
 
 # Latents [B, 2, 8, 8, 4] patchify to the token grid (2, 4, 4): 32 tokens, 8 tiles of (1, 2, 2).
-MODEL = WanConfig(
-    dim=24,
-    ffn_dim=32,
-    num_heads=2,
-    num_layers=2,
-    in_dim=4,
-    out_dim=4,
-    text_dim=16,
-    text_len=12,
-    dtype="float32",
-)
+MODEL = TINY_WAN
 
 # A fast-learning test recipe: fixed noise in the batch, no text dropout, no warmup. adam_eps 1e-6
 # keeps Adam's first step continuous in the gradient (with 1e-15 it is sign(g) where |g| sits at

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 
 from fpsa_jax.attention import FPSAConfig, StepSchedule
-from fpsa_jax.flow_schedule import flow_schedule
+from fpsa_jax.sampling import flow_schedule
 from fpsa_jax.training import (
     TrainConfig,
     phase_attention,
     phase_table,
-    sample_phase_and_sigmas,
+    sample_phase,
     sample_sigmas_in_phase,
 )
 from tests.training.test_flow import KS_C, analytic_cdf, ks_statistic
@@ -28,7 +28,7 @@ CONFIGS = pytest.mark.parametrize("config", [SHIFTED, LOGIT_NORMAL], ids=["shift
 
 
 def host_phases(sigmas, config):
-    """StepSchedule's host lookup (nearest step by float64 distance, first on ties), vectorised."""
+    """The host lookup (nearest step by float64 distance, first on ties), vectorised."""
     n, shift = config.num_inference_steps, config.inference_shift
     grid = flow_schedule(n, shift).sigmas[:-1]
     steps = np.argmin(np.abs(grid[None, :] - np.asarray(sigmas, np.float64)[:, None]), axis=1)
@@ -65,8 +65,9 @@ def test_each_phases_sigmas_map_to_that_phase(config):
         # The edges are the extreme float32 values of the phase: one ulp further is another phase.
         lo, hi = np.float32(table.sigma_lo[p]), np.float32(table.sigma_hi[p])
         n, shift = config.num_inference_steps, config.inference_shift
+        flow = flow_schedule(n, shift)
         for edge in (lo, hi):
-            assert config.schedule.phase_index_for_sigma(float(edge), n, shift) == p
+            assert config.schedule.phase_index(flow.nearest_step(float(edge)), n) == p
         assert host_phases([lo, hi], config).tolist() == [p, p]
         if p > 0:
             assert host_phases([np.nextafter(hi, np.float32(2))], config)[0] == p - 1
@@ -91,7 +92,7 @@ def test_phase_grouping_keeps_the_marginal_sigma_distribution(config):
     table = phase_table(config)
     calls, b = 4000, 4
     keys = jax.random.split(jax.random.key(7), calls)
-    phases, sigmas = zip(*(sample_phase_and_sigmas(k, b, config) for k in keys), strict=True)
+    phases, sigmas, _ = zip(*(sample_phase(k, b, config) for k in keys), strict=True)
     phases, sigmas = np.array(phases), np.concatenate([np.asarray(s) for s in sigmas])
     for p in range(3):  # phase frequencies: binomial, 4 standard deviations
         freq = np.mean(phases == p)
@@ -107,8 +108,8 @@ def test_dense_config_has_one_phase_holding_every_sigma():
     config = TrainConfig()
     table = phase_table(config)
     assert table.num_phases == 1 and table.probs.tolist() == [1.0]
-    phase, sigmas = sample_phase_and_sigmas(jax.random.key(0), 50_000, config)
-    assert phase == 0 and phase_attention(config, 0) is None
+    phase, sigmas, attention = sample_phase(jax.random.key(0), 50_000, config)
+    assert phase == 0 and attention is None and phase_attention(config, 0) is None
     assert ks_statistic(np.asarray(sigmas), lambda x: analytic_cdf(x, config)) < KS_C / math.sqrt(
         50_000
     )
@@ -121,6 +122,13 @@ def test_phase_attention_returns_the_phase_operator_and_rejects_bad_indices():
         phase_attention(SHIFTED, 3)
 
 
+def test_sample_phase_returns_the_operator_of_the_phase_it_drew():
+    draws = [sample_phase(k, 2, SHIFTED) for k in jax.random.split(jax.random.key(3), 20)]
+    assert {d.phase for d in draws} == {0, 1, 2}
+    for d in draws:
+        assert d.attention == SCHEDULE.phases[d.phase].config and d.sigmas.shape == (2,)
+
+
 def test_a_phase_without_steps_has_no_mass_and_cannot_be_sampled():
     """ends (0.01, 0.015, 1.0) of 50 steps: step 0 is phase 0, phase 1 gets no step."""
     cfg = FPSAConfig(tile=(1, 2, 2))
@@ -130,7 +138,5 @@ def test_a_phase_without_steps_has_no_mass_and_cannot_be_sampled():
     assert table.probs[1] == 0.0 and table.probs[0] > 0 and table.probs[2] > 0
     with pytest.raises(ValueError, match="probability > 0"):
         sample_sigmas_in_phase(jax.random.key(0), 4, config, 1)
-    phases = [
-        sample_phase_and_sigmas(k, 1, config)[0] for k in jax.random.split(jax.random.key(1), 200)
-    ]
+    phases = [sample_phase(k, 1, config).phase for k in jax.random.split(jax.random.key(1), 200)]
     assert 1 not in phases

@@ -8,8 +8,9 @@ height/width, C channels. Videos are channels-last [B, F, H, W, C] in [-1, 1]; l
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any
+
+from fpsa_jax.json_config import JsonConfig
 
 # Per-channel statistics of the Wan2.1 latent space (the lists in Wan's `vae.py` and diffusers'
 # `AutoencoderKLWan`): encode returns (mu - mean) / std, decode undoes it.
@@ -52,7 +53,7 @@ WAN21_LATENTS_STD = (
 
 
 @dataclasses.dataclass(frozen=True)
-class WanVAEConfig:
+class WanVAEConfig(JsonConfig):
     """Hyper-parameters of the Wan2.1 causal video VAE.
 
     Level i of the encoder has `base_dim * dim_mult[i]` channels and `num_res_blocks` residual
@@ -116,27 +117,6 @@ class WanVAEConfig:
         if name not in VAE_PRESETS:
             raise ValueError(f"unknown WanVAEConfig preset {name!r}; valid: {sorted(VAE_PRESETS)}")
         return dataclasses.replace(VAE_PRESETS[name], **overrides)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
-            for f in dataclasses.fields(self)
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> WanVAEConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown WanVAEConfig fields {unknown}; valid: {sorted(known)}")
-        return cls(**d)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
-
-    @classmethod
-    def from_json(cls, text: str) -> WanVAEConfig:
-        return cls.from_dict(json.loads(text))
 
 
 VAE_PRESETS: dict[str, WanVAEConfig] = {

@@ -1,7 +1,8 @@
 """Wan2.1's flow-matching inference schedule: sigmas and integer timesteps for N steps.
 
-Shared by the sampler (`fpsa_jax.sampling`) and the training-time step lookup of
-`fpsa_jax.attention.StepSchedule`, so both see the same steps.
+Shared by the sampler (`fpsa_jax.sampling.sample`) and training, which maps a sampled noise level
+to the step whose sigma is nearest (`FlowSchedule.nearest_step`, `FlowSchedule.step_cells`) and
+uses that step's FPSA phase, so both see the same operator for the same noise level.
 
 Flow convention: x_sigma = (1 - sigma) x0 + sigma eps, the model predicts v = eps - x0, and
 sampling integrates dx/dsigma = v from sigma near 1 down to 0.
@@ -22,6 +23,7 @@ import dataclasses
 import math
 import numbers
 
+import jax.numpy as jnp
 import numpy as np
 
 NUM_TRAIN_TIMESTEPS = 1000
@@ -48,6 +50,41 @@ class FlowSchedule:
     @property
     def num_steps(self) -> int:
         return int(self.timesteps.shape[0])
+
+    def nearest_step(self, sigma):
+        """The step i whose sigmas[i] is nearest to `sigma` (float64 distance; a tie goes to the
+        earlier, noisier step). A host number gives an int; an array gives an int array of its
+        shape, computed with jnp (works under jit)."""
+        sigmas = self.sigmas[:-1]
+        if isinstance(sigma, numbers.Real):
+            return int(np.argmin(np.abs(sigmas - float(sigma))))
+        sigma = jnp.asarray(sigma)
+        return jnp.argmin(jnp.abs(jnp.asarray(sigmas, sigma.dtype) - sigma[..., None]), axis=-1)
+
+    def step_cells(self) -> tuple[np.ndarray, np.ndarray]:
+        """(lo, hi): float64 [N] holding float32 values. The float32 sigmas in [0, 1] whose host
+        `nearest_step` is i are exactly those in [lo[i], hi[i]]; hi[0] = 1 and lo[N - 1] = 0.
+
+        Each inner edge is searched ulp by ulp from the midpoint of the two steps' sigmas, so
+        the cells agree with the lookup bit for bit (the midpoint rounds either way in float32).
+        """
+        n = self.num_steps
+        mid = (self.sigmas[:-2] + self.sigmas[1:-1]) / 2  # [N - 1], between steps i and i + 1
+        lo = np.array([*(_edge(self, i, mid[i], -np.inf) for i in range(n - 1)), 0.0])
+        hi = np.array([1.0, *(_edge(self, i + 1, mid[i], np.inf) for i in range(n - 1))])
+        return lo, hi
+
+
+def _edge(schedule: FlowSchedule, step: int, boundary: float, direction: float) -> float:
+    """The float32 nearest `boundary` on the side of `step`: the last x (moving toward
+    `direction`) whose host `nearest_step` is still `step`."""
+    x = np.float32(boundary)
+    toward_step = np.float32(-direction)
+    while schedule.nearest_step(float(x)) != step:
+        x = np.nextafter(x, toward_step)
+    while schedule.nearest_step(float(np.nextafter(x, np.float32(direction)))) == step:
+        x = np.nextafter(x, np.float32(direction))
+    return float(x)
 
 
 def _check_num_steps(num_steps) -> int:
