@@ -11,7 +11,6 @@ import jax.numpy as jnp
 
 from fpsa_jax.attention.config import FPSAConfig, validate_grid
 from fpsa_jax.attention.cudnn import cudnn_attention, cudnn_fp8_attention
-from fpsa_jax.attention.mosaic import kernel_supports as mosaic_supports
 from fpsa_jax.attention.mosaic import mosaic_attention
 from fpsa_jax.attention.pallas import pallas_attention
 from fpsa_jax.attention.reference import reference_attention
@@ -50,17 +49,15 @@ def check_impl(impl: str) -> Impl:
 def resolve_impl(impl: Impl, config: FPSAConfig | None, dtype, head_dim: int) -> Impl:
     """The concrete implementation `impl` stands for (only "auto" is resolved).
 
-    "auto": FPSA configs go to the Mosaic GPU forward (with the Triton backward) where both run
-    (a Hopper GPU with jax-triton, head dim 64/128/256, tiles of <= 192 tokens, FP8 or bf16
-    inputs; it beats `triton` at every density measured, benchmarks/RESULTS.md), else to the
-    Triton kernels where they run, else to "xla"; dense (config=None) 16-bit attention on a GPU
-    goes to cuDNN, and everything else to "xla".
+    "auto": FPSA configs go to the Triton kernels where they run (a Hopper GPU with jax-triton, a
+    power-of-two head dim, >= 32 for FP8, FP8 or 16-bit inputs), else to "xla"; dense
+    (config=None) 16-bit attention on a GPU goes to cuDNN, and everything else to "xla". The
+    Mosaic forward is faster at every density at 720p and at 480p up to 75% sparsity, but not yet
+    at 480p 90% (its output reorder pass; benchmarks/RESULTS.md), so auto does not pick it yet.
     """
     if check_impl(impl) != "auto":
         return impl
     if config is not None:
-        if mosaic_supports(dtype, head_dim, config) and kernel_supports(dtype, head_dim, config):
-            return "mosaic"
         return "triton" if kernel_supports(dtype, head_dim, config) else "xla"
     if (
         jax.default_backend() == "gpu"

@@ -53,6 +53,8 @@ def _check(dtype, d: int, config: FPSAConfig | None) -> None:
         )
     if d < 16 or d > 256 or d & (d - 1):
         raise ValueError(f"impl='triton' needs a power-of-two head dim D in [16, 256], got {d}")
+    if config.quant == "fp8" and d < 32:
+        raise ValueError(f"impl='triton' with FP8 needs a head dim D >= 32 (FP8 dots), got {d}")
 
 
 def _forward(q, k, v, grid, config: FPSAConfig, scale: float):

@@ -45,7 +45,7 @@ def test_triton_off_hopper_says_what_it_needs():
         pytest.skip("this machine may be a Hopper GPU")
     assert "triton" in IMPLS
     with pytest.raises(ValueError, match="impl='triton' needs an NVIDIA Hopper GPU.*impl='pallas'"):
-        q, k, v = (x.astype(jnp.bfloat16) for x in (Q, K, V))
+        q, k, v = (jnp.concatenate([x, x], -1).astype(jnp.bfloat16) for x in (Q, K, V))  # D 32
         fp8 = FPSAConfig(tile=WINDOWED.tile, window=WINDOWED.window, quant="fp8")
         fpsa_attention(q, k, v, grid=GRID, config=fp8, impl="triton")
 

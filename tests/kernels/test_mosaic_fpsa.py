@@ -17,7 +17,6 @@ import pytest
 from fpsa_jax.attention import FPSAConfig, fpsa_attention
 from fpsa_jax.attention.api import resolve_impl
 from fpsa_jax.attention.kernel_layout import padded_key_blocks, quantize_for_kernel, slot_tokens
-from fpsa_jax.attention.mask import build_mask_info
 from fpsa_jax.attention.mosaic import mosaic_attention
 from pallas_kernels import mosaic_fpsa_fwd as mf
 from tests.kernels.kernel_suite import CASES, KernelBehaviour, config_of, rel_err
@@ -174,12 +173,11 @@ def test_wan_480p_shape_forward_and_gradients_match_xla():
 
 
 @pytest.mark.gpu
-def test_auto_picks_mosaic_where_it_runs():
+def test_auto_keeps_triton_until_mosaic_wins_at_every_density():
+    """RESULTS.md: mosaic is slower than triton at 480p 90% (2.43 vs 2.32 ms with its output
+    reorder), so auto still resolves FPSA configs to triton (or xla where triton cannot run)."""
     fp8 = FPSAConfig(tile=(3, 8, 8), window=(1, 1, 2), quant="fp8")
-    assert resolve_impl("auto", fp8, jnp.bfloat16, 128) == "mosaic"
-    assert resolve_impl("auto", fp8, jnp.float32, 64) == "mosaic"  # FP8 takes any float input
-    big = FPSAConfig(tile=(4, 8, 8), quant="fp8")  # 256 tokens: Triton takes it, Mosaic not
-    assert resolve_impl("auto", big, jnp.bfloat16, 128) == "triton"
-    assert resolve_impl("auto", fp8, jnp.bfloat16, 48) == "xla"
-    info = build_mask_info((21, 30, 52), (3, 8, 8), (3, 2, 3))
-    assert info.kv_count == 18  # the 90% window the benchmark times
+    assert resolve_impl("auto", fp8, jnp.bfloat16, 128) == "triton"
+    assert resolve_impl("auto", fp8, jnp.float32, 64) == "triton"  # FP8 takes any float input
+    assert resolve_impl("auto", fp8, jnp.bfloat16, 48) == "xla"  # D not a power of two
+    assert resolve_impl("auto", fp8, jnp.bfloat16, 16) == "xla"  # FP8 dots need D >= 32

@@ -160,6 +160,9 @@ def test_rejects_missing_config_unquantized_float32_and_bad_head_dim():
     with pytest.raises(ValueError, match="power-of-two head dim"):
         cfg = FPSAConfig(tile=(1, 2, 2), quant="fp8")
         triton_attention(q, k, v, grid=(2, 2, 2), config=cfg, scale=0.1)
+    q, k, v = _inputs((2, 2, 2), 1, 16, jnp.bfloat16)
+    with pytest.raises(ValueError, match="FP8 needs a head dim D >= 32"):
+        triton_attention(q, k, v, grid=(2, 2, 2), config=cfg, scale=0.1)
 
 
 # ----------------------------------------------------------------------------- interpreter (CPU)
