@@ -7,7 +7,13 @@ CLI: `python -m fpsa_jax.convert --src PATH --dst DIR`.
 from fpsa_jax.convert.checkpoint import load_wan_checkpoint
 from fpsa_jax.convert.errors import CheckpointError
 from fpsa_jax.convert.export import load_converted, save_converted
-from fpsa_jax.convert.t2v import ModelFiles, T2VWeights, find_model_files, load_t2v_weights
+from fpsa_jax.convert.t2v import (
+    ModelFiles,
+    T2VWeights,
+    find_model_files,
+    load_t2v_weights,
+    with_fp8_linears,
+)
 
 __all__ = [
     "CheckpointError",
@@ -18,4 +24,5 @@ __all__ = [
     "load_t2v_weights",
     "load_wan_checkpoint",
     "save_converted",
+    "with_fp8_linears",
 ]
