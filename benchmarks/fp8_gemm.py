@@ -335,6 +335,9 @@ def main():
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=10, help="timed runs (median)")
     parser.add_argument("--json", default=None, help="also write every row to this file")
+    parser.add_argument(
+        "--max_seconds", type=float, default=None, help="start no new shape after this long"
+    )
     args = parser.parse_args()
     table = SMOKE_SHAPES if args.smoke else SHAPES
     shapes = list(table) if args.smoke or not args.shapes else args.shapes
@@ -346,9 +349,14 @@ def main():
         flush=True,
     )
     start = time.perf_counter()
-    rows = []
+    rows, done = [], []
     for name in shapes:
+        if args.max_seconds is not None and time.perf_counter() - start > args.max_seconds:
+            print(f"--max_seconds {args.max_seconds:g} reached: skipping {name} and after")
+            break
         rows += run_shape(name, table[name], args.forms, args.warmup, args.iters)
+        done.append(name)
+    shapes = done
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
