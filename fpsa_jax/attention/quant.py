@@ -28,7 +28,9 @@ class QuantizedTensor:
     """FP8 values with their float32 scales: x ~= values.astype(f32) * scales (broadcast).
 
     Attributes:
-      values: float8_e4m3fn, the layout's shape (e.g. [B, n_tiles, P, N, D] for "tiles").
+      values: E4M3 values, the layout's shape (e.g. [B, n_tiles, P, N, D] for "tiles"):
+        float8_e4m3fn, or float32 holding E4M3 values exactly where a consumer emulates FP8
+        (the emulated FP8 linears of `fpsa_jax.model.fp8_linear`).
       scales: float32, broadcastable against `values` ([B, n_tiles, 1, N, 1] for Q/K per tile
         group, [B, 1, N, D] for V per channel in token layout).
       layout: static description of `values` and `scales`, e.g. "tiles:group=(1,1,1)" or
