@@ -101,6 +101,25 @@ def bf16(x, w):
     return Prepared(fn, (x, w), (x.astype(F32), w.astype(F32)))
 
 
+def bf16_out(x, w):
+    fn = lambda x, w: jax.lax.dot_general(x, w, _dims(x), preferred_element_type=BF16)  # noqa: E731
+    return Prepared(fn, (x, w), (x.astype(F32), w.astype(F32)))
+
+
+def f8_linear_bf16_out(precision, x, w):
+    """Activations quantized in the call, f8 x f8 dot with a bf16 result, both scales after."""
+    qw = quantize_weight(w)
+
+    def fn(x, qw):
+        qx = quantize_tokens(x, "cublaslt")
+        y = jax.lax.dot_general(
+            qx.values, qw.values, _dims(x), precision, preferred_element_type=BF16
+        )
+        return y.astype(F32) * qx.scales * qw.scales
+
+    return Prepared(fn, (x, qw), (_deq(quantize_tokens(x, "cublaslt")), _deq(qw)))
+
+
 def f8_dot(precision, x, w):
     qx, qw = quantize_tokens(x, "cublaslt"), quantize_weight(w)
 
@@ -219,12 +238,17 @@ def mxfp8(x, w):
 
 FORMS: dict[str, Callable[[jax.Array, jax.Array], Prepared]] = {
     "bf16": bf16,
+    "bf16, bf16 out": bf16_out,
     "(a) f8 dot_general, GEMM": functools.partial(f8_dot, None),
     "(a) f8 ANY_F8_ANY_F8_F32, GEMM": functools.partial(
         f8_dot, jax.lax.DotAlgorithmPreset.ANY_F8_ANY_F8_F32
     ),
     "(a) f8 ..._F32_FAST_ACCUM, GEMM": functools.partial(
         f8_dot, jax.lax.DotAlgorithmPreset.ANY_F8_ANY_F8_F32_FAST_ACCUM
+    ),
+    "(a) f8 bf16 out, linear": functools.partial(f8_linear_bf16_out, None),
+    "(a) f8 FAST_ACCUM bf16 out, linear": functools.partial(
+        f8_linear_bf16_out, jax.lax.DotAlgorithmPreset.ANY_F8_ANY_F8_F32_FAST_ACCUM
     ),
     "(b) model, GEMM": model_gemm,
     "(b) model, linear": model_linear,
@@ -259,7 +283,14 @@ def _errors(y, prepared: Prepared, x, w) -> tuple[float | None, float]:
     return float(jnp.abs(y - ref).max() / jnp.abs(ref).max()), quant
 
 
-def run_form(name: str, x, w, warmup: int, iters: int) -> dict:
+def gemm_lines(hlo: str) -> list[str]:
+    """The lines of a compiled HLO text that hold a dot, a GEMM custom call or a GEMM fusion
+    (what the dot became), cut to 240 characters."""
+    pattern = re.compile(r"\bdot\(|custom_call_target=|__triton_gemm|kind=kCustom")
+    return [line.strip()[:240] for line in hlo.splitlines() if pattern.search(line)]
+
+
+def run_form(name: str, x, w, warmup: int, iters: int, show_hlo: bool = False) -> dict:
     m, k = x.shape
     n = w.shape[1]
     row = {"form": name}
@@ -269,6 +300,8 @@ def run_form(name: str, x, w, warmup: int, iters: int) -> dict:
         compiled = fn.lower(*prepared.args).compile()
         row["calls"] = gemm_calls(compiled.as_text())
         row["f8_gemm"] = F8_CALL in compiled.as_text()
+        if show_hlo:
+            print(f"-- {name}: what the dot became", *gemm_lines(compiled.as_text()), sep="\n")
         seconds = median_seconds(compiled, prepared.args, warmup, iters)
         row["ms"] = 1e3 * seconds
         row["tflops"] = 2 * m * k * n / seconds / 1e12
@@ -279,7 +312,7 @@ def run_form(name: str, x, w, warmup: int, iters: int) -> dict:
     return row
 
 
-def run_shape(name: str, shape, forms, warmup: int, iters: int) -> list[dict]:
+def run_shape(name: str, shape, forms, warmup: int, iters: int, show_hlo=False) -> list[dict]:
     m, k, n = shape
     kx, kw, ks, kc = jax.random.split(jax.random.key(0), 4)
     x = jax.random.normal(kx, (m, k), F32) * jnp.exp(0.5 * jax.random.normal(ks, (m, 1)))
@@ -287,7 +320,8 @@ def run_shape(name: str, shape, forms, warmup: int, iters: int) -> list[dict]:
     x, w = x.astype(BF16), w.astype(BF16)
     rows = []
     for form in forms:
-        row = {"shape": name, "M": m, "K": k, "N": n, **run_form(form, x, w, warmup, iters)}
+        row = {"shape": name, "M": m, "K": k, "N": n}
+        row.update(run_form(form, x, w, warmup, iters, show_hlo))
         rows.append(row)
         print(json.dumps(row), flush=True)
     base = next((r["tflops"] for r in rows if r["form"] == "bf16" and "tflops" in r), None)
@@ -334,6 +368,9 @@ def main():
     parser.add_argument("--smoke", action="store_true", help="tiny shapes (CPU test)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=10, help="timed runs (median)")
+    parser.add_argument(
+        "--show_hlo", action="store_true", help="print the compiled HLO lines of each GEMM"
+    )
     parser.add_argument("--json", default=None, help="also write every row to this file")
     parser.add_argument(
         "--max_seconds", type=float, default=None, help="start no new shape after this long"
@@ -354,7 +391,7 @@ def main():
         if args.max_seconds is not None and time.perf_counter() - start > args.max_seconds:
             print(f"--max_seconds {args.max_seconds:g} reached: skipping {name} and after")
             break
-        rows += run_shape(name, table[name], args.forms, args.warmup, args.iters)
+        rows += run_shape(name, table[name], args.forms, args.warmup, args.iters, args.show_hlo)
         done.append(name)
     shapes = done
     if args.json:

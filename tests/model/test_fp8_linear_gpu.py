@@ -7,6 +7,10 @@ are formed: cuBLASLt's FP8 kernels may accumulate with fewer bits (fast accumula
 promoting to float32. So the two must agree far more closely than either agrees with the
 unquantized bf16 matmul: the tests ask for a tenth of the quantization error (~3e-2 here), and the
 float64 NumPy reference of tests/model/test_fp8_linear.py bounds the emulation itself.
+
+Which GEMM runs is XLA's choice by shape: on an H200 (jax 0.11.2) a few hundred rows get a Triton
+split-K fusion instead of cuBLASLt (seen in the compiled HLO), 4096 rows and more get
+`__cublas$lt$matmul$f8`. So the tests use token counts of a real latent, not tiny ones.
 """
 
 import jax
@@ -36,7 +40,7 @@ def _rel(a, b):
     return np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
-def _operands(m=(2, 200), k=1024, n=384, seed=0):
+def _operands(m=(2, 2100), k=1024, n=384, seed=0):
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((*m, k)) * np.exp(rng.standard_normal((*m, 1)))
     w = rng.standard_normal((k, n)) * np.exp(0.5 * rng.standard_normal((1, n)))
@@ -59,12 +63,14 @@ def test_cublaslt_fp8_dense_runs_the_fp8_gemm_and_matches_the_emulation():
     assert _rel(out["cublaslt"], out["emulated"]) < 0.1 * quant_error
 
 
-def test_fp8_dit_runs_every_block_linear_on_the_fp8_gemm_and_matches_the_emulation():
-    cfg = WanConfig.preset("tiny", linear_quant="fp8")
-    params = random_weights(lambda key: init_params(cfg, key), jax.random.key(0), std=0.05)
+def test_fp8_dit_runs_every_token_linear_on_the_fp8_gemm_and_matches_the_emulation():
+    # One block, Wan-1.3B widths, a 2 x (4, 48, 48) latent: 2 x 2304 tokens per linear. The text
+    # k/v see only 2 x 7 rows (XLA's choice of GEMM there is its own).
+    cfg = WanConfig.preset("t2v-1.3b", linear_quant="fp8", num_layers=1, text_len=7)
+    params = random_weights(lambda key: init_params(cfg, key), jax.random.key(0), std=0.02)
     rng = np.random.default_rng(0)
     args = (
-        rng.standard_normal((2, 3, 8, 8, cfg.in_dim)).astype(np.float32),
+        rng.standard_normal((2, 4, 48, 48, cfg.in_dim)).astype(np.float32),
         np.array([200.0, 800.0], np.float32),
         rng.standard_normal((2, 7, cfg.text_dim)).astype(np.float32),
     )
@@ -74,8 +80,8 @@ def test_fp8_dit_runs_every_block_linear_on_the_fp8_gemm_and_matches_the_emulati
         compiled = jax.jit(lambda p, *a, m=model: m.apply({"params": p}, *a))
         compiled = compiled.lower(params, *args).compile()
         calls = compiled.as_text().count(F8_CALL)
-        # 10 block linears (q, k, v, o twice, the FFN's two) in the scanned block.
-        assert calls >= 10 if impl == "cublaslt" else calls == 0, (impl, calls)
+        # 8 token linears: self-attention q, k, v, o; cross-attention q, o; the FFN's two.
+        assert calls >= 8 if impl == "cublaslt" else calls == 0, (impl, calls)
         out[impl] = compiled(params, *args)
     bf16 = WanModel(cfg.replace(linear_quant="none")).apply({"params": params}, *args)
     quant_error = _rel(out["emulated"], bf16)
