@@ -13,6 +13,7 @@ from fpsa_jax.attention.config import FPSAConfig, validate_grid
 from fpsa_jax.attention.cudnn import cudnn_attention, cudnn_fp8_attention
 from fpsa_jax.attention.mosaic import mosaic_attention
 from fpsa_jax.attention.pallas import pallas_attention
+from fpsa_jax.attention.quant import center_keys
 from fpsa_jax.attention.reference import reference_attention
 from fpsa_jax.attention.triton import kernel_supports, triton_attention
 from fpsa_jax.attention.xla import xla_attention
@@ -116,4 +117,6 @@ def fpsa_attention(
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     name = resolve_impl(impl, config, q.dtype, q.shape[-1])
+    if config is not None and config.smooth_k:  # one place for every impl
+        k = center_keys(k)
     return REGISTRY[name](q, k, v, grid=g, config=config, scale=scale)

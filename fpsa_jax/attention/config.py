@@ -52,6 +52,11 @@ class FPSAConfig:
       q_group: Q tiles per quantization group along (t, h, w); (1, 1, 1) is one scale per tile.
       k_group: the same for K.
       scale: static scale of P for FP8: p_hat = e4m3(p * scale) / scale. Not the softmax scale.
+      smooth_k: subtract each (batch, head)'s mean key over the L tokens before anything else
+        (`quant.center_keys`). Exact in real arithmetic: every score of query i moves by the same
+        q_i . mean(k), which the softmax (over any allowed key set) ignores. Under FP8 the
+        centred keys quantize with less error when the keys share a common offset
+        (benchmarks/RESULTS.md, "smooth_k"); on zero-mean keys it changes nothing.
     """
 
     tile: Int3
@@ -60,6 +65,7 @@ class FPSAConfig:
     q_group: Int3 = (1, 1, 1)
     k_group: Int3 = (1, 1, 1)
     scale: float = E4M3_MAX
+    smooth_k: bool = False
 
     def __post_init__(self):
         # object.__setattr__ because the dataclass is frozen; normalising lists to tuples keeps the
@@ -78,6 +84,8 @@ class FPSAConfig:
         if not (math.isfinite(scale) and 0.0 < scale <= E4M3_MAX):
             raise ValueError(f"FPSAConfig.scale must be in (0, {E4M3_MAX}], got {self.scale!r}")
         object.__setattr__(self, "scale", scale)
+        if not isinstance(self.smooth_k, bool):
+            raise ValueError(f"FPSAConfig.smooth_k must be True or False, got {self.smooth_k!r}")
 
     @property
     def tile_volume(self) -> int:
@@ -106,11 +114,13 @@ class FPSAConfig:
             "q_group": list(self.q_group),
             "k_group": list(self.k_group),
             "scale": self.scale,
+            "smooth_k": self.smooth_k,
         }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> FPSAConfig:
-        """Builds a config from `to_dict` output; unknown keys raise."""
+        """Builds a config from `to_dict` output; unknown keys raise, missing ones take their
+        defaults (schedules written before a field existed still load)."""
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - fields
         if unknown:

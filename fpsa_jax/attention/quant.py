@@ -87,6 +87,16 @@ def safe_scale(amax: jax.Array) -> jax.Array:
     return jnp.where(amax > 0, amax / E4M3_MAX, 1.0).astype(jnp.float32)
 
 
+def center_keys(k: jax.Array) -> jax.Array:
+    """k [B, L, N, D] minus its mean over L per (batch, head, channel), in k's dtype (mean and
+    difference in float32): `FPSAConfig.smooth_k`. Raises for float8 keys (the centred keys
+    would be rounded to float8 again)."""
+    if jnp.dtype(k.dtype).itemsize < 2:
+        raise ValueError(f"smooth_k needs 16- or 32-bit keys to centre, got {k.dtype}")
+    kf = k.astype(jnp.float32)
+    return (kf - kf.mean(axis=1, keepdims=True)).astype(k.dtype)
+
+
 def tile_group_scales(x: jax.Array, valid: np.ndarray, tiles: Int3, group: Int3) -> jax.Array:
     """Per-(batch, tile-group, head) scales, broadcast back to tiles.
 
