@@ -20,6 +20,7 @@ from fpsa_jax.attention import IMPLS, FPSAConfig, Phase, StepSchedule
 from fpsa_jax.config import WanConfig
 from fpsa_jax.parallel import make_mesh
 from fpsa_jax.training import TrainConfig
+from tests.conftest import subprocess_env
 from train.checkpoints import Checkpoints
 from train.loop import RunSettings, _Layout, _step_programs, run
 
@@ -113,7 +114,7 @@ def test_trains_from_prepared_records(tmp_path):
             "--frame_num=5",
             f"--standin_text_dim={MODEL.text_dim}",
         ],
-        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"},
+        env=subprocess_env(),
         capture_output=True,
         text=True,
         timeout=300,
@@ -126,11 +127,7 @@ def test_trains_from_prepared_records(tmp_path):
 def test_training_on_a_2x2x2_mesh_matches_one_device():
     """Loss, gradient norm and updated parameters of 3 steps (FP8 windowed and dense phases) on a
     (data, fsdp, seq) = (2, 2, 2) mesh of 8 CPU devices against one device."""
-    env = {
-        "PATH": "/usr/bin:/bin",
-        "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-    }
+    env = subprocess_env("--xla_force_host_platform_device_count=8", pythonpath=False)
     script = Path(__file__).with_name("multidevice_train.py")
     result = subprocess.run(
         [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600
@@ -146,7 +143,7 @@ def test_training_on_a_2x2x2_mesh_matches_one_device():
 
 
 def _train_cli(*flags, **kw):
-    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"}
+    env = subprocess_env()
     return subprocess.Popen(
         [sys.executable, "-m", "train", *flags],
         env=env,

@@ -13,6 +13,7 @@ from fpsa_jax.attention import FPSAConfig, StepSchedule
 from fpsa_jax.config import WanConfig
 from fpsa_jax.demo import load_demo
 from fpsa_jax.training import TrainConfig
+from tests.conftest import subprocess_env
 from train.export_demo import export
 from train.loop import RunSettings, run
 
@@ -59,7 +60,7 @@ def test_export_cli_refuses_a_run_without_checkpoints(tmp_path):
         capture_output=True,
         text=True,
         timeout=300,
-        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"},
+        env=subprocess_env(),
     )
     assert result.returncode != 0 and "no checkpoints" in result.stderr
 
