@@ -30,21 +30,46 @@ class AttentionErrors:
     snr_db: np.ndarray
 
 
+def error_sums(out, ref) -> jax.Array:
+    """The sums behind the errors, per head: float32 [4, N] = (||o - ref||^2, ||ref||^2, ||o||^2,
+    <o, ref>) over batch, tokens and channels of `out` and `ref` [B, L, N, D]. Jittable, so a
+    traced computation can reduce an output to these on the device; sums of several outputs add,
+    and `errors_from_sums` turns them into errors."""
+    o, r = jnp.asarray(out, jnp.float32), jnp.asarray(ref, jnp.float32)
+    if o.shape != r.shape or o.ndim != 4:
+        raise ValueError(f"out and ref must both be [B, L, N, D], got {o.shape} and {r.shape}")
+    axes = (0, 1, 3)
+    return jnp.stack(
+        [
+            jnp.sum(jnp.square(o - r), axis=axes),
+            jnp.sum(jnp.square(r), axis=axes),
+            jnp.sum(jnp.square(o), axis=axes),
+            jnp.sum(o * r, axis=axes),
+        ]
+    )
+
+
+def errors_from_sums(sums) -> AttentionErrors:
+    """`AttentionErrors` from sums [4, ...] laid out as `error_sums` returns them (any trailing
+    shape: [4, N] per head, or summed over heads first for one error of the whole output)."""
+    err2, ref2, out2, dot = np.asarray(sums, np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return AttentionErrors(
+            rel_l2=np.sqrt(err2 / ref2),
+            cosine=dot / np.sqrt(out2 * ref2),
+            snr_db=10.0 * np.log10(ref2 / err2),
+        )
+
+
 def compare(out, ref) -> AttentionErrors:
     """Errors of `out` against `ref`, both [B, L, N, D], computed in float64 on the host."""
     o = np.asarray(jnp.asarray(out, jnp.float32), np.float64)
     r = np.asarray(jnp.asarray(ref, jnp.float32), np.float64)
     if o.shape != r.shape or o.ndim != 4:
         raise ValueError(f"out and ref must both be [B, L, N, D], got {o.shape} and {r.shape}")
-    err2 = ((o - r) ** 2).sum(axis=(0, 1, 3))
-    ref2 = (r**2).sum(axis=(0, 1, 3))
-    out2 = (o**2).sum(axis=(0, 1, 3))
-    dot = (o * r).sum(axis=(0, 1, 3))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        rel_l2 = np.sqrt(err2 / ref2)
-        cosine = dot / np.sqrt(out2 * ref2)
-        snr_db = 10.0 * np.log10(ref2 / err2)
-    return AttentionErrors(rel_l2=rel_l2, cosine=cosine, snr_db=snr_db)
+    axes = (0, 1, 3)
+    sums = [((o - r) ** 2).sum(axes), (r**2).sum(axes), (o**2).sum(axes), (o * r).sum(axes)]
+    return errors_from_sums(sums)
 
 
 def dense_reference_f64(q, k, v, *, scale: float | None = None, chunk: int = 1024) -> np.ndarray:

@@ -44,3 +44,20 @@ def test_report_against_dense_references():
 def test_shape_mismatch_raises():
     with pytest.raises(ValueError, match="must both be"):
         compare(np.ones((1, 2, 3, 4)), np.ones((1, 2, 3, 5)))
+
+
+def test_error_sums_on_the_device_give_the_host_errors_and_add_over_batches():
+    import jax
+
+    from fpsa_jax.attention.metrics import error_sums, errors_from_sums
+
+    rng = np.random.default_rng(0)
+    out, ref = rng.normal(size=(2, 2, 8, 3, 4)), rng.normal(size=(2, 2, 8, 3, 4))
+    sums = [np.asarray(jax.jit(error_sums)(o, r)) for o, r in zip(out, ref, strict=True)]
+    assert sums[0].shape == (4, 3) and sums[0].dtype == np.float32
+    host = compare(np.concatenate(out), np.concatenate(ref))  # both batches at once
+    pooled = errors_from_sums(sums[0] + sums[1])
+    for name in ("rel_l2", "cosine", "snr_db"):
+        np.testing.assert_allclose(getattr(pooled, name), getattr(host, name), rtol=1e-5)
+    with pytest.raises(ValueError, match="must both be"):
+        error_sums(np.ones((1, 2, 3, 4)), np.ones((1, 2, 3)))
