@@ -2,13 +2,12 @@
 FPSA operator against dense attention on the very same inputs (the paper's error-versus-step
 figure, in miniature).
 
-How. `traced_model_fn` is `wan_model_fn` with a Flax method interceptor. At every self-attention
-call (the `Attention` modules with a token grid) it runs the layer twice on the layer's actual
-input, once with the step's `FPSAConfig` and once dense, both with the output projection replaced
-by the identity so that the operator's output o [B, L, N * D] is compared, not its projection.
-Each layer sows the sums behind the relative L2 error and the cosine similarity; when the model
-call returns they go to the host through an ordered `jax.debug.callback`, so they arrive step by
-step, layer by layer. The model's own output (what the sampler continues from) is unchanged: the
+How. `traced_model_fn` is `wan_model_fn` with an attention probe (`fpsa_jax.sampling.
+attention_probe`): at every self-attention call it runs the operator twice on the layer's actual
+inputs q, k, v, once with the step's `FPSAConfig` and once dense, and reduces the two outputs
+o [B, L, N, D] to the sums behind the relative L2 error and the cosine similarity
+(`fpsa_jax.attention.metrics.error_sums`, pooled over heads); they reach the host step by step,
+layer by layer. The model's own output (what the sampler continues from) is unchanged: the
 trajectory is the configured one.
 """
 
@@ -18,14 +17,13 @@ import dataclasses
 from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from fpsa_jax.attention import Impl
+from fpsa_jax.attention import Impl, fpsa_attention
+from fpsa_jax.attention.metrics import error_sums, errors_from_sums
 from fpsa_jax.config import WanConfig
 from fpsa_jax.demo import task
-from fpsa_jax.model.wan import Attention, WanModel
-from fpsa_jax.sampling import wan_model_fn
+from fpsa_jax.sampling import AttentionCall, attention_probe, wan_model_fn
 
 
 class ErrorLog:
@@ -46,8 +44,8 @@ class ErrorLog:
                 f"expected {num_steps} x {num_layers} attention calls, got {len(self.rows)}"
             )
         a = np.asarray(self.rows, np.float64).reshape(num_steps, num_layers, 4)
-        err2, ref2, out2, dot = np.moveaxis(a, -1, 0)
-        return StepErrors(rel_l2=np.sqrt(err2 / ref2), cosine=dot / np.sqrt(out2 * ref2))
+        errors = errors_from_sums(np.moveaxis(a, -1, 0))
+        return StepErrors(rel_l2=errors.rel_l2, cosine=errors.cosine)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,50 +56,11 @@ class StepErrors:
     cosine: np.ndarray
 
 
-def _identity_output(params, dim: int):
-    """Self-attention params with the output projection replaced by the identity."""
-    eye = jnp.eye(dim, dtype=params["o"]["kernel"].dtype)
-    return {**params, "o": {"kernel": eye, "bias": jnp.zeros((dim,), eye.dtype)}}
-
-
-def _interceptor(log: ErrorLog):
-    measuring = []  # non-empty while the two measuring runs trace (they are not measured)
-
-    def intercept(next_fun, args, kwargs, context):
-        module = context.module
-        if measuring or context.method_name != "__call__":
-            return next_fun(*args, **kwargs)
-        if isinstance(module, WanModel):
-            out = next_fun(*args, **kwargs)
-            # [num_layers, 4], sown per layer and stacked by the blocks' scan; in step order.
-            (sums,) = jax.tree.leaves(module.variables["intermediates"])
-            jax.debug.callback(log, sums, ordered=True)
-            return out
-        if not (isinstance(module, Attention) and module.grid is not None):
-            return next_fun(*args, **kwargs)
-        params = _identity_output(module.variables["params"], module.config.dim)
-        (x,) = args
-        run = lambda cfg: Attention(  # noqa: E731
-            module.config, module.grid, cfg, module.attention_impl
-        ).apply({"params": params}, x)
-        measuring.append(True)
-        try:
-            o = run(module.attention).astype(jnp.float32)
-            ref = run(None).astype(jnp.float32)
-        finally:
-            measuring.pop()
-        sums = jnp.stack(
-            [
-                jnp.sum(jnp.square(o - ref)),
-                jnp.sum(jnp.square(ref)),
-                jnp.sum(jnp.square(o)),
-                jnp.sum(o * ref),
-            ]
-        )
-        module.sow("intermediates", "attention_error_sums", sums)
-        return next_fun(*args, **kwargs)
-
-    return intercept
+def _measure(q, k, v, call: AttentionCall) -> jax.Array:
+    """[4] sums of the step's operator against dense attention on the same q, k, v."""
+    o = fpsa_attention(q, k, v, grid=call.grid, config=call.attention, impl=call.impl)
+    ref = fpsa_attention(q, k, v, grid=call.grid, config=None, impl=call.impl)
+    return error_sums(o, ref).sum(axis=-1)
 
 
 def traced_model_fn(config: WanConfig, params, log: ErrorLog, attention_impl: Impl = "xla"):
@@ -113,7 +72,7 @@ def traced_model_fn(config: WanConfig, params, log: ErrorLog, attention_impl: Im
         params,
         attention_impl,
         condition=task.model_condition(config),
-        interceptor=_interceptor(log),
+        interceptor=attention_probe(_measure, log),
     )
 
 

@@ -147,9 +147,10 @@ class Attention(nn.Module):
     attention_impl: Impl = "auto"
     linear_impl: Fp8LinearImpl = "cublaslt"
 
-    @nn.compact
-    def __call__(self, x: Array, context: Array | None = None) -> Array:
-        """x: [B, L, dim]; context: [B, Lt, dim] (cross-attention) or None. Returns [B, L, dim]."""
+    def qkv(self, x: Array, context: Array | None = None) -> tuple[Array, Array, Array]:
+        """The operator's inputs q, k, v [B, L (Lt for k, v), N, D] in config.dtype: projected,
+        RMS-normed, and for self-attention rotated (RoPE). Its own method so that a Flax
+        interceptor can observe them (`fpsa_jax.sampling.attention_probe`)."""
         cfg = self.config
         dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         n, d = cfg.num_heads, cfg.head_dim
@@ -168,28 +169,29 @@ class Attention(nn.Module):
         if self.grid is not None:
             cos, sin = rope_tables(self.grid, cfg.rope_dims)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return q.astype(dt), k.astype(dt), v.astype(dt)
+
+    @nn.compact
+    def __call__(self, x: Array, context: Array | None = None) -> Array:
+        """x: [B, L, dim]; context: [B, Lt, dim] (cross-attention) or None. Returns [B, L, dim]."""
+        cfg = self.config
+        dt = jnp.dtype(cfg.dtype)
+        n, d = cfg.num_heads, cfg.head_dim
+        q, k, v = self.qkv(x, context)
+        if self.grid is not None:
             out = ulysses_attention(  # fpsa_attention, sequence-parallel under a 'seq' mesh
-                q.astype(dt),
-                k.astype(dt),
-                v.astype(dt),
-                grid=self.grid,
-                config=self.attention,
-                impl=self.attention_impl,
+                q, k, v, grid=self.grid, config=self.attention, impl=self.attention_impl
             )
         else:
             precision = jax.lax.Precision.HIGHEST if dt == _F32 else None
             logits = jnp.einsum(
-                "blnd,bknd->bnlk",
-                q.astype(dt),
-                k.astype(dt),
-                preferred_element_type=_F32,
-                precision=precision,
+                "blnd,bknd->bnlk", q, k, preferred_element_type=_F32, precision=precision
             ) / math.sqrt(d)
             probs = jax.nn.softmax(logits, axis=-1).astype(dt)
-            out = jnp.einsum("bnlk,bknd->blnd", probs, v.astype(dt), precision=precision)
+            out = jnp.einsum("bnlk,bknd->blnd", probs, v, precision=precision)
         out = nn.with_logical_constraint(out.astype(dt), ("batch", "length", "heads", "kv"))
         o = _block_dense(cfg, cfg.dim, ("heads", "embed"), self.linear_impl, "o")
-        return o(out.reshape(b, -1, n * d))
+        return o(out.reshape(x.shape[0], -1, n * d))
 
 
 class FeedForward(nn.Module):

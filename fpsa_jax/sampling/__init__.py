@@ -11,18 +11,21 @@ from fpsa_jax.sampling.loop import (
     step_segments,
     wan_model_fn,
 )
+from fpsa_jax.sampling.probe import AttentionCall, attention_probe
 from fpsa_jax.sampling.schedule import FlowSchedule, flow_schedule
 from fpsa_jax.sampling.unipc import UniPCState, unipc_init, unipc_step, unipc_tables
 
 __all__ = [
     "SOLVERS",
     "SOLVER_NAMES",
+    "AttentionCall",
     "EulerState",
     "FlowSchedule",
     "Segment",
     "Solver",
     "SolverName",
     "UniPCState",
+    "attention_probe",
     "euler_init",
     "euler_step",
     "euler_tables",
