@@ -31,6 +31,20 @@ def initial_noise(seeds: Sequence[int]) -> jax.Array:
     return jnp.stack([jax.random.normal(jax.random.key(int(s)), shape) for s in seeds])
 
 
+def sampling_inputs(
+    captions: Sequence[str], seeds: Sequence[int]
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(noise [B, F, H, W, 3], context [B, Lt, D], null context [1, 1, D]) for `sample`: one
+    caption and seed per video; the null prompt (CFG's unconditional input) is all zeros."""
+    if len(captions) != len(seeds) or not captions:
+        raise ValueError(
+            f"need one seed per caption (>= 1), got {len(captions)} captions, {len(seeds)} seeds"
+        )
+    context = jnp.asarray(task.encode_captions(list(captions)))
+    null = jnp.zeros((1, 1, context.shape[-1]), context.dtype)
+    return initial_noise(seeds), context, null
+
+
 def generate(
     checkpoint: DemoCheckpoint,
     captions: Sequence[str],
@@ -55,10 +69,7 @@ def generate(
     FP8 block linears (quantized once per call, `params_as`) computed by `linear_impl`
     ("cublaslt" needs FP8 tensor cores, "emulated" runs anywhere).
     """
-    if len(captions) != len(seeds) or not captions:
-        raise ValueError(
-            f"need one seed per caption (>= 1), got {len(captions)} captions, {len(seeds)} seeds"
-        )
+    noise, context, null = sampling_inputs(captions, seeds)
     s = checkpoint.sampling
     fn = model_fn or wan_model_fn(
         checkpoint.config,
@@ -67,11 +78,9 @@ def generate(
         condition=task.model_condition(checkpoint.config),
         linear_impl=linear_impl,
     )
-    context = jnp.asarray(task.encode_captions(list(captions)))
-    null = jnp.zeros((1, 1, context.shape[-1]), context.dtype)
     out = sample(
         fn,
-        initial_noise(seeds),
+        noise,
         context,
         null,
         num_steps=s.num_steps if num_steps is None else num_steps,
