@@ -1,4 +1,5 @@
-"""Tile geometry: the tile grid, tile-major token reorder and its inverse, the window rule.
+"""Tile geometry: the tile grid, tile-major token reorder and its inverse, the window rule, and
+the window of a given density.
 
 Vocabulary: G = (T, H, W) token grid, tau = (tt, th, tw) tile, n = (nt, nh, nw) tile grid,
 P = tt * th * tw tokens per tile, n_tiles = nt * nh * nw. Tiles are numbered row-major over n and
@@ -8,12 +9,15 @@ tokens row-major inside a tile; edge tiles are padded up to P slots.
 from __future__ import annotations
 
 import functools
+import itertools
+import math
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fpsa_jax.attention.config import Int3, validate_grid
+from fpsa_jax.attention.config import FPSAConfig, Int3, validate_grid
 
 
 def tile_grid(grid: Int3, tile: Int3) -> Int3:
@@ -129,3 +133,27 @@ def token_mask(grid: Int3, tile: Int3, window: Int3 | None) -> np.ndarray:
         tiles_a = coords[:, a] // tile[a]
         mask &= allowed[tiles_a[:, None], tiles_a[None, :]]
     return mask
+
+
+def window_for_density(tile: Int3, grid: Sequence[int], density: float) -> Int3 | None:
+    """The sliding-tile window whose density on `grid` is nearest `density`, None when that is
+    the whole tile grid (dense).
+
+    Rule: among all windows (w_t, w_h, w_w) with 1 <= w_a <= n_a (n = the tile grid), the one
+    with |prod(w) / prod(n) - density| smallest; ties go to the window whose per-axis fractions
+    w_a / n_a are most even (smallest max / min), then to the smallest tuple. Pure arithmetic: no
+    weights are needed to know a window's density.
+    """
+    if isinstance(density, bool) or not isinstance(density, (int, float)):
+        raise ValueError(f"density must be a number in (0, 1], got {density!r}")
+    if not (math.isfinite(density) and 0.0 < density <= 1.0):
+        raise ValueError(f"density must be in (0, 1], got {density}")
+    n = tile_grid(validate_grid(grid), FPSAConfig(tile=tile).tile)
+    total = math.prod(n)
+
+    def key(w: Int3):
+        fractions = [wa / na for wa, na in zip(w, n, strict=True)]
+        return (abs(math.prod(w) / total - density), max(fractions) / min(fractions), w)
+
+    best = min(itertools.product(*(range(1, na + 1) for na in n)), key=key)
+    return None if best == n else best
