@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fpsa_jax.attention.config import FPSAConfig
+from fpsa_jax.attention.tiling import window_for_density
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,42 +155,56 @@ class StepSchedule:
         The Wan presets follow the paper's three-phase shape: early (noisiest) steps use coarse
         quantization groups and a sparse window, middle steps the finest groups (one scale per
         tile) and the densest window, late steps intermediate groups and window. The paper
-        publishes no split points or per-phase values: the split points (25% / 75% of the steps),
-        windows and groups here are our choice, not the paper's, to be calibrated with
-        `fpsa_jax.attention.metrics`, and are overridable (build a StepSchedule or load one from
-        JSON).
+        publishes no split points or per-phase values, and these were not measured on real Wan
+        weights (none were available here): the split points (25% / 75% of the steps), the groups
+        and each phase's density target are a stated choice, and each window is the one nearest
+        its phase's target on the resolution's token grid (`tiling.window_for_density`, pure
+        arithmetic). A user with weights measures instead: `python -m train.calibrate --ckpt_dir
+        ...` writes a schedule chosen from per-step errors on their model, which `load` reads
+        (`--phase_densities` there derives windows from other targets the same way).
 
         Tile (3, 8, 8) = 192 tokens (a multiple of 64) for both resolutions: on the 480p token grid
         (21, 30, 52) the tile grid is (7, 4, 7) = 196 tiles (87% of slots hold tokens); on the 720p
         grid (21, 45, 80) it is (7, 6, 10) = 420 tiles (94%).
 
-        Densities (window tiles / all tiles):
-          wan-480p: early (3, 3, 5) 45/196 = 23%, middle (5, 4, 5) 100/196 = 51%,
-                    late (3, 4, 5) 60/196 = 31%.
-          wan-720p: early (3, 3, 5) 45/420 = 11%, middle (5, 4, 7) 140/420 = 33%,
-                    late (3, 4, 5) 60/420 = 14%.
+        Density targets (early, middle, late) -> windows (window tiles / all tiles):
+          wan-480p: 0.23, 0.51, 0.31 -> (3, 3, 5) 45/196, (5, 4, 5) 100/196, (4, 3, 5) 60/196.
+          wan-720p: 0.11, 0.33, 0.14 -> (3, 3, 5) 45/420, (5, 4, 7) 140/420, (4, 3, 5) 60/420.
         Groups (q_group = k_group): early (2, 2, 2), middle (1, 1, 1), late (1, 2, 2).
         """
         if name == "dense":
             return cls((Phase(1.0, None),))
         if name == "demo":
             return _demo_schedule()
-        windows = {
-            "wan-480p": ((3, 3, 5), (5, 4, 5), (3, 4, 5)),
-            "wan-720p": ((3, 3, 5), (5, 4, 7), (3, 4, 5)),
-        }
-        if name not in windows:
-            raise ValueError(
-                f"unknown StepSchedule preset {name!r}; valid: dense, demo, {', '.join(windows)}"
-            )
+        if name not in _WAN_PRESETS:
+            valid = ", ".join(("dense", "demo", *_WAN_PRESETS))
+            raise ValueError(f"unknown StepSchedule preset {name!r}; valid: {valid}")
+        grid, densities = _WAN_PRESETS[name]
+        tile = (3, 8, 8)
         ends = (0.25, 0.75, 1.0)
         groups = ((2, 2, 2), (1, 1, 1), (1, 2, 2))
         return cls(
             tuple(
-                Phase(e, FPSAConfig(tile=(3, 8, 8), window=w, quant="fp8", q_group=g, k_group=g))
-                for e, w, g in zip(ends, windows[name], groups, strict=True)
+                Phase(
+                    e,
+                    FPSAConfig(
+                        tile=tile,
+                        window=window_for_density(tile, grid, d),
+                        quant="fp8",
+                        q_group=g,
+                        k_group=g,
+                    ),
+                )
+                for e, d, g in zip(ends, densities, groups, strict=True)
             )
         )
+
+
+# Wan presets: (token grid of 81 frames at the resolution, per-phase density targets: a choice).
+_WAN_PRESETS = {
+    "wan-480p": ((21, 30, 52), (0.23, 0.51, 0.31)),
+    "wan-720p": ((21, 45, 80), (0.11, 0.33, 0.14)),
+}
 
 
 def _demo_schedule() -> StepSchedule:

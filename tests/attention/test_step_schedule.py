@@ -48,6 +48,27 @@ def test_presets_follow_the_papers_shape():
     assert StepSchedule.preset("dense").configs == (None,)
 
 
+def test_wan_preset_windows_are_the_nearest_to_their_stated_density_targets():
+    from fpsa_jax.attention.tiling import window_for_density
+
+    for name, grid, targets in (
+        ("wan-480p", (21, 30, 52), (0.23, 0.51, 0.31)),
+        ("wan-720p", (21, 45, 80), (0.11, 0.33, 0.14)),
+    ):
+        configs = StepSchedule.preset(name).configs
+        assert [c.window for c in configs] == [
+            window_for_density((3, 8, 8), grid, t) for t in targets
+        ]
+        for c, t in zip(configs, targets, strict=True):
+            assert abs(c.density(grid) - t) < 0.01  # as stated in the preset's docstring
+    # The demo model's shipped schedule is its own, not derived.
+    assert [c.window for c in StepSchedule.preset("demo").configs] == [
+        (2, 1, 1),
+        (2, 2, 2),
+        (2, 1, 2),
+    ]
+
+
 @pytest.mark.parametrize(
     "phases, field",
     [
