@@ -1,8 +1,10 @@
-"""Quantization-aware flow-matching fine-tuning: config, sigma sampling, optimizer, train step.
+"""Quantization-aware flow-matching fine-tuning: config, sigma sampling, optimizer, train step, and
+the measurement behind calibrated step schedules.
 
 Pure functions only; the `train/` app does I/O, logging, checkpoints and sharding.
 """
 
+from fpsa_jax.training.calibration import Sample, measure_step_errors
 from fpsa_jax.training.config import TrainConfig
 from fpsa_jax.training.flow import (
     add_noise,
@@ -28,6 +30,7 @@ from fpsa_jax.training.step import batch_loss, drop_text, train_step
 __all__ = [
     "PhaseSample",
     "PhaseTable",
+    "Sample",
     "TrainConfig",
     "TrainState",
     "adamw_hyperparams",
@@ -38,6 +41,7 @@ __all__ = [
     "init_train_state",
     "learning_rate_at",
     "make_optimizer",
+    "measure_step_errors",
     "phase_attention",
     "phase_table",
     "sample_phase",
