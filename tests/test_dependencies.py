@@ -19,6 +19,7 @@ DISTRIBUTION = {"PIL": "pillow", "absl": "absl-py", "orbax": "orbax-checkpoint"}
 OPTIONAL = {
     "ftfy": "prompt cleaning step skipped without it (fpsa_jax.model.umt5.clean_text)",
     "jax_triton": "impl='triton', extra 'gpu'",
+    "matplotlib": "train.calibrate's PNG (skipped with a note), extras 'notebook', 'test'",
     "triton": "impl='triton', extra 'gpu'",
     "torch": "reading PyTorch checkpoints, extra 'convert'",
     "transformers": "the UMT5 tokenizer of real Wan weights",
