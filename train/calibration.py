@@ -311,7 +311,16 @@ def _derived(v: Mapping[str, Any], tile, grid) -> StepSchedule:
     try:
         return StepSchedule(
             tuple(
-                Phase(e, FPSAConfig(tile, window_for_density(tile, grid, d), "fp8", g, g))
+                Phase(
+                    e,
+                    FPSAConfig(
+                        tile=tile,
+                        window=window_for_density(tile, grid, d),
+                        quant="fp8",
+                        q_group=g,
+                        k_group=g,
+                    ),
+                )
                 for d, e, g in zip(targets, ends, groups, strict=True)
             )
         )
