@@ -87,6 +87,13 @@ _GROUPS = flags.DEFINE_string(
 _QUANT = flags.DEFINE_string(
     "quant", "fp8,none", "Candidate quantization: fp8, none (bf16), or both, comma-separated."
 )
+_SMOOTH_K = flags.DEFINE_enum(
+    "smooth_k",
+    "off",
+    ["off", "on", "both"],
+    "FP8 candidates with keys mean-centred before quantizing (FPSAConfig.smooth_k), without "
+    "(off), or both, to measure whether centring pays on these weights.",
+)
 _MAX_REL_L2 = flags.DEFINE_float(
     "max_rel_l2",
     None,
@@ -148,6 +155,7 @@ FLAG_NAMES = tuple(
         _DENSITIES,
         _GROUPS,
         _QUANT,
+        _SMOOTH_K,
         _MAX_REL_L2,
         _DENSITY,
         _MAX_PHASES,

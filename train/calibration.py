@@ -54,7 +54,11 @@ class Request:
     solver: str
     tile: tuple[int, int, int]
     candidates: tuple[FPSAConfig | None, ...]
-    candidate_spec: tuple[tuple[float, ...], tuple[tuple[int, int, int], ...], tuple[str, ...]]
+    # (densities, groups, quants, smooth_k values): candidate_configs' arguments after the tile
+    # and grid.
+    candidate_spec: tuple[
+        tuple[float, ...], tuple[tuple[int, int, int], ...], tuple[str, ...], tuple[bool, ...]
+    ]
     max_rel_l2: float | None
     density: float | None
     max_phases: int
@@ -64,6 +68,10 @@ class Request:
     csv: Path | None
     attention_impl: str
     notes: tuple[str, ...] = ()
+
+
+# --smooth_k: which FPSAConfig.smooth_k values the FP8 candidates take.
+_SMOOTH_K_CHOICES = {"off": (False,), "on": (True,), "both": (False, True)}
 
 
 def _usage(flag: str, message: str) -> app.UsageError:
@@ -177,6 +185,7 @@ def parse_request(v: Mapping[str, Any]) -> Request:
         _floats("densities", v["densities"], 0.0, 1.0),
         tuple(_int3("groups", g) for g in v["groups"].split(",")),
         tuple(dict.fromkeys(q.strip() for q in v["quant"].split(","))),
+        _SMOOTH_K_CHOICES[v["smooth_k"]],
     )
     if not set(spec[2]) <= {"fp8", "none"}:
         raise _usage("quant", f"values must be fp8 or none, got {v['quant']!r}")

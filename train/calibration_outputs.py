@@ -55,8 +55,8 @@ def errors_csv(errors: StepErrors, calibration: Calibration) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(
-        ["step", "candidate", "quant", "window", "q_group", "density", "rel_l2_worst_layer",
-         "rel_l2_mean_layer", "chosen"]
+        ["step", "candidate", "quant", "window", "q_group", "smooth_k", "density",
+         "rel_l2_worst_layer", "rel_l2_mean_layer", "chosen"]
     )  # fmt: skip
     worst, mean = errors.step_rel_l2, errors.rel_l2.mean(axis=1)
     chosen = chosen_candidates(errors, calibration)
@@ -69,6 +69,7 @@ def errors_csv(errors: StepErrors, calibration: Calibration) -> str:
                     "dense" if cfg is None else cfg.quant,
                     "" if cfg is None or cfg.window is None else "x".join(map(str, cfg.window)),
                     "" if cfg is None else "x".join(map(str, cfg.q_group)),
+                    "" if cfg is None else int(cfg.smooth_k),
                     f"{errors.densities[c]:.6g}",
                     f"{worst[step, c]:.6g}",
                     f"{mean[step, c]:.6g}",

@@ -44,18 +44,25 @@ def candidate_configs(
     densities: Sequence[float],
     groups: Sequence[Int3],
     quants: Sequence[str],
+    smooth_k: Sequence[bool] = (False,),
 ) -> tuple[FPSAConfig | None, ...]:
     """Dense (None) and every (window of each density, quantization) pair, without repeats.
 
     A window per density (`window_for_density`; equal windows counted once); for quant "fp8"
-    one candidate per q_group = k_group in `groups`, for "none" one (groups do not apply). The
-    full window without FP8 is dense attention itself, which comes first.
+    one candidate per q_group = k_group in `groups` and per `smooth_k` value (mean-centred keys
+    matter only under FP8), for "none" one (neither applies). The full window without FP8 is
+    dense attention itself, which comes first.
     """
     windows = list(dict.fromkeys(window_for_density(tile, grid, d) for d in densities))
     out: list[FPSAConfig | None] = [None]
     for window, quant in itertools.product(windows, quants):
-        for g in groups if quant == "fp8" else [(1, 1, 1)]:
-            cfg = FPSAConfig(tile=tile, window=window, quant=quant, q_group=g, k_group=g)
+        fp8 = quant == "fp8"
+        for g, smooth in itertools.product(
+            groups if fp8 else [(1, 1, 1)], smooth_k if fp8 else [False]
+        ):
+            cfg = FPSAConfig(
+                tile=tile, window=window, quant=quant, q_group=g, k_group=g, smooth_k=smooth
+            )
             if (window is not None or quant != "none") and cfg not in out:
                 out.append(cfg)
     return tuple(out)
@@ -67,8 +74,9 @@ def candidate_label(config: FPSAConfig | None, grid: Sequence[int]) -> str:
         return "dense"
     window = "full window" if config.window is None else f"window {config.window}"
     groups = f" groups {config.q_group}" if config.quant == "fp8" else ""
+    smooth = " smooth_k" if config.smooth_k else ""
     quant = "fp8" if config.quant == "fp8" else "bf16"
-    return f"{quant} {window}{groups} {config.density(grid):.0%}"
+    return f"{quant} {window}{groups}{smooth} {config.density(grid):.0%}"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -84,6 +84,19 @@ def test_candidates_start_dense_have_no_repeats_and_groups_only_for_fp8():
     assert candidate_label(cands[1], GRID) == "fp8 window (1, 1, 1) groups (1, 1, 1) 6%"
 
 
+def test_smooth_k_candidates_double_the_fp8_ones_only():
+    args = (TILE, GRID, [0.5, 1.0], [(1, 1, 1)], ["fp8", "none"])
+    plain, both = candidate_configs(*args), candidate_configs(*args, smooth_k=(False, True))
+    fp8 = [c for c in plain[1:] if c.quant == "fp8"]
+    assert len(both) == len(plain) + len(fp8)
+    assert {c for c in both[1:] if c.smooth_k} == {
+        FPSAConfig(c.tile, c.window, "fp8", smooth_k=True) for c in fp8
+    }
+    assert not any(c.smooth_k for c in both[1:] if c.quant == "none")
+    smooth = next(c for c in both[1:] if c.smooth_k)
+    assert "smooth_k" in candidate_label(smooth, GRID)
+
+
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("max_phases", [1, 2, 3])
 def test_budget_schedule_is_the_sparsest_within_budget_and_looser_is_never_denser(seed, max_phases):
