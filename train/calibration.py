@@ -18,12 +18,11 @@ from typing import Any
 
 from absl import app
 
-from fpsa_jax.attention import FPSAConfig, Phase, StepSchedule
+from fpsa_jax.attention import FPSAConfig, StepSchedule
 from fpsa_jax.attention.calibration import (
     Calibration,
     StepErrors,
     candidate_configs,
-    window_for_density,
 )
 from train import calibration_outputs as outputs
 
@@ -318,21 +317,7 @@ def _derived(v: Mapping[str, Any], tile, grid) -> StepSchedule:
             f"{len(targets)} densities, {len(ends)} ends, {len(groups)} groups",
         )
     try:
-        return StepSchedule(
-            tuple(
-                Phase(
-                    e,
-                    FPSAConfig(
-                        tile=tile,
-                        window=window_for_density(tile, grid, d),
-                        quant="fp8",
-                        q_group=g,
-                        k_group=g,
-                    ),
-                )
-                for d, e, g in zip(targets, ends, groups, strict=True)
-            )
-        )
+        return StepSchedule.from_densities(tile, grid, ends, targets, groups)
     except ValueError as e:
         raise _usage("phase_ends", str(e)) from None
 

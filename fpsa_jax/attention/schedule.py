@@ -180,9 +180,14 @@ class StepSchedule:
             valid = ", ".join(("dense", "demo", *_WAN_PRESETS))
             raise ValueError(f"unknown StepSchedule preset {name!r}; valid: {valid}")
         grid, densities = _WAN_PRESETS[name]
-        tile = (3, 8, 8)
-        ends = (0.25, 0.75, 1.0)
         groups = ((2, 2, 2), (1, 1, 1), (1, 2, 2))
+        return cls.from_densities((3, 8, 8), grid, (0.25, 0.75, 1.0), densities, groups)
+
+    @classmethod
+    def from_densities(cls, tile, grid, ends, densities, groups) -> StepSchedule:
+        """FP8 phases ending at `ends` (fractions of the steps), each with the window nearest its
+        density target on the token `grid` (`tiling.window_for_density`) and q_group = k_group
+        from `groups`: how the Wan presets and `train.calibrate --phase_densities` are built."""
         return cls(
             tuple(
                 Phase(
