@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Literal, get_args
@@ -88,6 +89,19 @@ def _check_inputs(q, k, v, grid) -> tuple[int, int, int]:
     return g
 
 
+def clip_tile(config: FPSAConfig, grid: tuple[int, int, int]) -> FPSAConfig:
+    """`config` with its tile cut to the token grid per axis: min(tile_a, G_a).
+
+    Exact: on an axis where tile_a >= G_a the tile grid has n_a = 1 either way, so the window
+    (w_a = min(omega_a, n_a) = 1), the quantization groups (one tile) and the valid tokens are
+    the same; only the padded slots go, which no query attends and whose outputs are dropped.
+    Without it a tile larger than the grid would make every implementation allocate for the
+    tile's slots instead of the grid's tokens.
+    """
+    tile = tuple(min(t, n) for t, n in zip(config.tile, grid, strict=True))
+    return config if tile == config.tile else dataclasses.replace(config, tile=tile)
+
+
 def fpsa_attention(
     q: jax.Array,
     k: jax.Array,
@@ -103,7 +117,8 @@ def fpsa_attention(
     Args:
       q, k, v: [B, L, N, D] with L = T * H * W tokens in row-major (t, h, w) order.
       grid: (T, H, W), static.
-      config: an `FPSAConfig` (tile, window, FP8), or None for dense unquantized attention.
+      config: an `FPSAConfig` (tile, window, FP8), or None for dense unquantized attention. A
+        tile larger than the grid on an axis is cut to the grid there (`clip_tile`, exact).
       impl: one of `IMPLS`; see `resolve_impl` for "auto".
       scale: softmax scale; None means 1 / sqrt(D).
 
@@ -113,6 +128,8 @@ def fpsa_attention(
     g = _check_inputs(q, k, v, grid)
     if config is not None and not isinstance(config, FPSAConfig):
         raise ValueError(f"config must be an FPSAConfig or None, got {type(config).__name__}")
+    if config is not None:
+        config = clip_tile(config, g)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     name = resolve_impl(impl, config, q.dtype, q.shape[-1])
