@@ -10,8 +10,11 @@ import time
 from absl import app, flags
 
 from fpsa_jax.convert.checkpoint import read_wan_checkpoint
+from fpsa_jax.convert.destination import converted_size, prepare_destination
 from fpsa_jax.convert.errors import CheckpointError
-from fpsa_jax.convert.export import check_destination, save_converted
+from fpsa_jax.convert.export import save_converted
+from fpsa_jax.convert.sources import open_source
+from fpsa_jax.outputs import OutputError, stop_on_signals
 
 _SRC = flags.DEFINE_string(
     "src",
@@ -24,8 +27,8 @@ _SRC = flags.DEFINE_string(
 _DST = flags.DEFINE_string(
     "dst",
     None,
-    "Output directory; receives params/ (orbax) and config.json. Written "
-    "atomically through a sibling temp directory.",
+    "Output directory, outside --src; receives params/ (orbax) and config.json. Written "
+    "atomically through a sibling temp directory (those of killed earlier runs are removed).",
     required=True,
 )
 _DTYPE = flags.DEFINE_enum(
@@ -42,7 +45,10 @@ _NUM_HEADS = flags.DEFINE_integer(
     lower_bound=1,
 )
 _OVERWRITE = flags.DEFINE_bool(
-    "overwrite", False, "Replace --dst when it already exists and is not empty."
+    "overwrite",
+    False,
+    "Replace --dst when it already exists and is not empty; only a converted checkpoint "
+    "(config.json and params/) is ever replaced.",
 )
 
 
@@ -51,10 +57,9 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     start = time.perf_counter()
     try:
-        dst = check_destination(_DST.value, _OVERWRITE.value)  # fail before the long read
-        loaded = read_wan_checkpoint(_SRC.value, _DTYPE.value, num_heads=_NUM_HEADS.value)
-        save_converted(dst, loaded.config, loaded.params, overwrite=_OVERWRITE.value)
-    except (CheckpointError, FileExistsError) as e:
+        with stop_on_signals():  # SIGTERM removes the temp directory as Ctrl-C does
+            loaded, dst = _convert()
+    except (CheckpointError, FileExistsError, OutputError) as e:
         # Errors about the user's files: a message, not a traceback.
         raise SystemExit(f"error: {e}") from e
     c = loaded.config
@@ -66,6 +71,19 @@ def main(argv: list[str]) -> None:
     )
     print(f"params    {c.num_params():,} in {_DTYPE.value}")
     print(f"wrote     {dst} in {time.perf_counter() - start:.1f} s")
+
+
+def _convert():
+    """Checks --dst (apart from --src, replaceable, writable, room for the converted tensors)
+    before the long read, then reads and writes."""
+    with open_source(_SRC.value).reader as reader:  # headers only
+        size = converted_size(reader, _DTYPE.value)
+    dst, removed = prepare_destination(_DST.value, _OVERWRITE.value, src=_SRC.value, size=size)
+    if removed:
+        print(f"removed {len(removed)} temp folder(s) of killed conversions to {dst}")
+    loaded = read_wan_checkpoint(_SRC.value, _DTYPE.value, num_heads=_NUM_HEADS.value)
+    save_converted(dst, loaded.config, loaded.params, overwrite=_OVERWRITE.value)
+    return loaded, dst
 
 
 if __name__ == "__main__":
