@@ -79,8 +79,9 @@ def load_wan_checkpoint(
 
     Args:
       path: a `.safetensors` file, a sharded `*.safetensors.index.json`, a `.pth`/`.pt` file
-        (needs torch), or a model directory (Wan2.1 repo, diffusers repo root or its
-        `transformer/` folder). Original and diffusers key layouts are detected from the keys.
+        (torch only for the legacy pre-zip format), or a model directory (Wan2.1 repo,
+        diffusers repo root or its `transformer/` folder). Original and diffusers key layouts
+        are detected from the keys.
       dtype: dtype of the returned parameters (bfloat16, float32 or float16); it also becomes
         the config's `param_dtype`.
       num_heads: used when no `config.json` sits beside the weights; else dim // 128.

@@ -202,7 +202,9 @@ def test_unsupported_dtype(tmp_path, state):
 def test_pth_without_torch_says_how_to_install(tmp_path, monkeypatch):
     (tmp_path / "model.pth").write_bytes(b"not really")
     monkeypatch.setitem(sys.modules, "torch", None)  # makes `import torch` fail
-    with pytest.raises(CheckpointError, match=r"pip install fpsa-jax\[convert\]"):
+    with pytest.raises(
+        CheckpointError, match=r"legacy format needs torch \(pip install 'fpsa-jax\[convert\]'\)"
+    ):
         load_wan_checkpoint(tmp_path / "model.pth")
 
 
