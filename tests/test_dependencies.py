@@ -20,8 +20,7 @@ OPTIONAL = {
     "ftfy": "prompt cleaning step skipped without it (fpsa_jax.model.umt5.clean_text)",
     "jax_triton": "impl='triton', extra 'gpu'",
     "triton": "impl='triton', extra 'gpu'",
-    "torch": "reading PyTorch checkpoints, extra 'convert'",
-    "transformers": "the UMT5 tokenizer of real Wan weights",
+    "torch": "reading legacy (pre-zip) .pth files, extra 'convert'",
 }
 
 
