@@ -239,6 +239,21 @@ def _progress_bar(total: int):
     return bar, progress
 
 
+def _loading_bar():
+    """(tqdm bar over the 4 parts of a model directory, hook for load_t2v_weights' progress;
+    progress(None) marks the last part done)."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=4, desc="loading weights", unit="part")
+
+    def progress(part: str | None) -> None:
+        if bar.postfix:  # the part before this one is done
+            bar.update(1)
+        bar.set_postfix_str(part or "done")
+
+    return bar, progress
+
+
 def _generate_demo(request: _Request) -> None:
     """The embedded demo model (fpsa_jax.demo): one `generate` call, then the files."""
     from fpsa_jax.demo import load_demo
@@ -313,8 +328,11 @@ def _generate_wan(request: _Request, mesh) -> None:
         schedule=schedule,
     )
     start = time.perf_counter()
+    bar, progress = _loading_bar()
     try:
-        weights = load_t2v_weights(_CKPT_DIR.value)
+        with bar:
+            weights = load_t2v_weights(_CKPT_DIR.value, progress=progress)
+            progress(None)
     except (FileNotFoundError, ValueError) as e:
         raise app.UsageError(f"--ckpt_dir {_CKPT_DIR.value}: {e}") from None
     loading = time.perf_counter() - start
@@ -342,16 +360,52 @@ def _generate_wan(request: _Request, mesh) -> None:
         print(f"wrote latents {tuple(result.latents.shape)} to {request.save_latents.resolve()}")
 
 
+def _check_before_loading(request: _Request, embedded: bool) -> None:
+    """Everything the run needs that can be checked before weights load: every output location
+    (writable, room for the latents), and with --ckpt_dir the model directory's files and the
+    packages that reading them needs."""
+    import math
+
+    from fpsa_jax.convert import check_t2v_directory
+    from fpsa_jax.outputs import Output, OutputError, check_outputs
+    from fpsa_jax.pipeline import latent_shape
+
+    outputs = [Output("--save_file", request.save_file)]
+    if embedded:  # the PNG strip of the frames beside the video
+        outputs.append(Output("--save_file", request.save_file.with_suffix(".png")))
+    if request.save_latents:
+        shape = (
+            (1, request.frames, request.height, request.width, 3)  # the demo's pixels
+            if embedded
+            else latent_shape(1, request.width, request.height, request.frames)
+        )
+        size = 4 * math.prod(shape) + 128  # float32 and the .npy header
+        outputs.append(Output("--save_latents", request.save_latents, size=size))
+    try:
+        check_outputs(outputs)
+        if not embedded:
+            check_t2v_directory(_CKPT_DIR.value)
+    except (OutputError, ImportError) as e:
+        where = "" if isinstance(e, OutputError) else f"--ckpt_dir {_CKPT_DIR.value}: "
+        raise SystemExit(f"error: {where}{e}") from None
+    except (FileNotFoundError, ValueError) as e:
+        raise app.UsageError(f"--ckpt_dir {_CKPT_DIR.value}: {e}") from None
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from fpsa_jax.outputs import stop_on_signals
+
     embedded = not _CKPT_DIR.value
     request = _request(embedded)
+    _check_before_loading(request, embedded)
     mesh = _mesh(embedded)
-    if embedded:
-        _generate_demo(request)
-    else:
-        _generate_wan(request, mesh)
+    with stop_on_signals():  # SIGTERM removes half-written outputs as Ctrl-C does
+        if embedded:
+            _generate_demo(request)
+        else:
+            _generate_wan(request, mesh)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -19,6 +18,7 @@ from fpsa_jax.convert.destination import check_apart, clean_destination
 from fpsa_jax.outputs import OutputError, sibling_temp
 from tests.convert.helpers import write_safetensors
 from tests.convert.test_export import _cli
+from tests.runtime_env import run_module
 from tests.test_outputs import _dead_pid, _temp_of
 
 REPO = Path(__file__).resolve().parents[2]
@@ -90,31 +90,17 @@ def test_overwrite_replaces_only_a_converted_checkpoint(tmp_path, model_dir, sta
 
 
 def _patched_cli(patch: str, *args: str) -> subprocess.CompletedProcess:
-    """The CLI with `args`, in a process that runs the code `patch` first."""
-    code = (
-        f"{patch}\n"
-        "import sys\n"
-        "from absl import app\n"
-        "import fpsa_jax.convert.__main__ as cli\n"
-        f"sys.argv = ['convert', *{list(args)!r}]\n"
-        "app.run(cli.main)\n"
-    )
-    return subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=REPO,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    """The CLI with `args`, in a process that runs the code `patch` first (and imports only
+    the runtime dependencies: converting safetensors needs no torch)."""
+    return run_module("fpsa_jax.convert", *args, cwd=REPO, patch=patch, timeout=120)
 
 
 # The checkpoint read replaced by a failure: what the CLI reports before reading.
 _NO_READ = (
-    "import fpsa_jax.convert.__main__ as cli\n"
+    "import fpsa_jax.convert.checkpoint as checkpoint\n"
     "def read(*a, **k):\n"
     "    raise SystemExit('READ THE CHECKPOINT')\n"
-    "cli.read_wan_checkpoint = read\n"
+    "checkpoint.read_wan_checkpoint = read\n"
 )
 
 
