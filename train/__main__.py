@@ -172,7 +172,14 @@ def main(argv):
         mesh_shape=mesh_shape,
         remat=_REMAT.value,
     )
-    last = run(settings)
+    from fpsa_jax.outputs import OutputError, stop_on_signals
+    from train.resume import ResumeError
+
+    try:
+        with stop_on_signals():  # SIGTERM: pending saves finish, logs close, as for Ctrl-C
+            last = run(settings)
+    except (OutputError, ResumeError) as e:
+        raise SystemExit(f"error: {e}") from None
     print("last step: " + ", ".join(f"{k} {v:.4g}" for k, v in last.items()))
     print(f"checkpoints and logs in {settings.workdir.resolve()}")
 

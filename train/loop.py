@@ -32,9 +32,10 @@ from fpsa_jax.training import (
     sample_phase,
     train_step,
 )
-from train.checkpoints import Checkpoints
+from train.checkpoints import Checkpoints, check_workdir
 from train.logs import MetricsLog
 from train.prefetch import Prefetch
+from train.resume import resume
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,9 +188,12 @@ def _step_programs(
 def run(settings: RunSettings) -> dict[str, float]:
     """Trains to `settings.num_steps`, resuming from the latest checkpoint in the workdir.
 
-    Returns the last logged metrics. Checkpoints every `save_every` steps and at the end.
+    Returns the last logged metrics. Checkpoints every `save_every` steps and at the end. The
+    workdir is checked (writable, room for a checkpoint where the model is known) before any
+    weights load; resuming is `train.resume.resume` (raises ResumeError).
     """
     workdir = settings.workdir
+    check_workdir(workdir, settings.model_config if settings.init == "preset" else None)
     workdir.mkdir(parents=True, exist_ok=True)
     config, params = _initial_params(settings)
     config = config.replace(remat=settings.remat)
@@ -201,19 +205,17 @@ def run(settings: RunSettings) -> dict[str, float]:
     programs = _step_programs(config, train_config, settings.attention_impl, layout)
     meta = {"model_config": config.to_dict(), "train_config": train_config.to_dict()}
 
+    check_workdir(workdir, config)  # with the real model's size, now that it is known
+
     checkpoints = Checkpoints(workdir, settings.keep)
-    first = checkpoints.latest_step() or 0
-    data_state = None
-    if first:
-        state, data_state, saved_meta = checkpoints.restore(first, state)
-        if saved_meta["model_config"] != meta["model_config"]:
-            raise ValueError(
-                f"{workdir} holds checkpoints of another model config: "
-                f"{saved_meta['model_config']}; use a new --workdir"
-            )
-        print(f"resuming from step {first} in {workdir}")
+    try:
+        resumed = resume(checkpoints, state, meta, workdir)
+    except BaseException:
+        checkpoints.close()
+        raise
+    first, state, data_state = resumed.step, resumed.state, resumed.data
     batches = Prefetch(_data_source(settings, config, data_state))
-    log = MetricsLog(workdir)
+    log = MetricsLog(workdir, resume_step=first)
     tokens = None
     last: dict[str, float] = {}
     try:
