@@ -126,6 +126,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     width, height = _check_flags()
     frames = _FRAME_NUM.value
+    _check_out_dir()  # before the VAE and UMT5 load
 
     from tqdm import tqdm
 
@@ -181,6 +182,17 @@ def main(argv):
         f"{_LATENT_DTYPE.value}, text width {writer.text_dim}) to {index.parent} in "
         f"{time.perf_counter() - t0:.1f} s"
     )
+
+
+def _check_out_dir() -> None:
+    from pathlib import Path
+
+    from fpsa_jax.outputs import Output, OutputError, check_outputs
+
+    try:
+        check_outputs([Output("--out_dir", Path(_OUT_DIR.value), is_dir=True)])
+    except OutputError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def _report_skipped(skipped, total: int) -> None:

@@ -162,3 +162,14 @@ def test_read_clip_scales_to_cover_and_crops_the_centre(tmp_path):
     np.testing.assert_allclose(got[..., 2:-2, :].mean(axis=(0, 1, 2)), [-1, 1, -1], atol=0.1)
     with pytest.raises(ClipTooShortError, match="has 5 frames at 16 fps, needs 9"):
         read_clip(tmp_path / "v.mp4", width=16, height=16, frames=9, fps=16)
+
+
+def test_an_unwritable_out_dir_is_refused_before_anything_is_encoded(tmp_path):
+    (tmp_path / "file").write_text("x")
+    out = tmp_path / "file" / "records"
+    result = _prepare("--synthetic=2", f"--out_dir={out}", "--frame_num=5", cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: --out_dir {out}: {tmp_path / 'file'} is a file, not a directory"
+    )
+    assert "STAND-IN encoding" not in result.stdout
