@@ -2,10 +2,14 @@
 
 Random bf16 weights (the head randomised too, so no output is trivially zero), random latents,
 timesteps and text, dense cuDNN bf16 self-attention. Median of timed runs after a warm-up, each
-synchronised with block_until_ready.
+synchronised with block_until_ready. --linear_quant none fp8 times each case with bf16 and with
+FP8 block linears (weights quantized at load, `fpsa_jax.model.fp8_linear`) in the same run;
+--num_layers cuts the preset to fewer blocks (ms per layer stays comparable, compiles faster).
 
     python benchmarks/dit_forward.py                       # 1.3B/480p and 14B/720p
+    python benchmarks/dit_forward.py --batch 2 --linear_quant none fp8 --num_layers 8
     python benchmarks/dit_forward.py --cases tiny-cpu      # smoke test anywhere
+    python benchmarks/dit_forward.py --cases tiny-cpu --linear_quant fp8 --linear_impl emulated
 """
 
 from __future__ import annotations
@@ -19,7 +23,13 @@ import jax
 import jax.numpy as jnp
 
 from fpsa_jax.attention import IMPLS, Impl
-from fpsa_jax.config import WanConfig
+from fpsa_jax.config import LINEAR_QUANTS, WanConfig
+from fpsa_jax.model.fp8_linear import (
+    FP8_LINEAR_IMPLS,
+    Fp8LinearImpl,
+    check_backend,
+    quantize_linear_weights,
+)
 from fpsa_jax.model.random_weights import random_weights
 from fpsa_jax.model.wan import WanModel, init_params
 
@@ -31,16 +41,28 @@ CASES = {
 }
 
 
-def run_case(name: str, repeats: int, impl: Impl) -> dict:
+def run_case(
+    name: str,
+    repeats: int,
+    impl: Impl,
+    linear_quant: str = "none",
+    linear_impl: Fp8LinearImpl = "cublaslt",
+    batch: int = 1,
+    num_layers: int | None = None,
+) -> dict:
     preset, f, h, w = CASES[name]
-    config = WanConfig.preset(preset, dtype="bfloat16", param_dtype="bfloat16")
+    overrides = {} if num_layers is None else {"num_layers": num_layers}
+    config = WanConfig.preset(preset, dtype="bfloat16", param_dtype="bfloat16", **overrides)
     key = jax.random.key(0)
     params = random_weights(functools.partial(init_params, config), key)
+    if linear_quant == "fp8":
+        config = config.replace(linear_quant="fp8")
+        params = quantize_linear_weights(params)  # at load: the bf16 kernels are dropped
     k1, k2, k3 = jax.random.split(jax.random.key(1), 3)
-    latents = jax.random.normal(k1, (1, f, h, w, config.in_dim), jnp.float32)
-    timesteps = jax.random.uniform(k2, (1,), jnp.float32, 0, 1000)
-    context = jax.random.normal(k3, (1, config.text_len, config.text_dim), jnp.bfloat16)
-    model = WanModel(config, attention_impl=impl)
+    latents = jax.random.normal(k1, (batch, f, h, w, config.in_dim), jnp.float32)
+    timesteps = jax.random.uniform(k2, (batch,), jnp.float32, 0, 1000)
+    context = jax.random.normal(k3, (batch, config.text_len, config.text_dim), jnp.bfloat16)
+    model = WanModel(config, attention_impl=impl, linear_impl=linear_impl)
     forward = jax.jit(lambda p, x, t, c: model.apply({"params": p}, x, t, c))
 
     start = time.perf_counter()
@@ -56,6 +78,10 @@ def run_case(name: str, repeats: int, impl: Impl) -> dict:
     tokens = f * (h // 2) * (w // 2)
     return {
         "case": name,
+        "linear_quant": linear_quant,
+        "batch": batch,
+        "layers": config.num_layers,
+        "param_gib": sum(x.nbytes for x in jax.tree.leaves(params)) / 2**30,
         "params": config.num_params(),
         "tokens": tokens,
         "first_call_s": compile_s,
@@ -74,15 +100,42 @@ def main():
     parser.add_argument(
         "--impl", default="auto", choices=IMPLS, help="self-attention impl (cudnn on GPU)"
     )
+    parser.add_argument(
+        "--linear_quant", nargs="+", default=["none"], choices=LINEAR_QUANTS, help="one row each"
+    )
+    parser.add_argument(
+        "--linear_impl", default="cublaslt", choices=FP8_LINEAR_IMPLS, help="FP8 linears' impl"
+    )
+    parser.add_argument("--batch", type=int, default=1, help="B (2 = the CFG pair)")
+    parser.add_argument("--num_layers", type=int, default=None, help="blocks (default: preset's)")
     args = parser.parse_args()
+    if "fp8" in args.linear_quant:
+        try:
+            check_backend(args.linear_impl)
+        except ValueError as e:
+            parser.error(f"--linear_quant fp8: {e}")
+    for flag in ("batch", "num_layers"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}")
-    rows = [run_case(name, args.repeats, args.impl) for name in args.cases]
-    print("| case | params | tokens | ms / forward (median) | min ms | first call s | peak GiB |")
-    print("|---|---|---|---|---|---|---|")
+    rows = [
+        run_case(
+            name, args.repeats, args.impl, quant, args.linear_impl, args.batch, args.num_layers
+        )
+        for name in args.cases
+        for quant in args.linear_quant
+    ]
+    print(
+        "| case | linear quant | B | layers | params | param GiB | tokens | ms / forward (median) "
+        "| ms / layer | min ms | first call s | peak GiB |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['case']} | {r['params'] / 1e9:.2f}B | {r['tokens']:,} | {r['ms']:.1f} | "
-            f"{r['min_ms']:.1f} | {r['first_call_s']:.1f} | {r['peak_gib']:.1f} |"
+            f"| {r['case']} | {r['linear_quant']} | {r['batch']} | {r['layers']} | "
+            f"{r['params'] / 1e9:.2f}B | {r['param_gib']:.2f} | {r['tokens']:,} | {r['ms']:.1f} | "
+            f"{r['ms'] / r['layers']:.1f} | {r['min_ms']:.1f} | {r['first_call_s']:.1f} | "
+            f"{r['peak_gib']:.1f} |"
         )
 
 

@@ -6,6 +6,8 @@ jitted per phase) with random bf16 weights, random text embeddings and noise. Mo
   fpsa   the StepSchedule preset of the resolution through --fpsa_impl (the best available kernel)
 Per-step times come from host timestamps of the loop's progress reports; per-phase figures are
 their medians over the phase's steps. VAE decode uses the full Wan2.1 VAE (random weights).
+--linear_quant none fp8 runs every mode with bf16 and with FP8 block linears (weights quantized at
+load, `fpsa_jax.model.fp8_linear`; needs FP8 tensor cores), e.g. dense bf16 vs FPSA vs FPSA + FP8.
 
     python benchmarks/e2e.py                          # 1.3B, 832*480, 81 frames, 50 steps
     python benchmarks/e2e.py --preset tiny --size 64*64 --frame_num 9 --steps 4   # CPU smoke
@@ -24,10 +26,11 @@ import numpy as np
 
 from fpsa_jax import pipeline
 from fpsa_jax.attention import IMPLS, StepSchedule
-from fpsa_jax.config import WanConfig
-from fpsa_jax.convert import T2VWeights
+from fpsa_jax.config import LINEAR_QUANTS, WanConfig
+from fpsa_jax.convert import T2VWeights, with_fp8_linears
 from fpsa_jax.model import vae as wan_vae
 from fpsa_jax.model import wan
+from fpsa_jax.model.fp8_linear import check_backend
 from fpsa_jax.model.random_weights import random_weights
 from fpsa_jax.sampling import step_segments
 
@@ -81,7 +84,19 @@ def main():
     )
     parser.add_argument("--schedule", default=None, help="StepSchedule preset (default by size)")
     parser.add_argument("--vae", default="wan2.1", help="VAE preset for the decode timing")
+    parser.add_argument(
+        "--linear_quant",
+        nargs="+",
+        default=["none"],
+        choices=LINEAR_QUANTS,
+        help="block linears of each mode's runs: none (bf16), fp8 (one row each)",
+    )
     args = parser.parse_args()
+    if "fp8" in args.linear_quant:
+        try:
+            check_backend("cublaslt")
+        except ValueError as e:
+            parser.error(f"--linear_quant fp8: {e}")
 
     width, height = (int(s) for s in args.size.split("*"))
     shape = pipeline.latent_shape(1, width, height, args.frame_num)
@@ -106,12 +121,15 @@ def main():
         f"{args.size} x {args.frame_num} frames, token grid {grid}, {args.steps} UniPC steps, CFG"
     )
 
+    by_quant = {"none": weights}
+    if "fp8" in args.linear_quant:
+        by_quant["fp8"] = with_fp8_linears(weights)
     rows = []
-    for mode in args.modes:
+    for mode, quant in ((m, q) for m in args.modes for q in args.linear_quant):
         schedule, impl = (None, "auto") if mode == "dense" else (fpsa, args.fpsa_impl)
         repeats = args.repeats if mode == "dense" else args.fpsa_repeats
         runs = [
-            time_denoise(weights, noise, context, negative, args, schedule, impl)
+            time_denoise(by_quant[quant], noise, context, negative, args, schedule, impl)
             for _ in range(repeats)
         ]
         last = runs[-1]
@@ -124,9 +142,10 @@ def main():
                 f"steps {seg.start}-{seg.stop - 1} density {density:.2f}: "
                 f"{1e3 * statistics.median(seg_steps):.0f} ms/step"
             )
-        rows.append((mode, impl, runs[0]["total_s"], last["total_s"], phases))
+        label = mode if quant == "none" else f"{mode} + FP8 linears"
+        rows.append((label, impl, runs[0]["total_s"], last["total_s"], phases))
         print(
-            f"{mode}: runs {[round(r['total_s'], 1) for r in runs]} s; " + "; ".join(phases),
+            f"{label}: runs {[round(r['total_s'], 1) for r in runs]} s; " + "; ".join(phases),
             flush=True,
         )
 
@@ -146,8 +165,8 @@ def main():
     print("|---|---|---|---|---|")
     for mode, impl, first, final, phases in rows:
         print(f"| {mode} | {impl} | {first:.1f} | {final:.1f} | {'; '.join(phases)} |")
-    if len(rows) == 2:
-        print(f"\nspeed-up of fpsa over dense (last runs): {rows[0][3] / rows[1][3]:.2f}x")
+    for label, _, _, final, _ in rows[1:]:
+        print(f"speed-up of {label} over {rows[0][0]} (last runs): {rows[0][3] / final:.2f}x")
     print(
         f"VAE decode {tuple(latents.shape)} -> {tuple(video.shape)}: first {vae_times[0]:.1f} s"
         f" (compile incl.), then {vae_times[1]:.1f} s; peak device memory {_peak_gib():.1f} GiB"

@@ -11,6 +11,13 @@ trained on, at both speeds) x fixed noise seeds, sampled with the demo's setting
   training-free FP8 + sparse  the dense-trained model, the demo schedule as is
   FPSA after QAT              the FPSA-fine-tuned model, the demo schedule it was trained with
   (QAT model, dense)          the fine-tuned model with dense attention, for context
+  dense bf16 + FP8 linears    the dense-trained model, dense attention, block linears in FP8
+  FPSA after QAT + FP8 linears  the FPSA-fine-tuned model and schedule, block linears in FP8
+
+FP8 linears (WanConfig.linear_quant "fp8", fpsa_jax.model.fp8_linear; no QAT of the linears) run
+by --linear_impl: "cublaslt" where the backend has FP8 tensor cores, else "emulated" (the same
+E4M3 values, float32 sums); the row names the impl. --rows picks rows (dense bf16, the reference,
+always runs); --no_trace skips the attention error trace (it never covers FP8-linear rows).
 
 For each: per-attribute accuracy of the analytic evaluator (fpsa_jax.demo.evaluate) and PSNR /
 SSIM of its videos against the dense bf16 videos of the same caption and noise. Then the per-step
@@ -35,9 +42,22 @@ from fpsa_jax.attention import IMPLS, Impl  # noqa: E402
 from fpsa_jax.demo import DEFAULT_CHECKPOINT, DENSE_CHECKPOINT, load_demo  # noqa: E402
 from fpsa_jax.demo.attention_trace import ErrorLog, mean_over_layers, traced_model_fn  # noqa: E402
 from fpsa_jax.demo.evaluate import attribute_accuracy, chance_accuracy, read_attributes  # noqa: E402
-from fpsa_jax.demo.generate import generate, params_as, with_attention  # noqa: E402
+from fpsa_jax.demo.generate import (  # noqa: E402
+    generate,
+    params_as,
+    with_attention,
+    with_linear_quant,
+)
 from fpsa_jax.demo.similarity import psnr, ssim  # noqa: E402
 from fpsa_jax.demo.task import held_out_attributes  # noqa: E402
+from fpsa_jax.model.fp8_linear import (  # noqa: E402
+    FP8_LINEAR_IMPLS,
+    Fp8LinearImpl,
+    check_backend,
+    fp8_gemm_support,
+)
+
+FP8_ROWS = ("dense bf16 + FP8 linears", "FPSA after QAT + FP8 linears")
 
 
 def variants(dense, qat):
@@ -50,17 +70,32 @@ def variants(dense, qat):
         ("training-free FP8 + sparse", dense, fpsa),
         ("FPSA after QAT", qat, fpsa),
         ("(QAT model, dense)", qat, None),
+        (FP8_ROWS[0], with_linear_quant(dense, "fp8"), None),
+        (FP8_ROWS[1], with_linear_quant(qat, "fp8"), fpsa),
     ]
 
 
-def quality_table(dense, qat, seeds: int, impl: Impl) -> list[dict]:
+def quality_table(
+    dense, qat, seeds: int, impl: Impl, linear_impl: Fp8LinearImpl, rows_wanted=None
+) -> list[dict]:
     targets = [a for a in held_out_attributes() for _ in range(seeds)]
     captions = [a.caption for a in targets]
     noise_seeds = [1000 + i % seeds for i in range(len(targets))]
     rows, reference = [], None
     for name, ckpt, schedule in variants(dense, qat):
+        if rows_wanted is not None and reference is not None and name not in rows_wanted:
+            continue
         start = time.perf_counter()
-        videos = generate(ckpt, captions, noise_seeds, schedule=schedule, attention_impl=impl)
+        videos = generate(
+            ckpt,
+            captions,
+            noise_seeds,
+            schedule=schedule,
+            attention_impl=impl,
+            linear_impl=linear_impl,
+        )
+        if name in FP8_ROWS:
+            name = f"{name} ({linear_impl})"
         seconds = time.perf_counter() - start
         if reference is None:
             reference = videos
@@ -87,7 +122,7 @@ def attention_errors(dense, qat, captions: int, impl: Impl) -> dict[str, dict]:
     targets = held_out_attributes()[:captions]
     out = {}
     for name, ckpt, schedule in variants(dense, qat):
-        if schedule is None:
+        if schedule is None or name in FP8_ROWS:
             continue
         log = ErrorLog()
         fn = traced_model_fn(ckpt.config, params_as(ckpt), log, impl)
@@ -168,17 +203,36 @@ def main() -> None:
     parser.add_argument("--impl", default="xla", choices=IMPLS, help="attention implementation")
     parser.add_argument("--plot", default="benchmarks/quality_attention_error.png")
     parser.add_argument("--json", default=None, help="also write all numbers to this JSON file")
+    parser.add_argument(
+        "--linear_impl",
+        default=None,
+        choices=FP8_LINEAR_IMPLS,
+        help="FP8 linears' impl (default: cublaslt with FP8 tensor cores, else emulated)",
+    )
+    parser.add_argument("--rows", nargs="+", default=None, help="only these rows (+ dense bf16)")
+    parser.add_argument("--no_trace", action="store_true", help="skip the attention error trace")
     args = parser.parse_args()
+    linear_impl = args.linear_impl or ("cublaslt" if fp8_gemm_support() is None else "emulated")
+    try:
+        check_backend(linear_impl)
+    except ValueError as e:
+        parser.error(str(e))
 
     dense, qat = load_demo(args.dense), load_demo(args.qat)
     if qat.schedule is None:
         raise SystemExit(f"--qat {args.qat} was trained dense; it has no FPSA schedule")
-    rows = quality_table(dense, qat, args.seeds, args.impl)
-    errors = attention_errors(dense, qat, args.trace_captions, args.impl)
-    plot(errors, qat.schedule, qat.sampling.num_steps, Path(args.plot))
+    known = [name for name, _, _ in variants(dense, qat)]
+    unknown = sorted(set(args.rows or ()) - set(known))
+    if unknown:
+        parser.error(f"--rows: unknown {unknown}; valid: {known}")
+    rows = quality_table(dense, qat, args.seeds, args.impl, linear_impl, args.rows)
+    errors = {} if args.no_trace else attention_errors(dense, qat, args.trace_captions, args.impl)
+    if errors:
+        plot(errors, qat.schedule, qat.sampling.num_steps, Path(args.plot))
     print()
     print(markdown(rows))
-    print(f"\nattention error plot: {Path(args.plot).resolve()}")
+    if errors:
+        print(f"\nattention error plot: {Path(args.plot).resolve()}")
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "attention_errors": errors}, indent=1))
 

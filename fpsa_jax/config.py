@@ -15,6 +15,7 @@ from fpsa_jax.json_config import JsonConfig
 
 _DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+LINEAR_QUANTS = ("none", "fp8")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,6 +25,10 @@ class WanConfig(JsonConfig):
     `dtype` is the compute dtype of matmuls and attention; `param_dtype` the dtype of freshly
     initialised parameters. The float32 islands of the original (time embedding, modulation,
     norms, RoPE, residual stream, head) stay float32 whatever `dtype` says.
+
+    `linear_quant="fp8"` runs the block matmuls (self-attention q/k/v/o, cross-attention q/o and
+    the text k/v, FFN in/out) as E4M3 x E4M3 with float32 accumulation
+    (`fpsa_jax.model.fp8_linear`); everything else is unchanged.
     """
 
     dim: int
@@ -42,6 +47,7 @@ class WanConfig(JsonConfig):
     dtype: str = "bfloat16"
     param_dtype: str = "float32"
     remat: str = "none"
+    linear_quant: str = "none"
 
     def __post_init__(self):
         # JSON gives lists; keep the dataclass hashable.
@@ -82,6 +88,10 @@ class WanConfig(JsonConfig):
                 )
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"WanConfig.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+        if self.linear_quant not in LINEAR_QUANTS:
+            raise ValueError(
+                f"WanConfig.linear_quant must be one of {LINEAR_QUANTS}, got {self.linear_quant!r}"
+            )
 
     @property
     def head_dim(self) -> int:

@@ -19,8 +19,10 @@ import jax
 import jax.numpy as jnp
 
 from fpsa_jax.attention import Impl, StepSchedule
-from fpsa_jax.convert import T2VWeights
+from fpsa_jax.config import LINEAR_QUANTS
+from fpsa_jax.convert import T2VWeights, with_fp8_linears
 from fpsa_jax.model import vae as wan_vae
+from fpsa_jax.model.fp8_linear import Fp8LinearImpl, check_backend
 from fpsa_jax.model.umt5 import encode_text
 from fpsa_jax.parallel import use_sharding
 from fpsa_jax.sampling import SolverName, sample, wan_model_fn
@@ -86,6 +88,7 @@ def denoise(
     attention_impl: Impl = "auto",
     progress: Callable[[int, int], None] | None = None,
     mesh: jax.sharding.Mesh | None = None,
+    linear_impl: Fp8LinearImpl = "cublaslt",
 ) -> jax.Array:
     """Runs Wan's sampler from `noise` [B, f, h, w, 16] to clean latents (same shape).
 
@@ -93,8 +96,9 @@ def denoise(
     loop compiles once per distinct phase (see `fpsa_jax.sampling.sample`). With a `mesh`
     (`fpsa_jax.parallel.make_mesh`) the loop runs under its sharding rules: self-attention is
     sequence-parallel (Ulysses) over the mesh's 'seq' axis, the CFG batch spread over data/fsdp.
+    `linear_impl` computes the block linears of FP8 weights (`fpsa_jax.convert.with_fp8_linears`).
     """
-    model_fn = wan_model_fn(weights.dit_config, weights.dit_params, attention_impl)
+    model_fn = _model_fn(weights, attention_impl, linear_impl)
     return _sample(
         model_fn,
         noise,
@@ -108,6 +112,11 @@ def denoise(
         schedule=schedule,
         progress=progress,
     )
+
+
+def _model_fn(weights: T2VWeights, attention_impl: Impl, linear_impl: Fp8LinearImpl):
+    cfg = weights.dit_config
+    return wan_model_fn(cfg, weights.dit_params, attention_impl, linear_impl=linear_impl)
 
 
 def _sample(model_fn, noise, context, negative_context, mesh, **settings) -> jax.Array:
@@ -133,8 +142,11 @@ def initial_noise(seed: int, shape: tuple[int, ...]) -> jax.Array:
 class T2VRequest:
     """One video to generate: what, how large, from which noise, with which sampler settings.
 
-    The size is checked on construction (`check_video_request`). schedule picks the FPSA operator
-    of each step (None = dense attention throughout). The defaults are Wan2.1's (1.3B at 480p).
+    The size (`check_video_request`) and linear_quant are checked on construction. schedule picks
+    the FPSA operator of each step (None = dense attention throughout). linear_quant "fp8" runs
+    the DiT's block linears in FP8 (`WanConfig.linear_quant`): float weights are quantized once
+    per `text_to_video` call, FP8 ones (`fpsa_jax.convert.with_fp8_linears`) run as they are;
+    "none" refuses FP8 weights. The defaults are Wan2.1's (1.3B at 480p).
     """
 
     prompt: str
@@ -148,9 +160,14 @@ class T2VRequest:
     guide_scale: float = 5.0
     solver: SolverName = "unipc"
     schedule: StepSchedule | None = None
+    linear_quant: str = "none"
 
     def __post_init__(self):
         check_video_request(self.width, self.height, self.frames)
+        if self.linear_quant not in LINEAR_QUANTS:
+            raise ValueError(
+                f"T2VRequest.linear_quant must be one of {LINEAR_QUANTS}, got {self.linear_quant!r}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,13 +187,18 @@ def text_to_video(
     attention_impl: Impl = "auto",
     progress: Callable[[int, int], None] | None = None,
     mesh: jax.sharding.Mesh | None = None,
+    linear_impl: Fp8LinearImpl = "cublaslt",
 ) -> T2VResult:
     """The video of `request`: encode the prompts, denoise the seed's noise, decode.
 
-    The model function is built (and attention_impl checked) before any prompt is encoded;
-    progress and mesh as in `denoise`.
+    The model function is built (the weights brought to request.linear_quant, attention_impl and
+    linear_impl checked) before any prompt is encoded, and whether linear_impl runs here before
+    any weight is quantized; progress, mesh and linear_impl as in `denoise`.
     """
-    model_fn = wan_model_fn(weights.dit_config, weights.dit_params, attention_impl)
+    if request.linear_quant == "fp8":
+        check_backend(linear_impl)
+    weights = _with_linear_quant(weights, request.linear_quant)
+    model_fn = _model_fn(weights, attention_impl, linear_impl)
     timings: dict[str, float] = {}
     start = time.perf_counter()
     context = encode_prompts(weights, [request.prompt])
@@ -207,3 +229,15 @@ def text_to_video(
     video = jax.block_until_ready(decode_latents(weights, latents))
     timings["decoding"] = time.perf_counter() - start
     return T2VResult(latents, video, timings)
+
+
+def _with_linear_quant(weights: T2VWeights, linear_quant: str) -> T2VWeights:
+    """`weights` whose DiT runs its block linears as `linear_quant` ("none" | "fp8")."""
+    if weights.dit_config.linear_quant == linear_quant:
+        return weights
+    if linear_quant == "fp8":
+        return with_fp8_linears(weights)
+    raise ValueError(
+        "the weights hold FP8 block linears (dit_config.linear_quant 'fp8') but the request has "
+        f"linear_quant={linear_quant!r}; load the float weights to run float linears"
+    )

@@ -2,7 +2,8 @@
 
 Flags follow Wan2.1's generate.py (--task, --ckpt_dir, --prompt, --size, --frame_num,
 --sample_solver, --sample_steps, --sample_shift, --sample_guide_scale, --base_seed, --save_file),
-plus --negative_prompt, --attention, --schedule, --save_latents and --attention_impl.
+plus --negative_prompt, --attention, --schedule, --save_latents, --attention_impl and
+--linear_quant.
 
 Without --ckpt_dir it runs the embedded demo model (fpsa_jax/assets/demo, see infer/demo.py): a
 small pixel-space Wan DiT trained on captioned moving shapes and fine-tuned with FPSA, which
@@ -19,6 +20,7 @@ from pathlib import Path
 from absl import app, flags
 
 from fpsa_jax.attention import IMPLS, StepSchedule
+from fpsa_jax.config import LINEAR_QUANTS
 
 _TASK = flags.DEFINE_enum(
     "task",
@@ -106,6 +108,14 @@ _ATTENTION_IMPL = flags.DEFINE_enum(
     "Implementation of the self-attention operator (fpsa_jax.attention.fpsa_attention); auto "
     "picks the fastest that runs the inputs here.",
 )
+_LINEAR_QUANT = flags.DEFINE_enum(
+    "linear_quant",
+    "none",
+    LINEAR_QUANTS,
+    "fp8: the DiT's block linears as E4M3 x E4M3 GEMMs with float32 accumulation, weights "
+    "quantized at load (per output channel), activations per token. Needs a GPU with FP8 "
+    "tensor cores (compute capability >= 8.9).",
+)
 
 _FPS = 16  # Wan2.1's sample_fps
 
@@ -113,7 +123,8 @@ _FPS = 16  # Wan2.1's sample_fps
 @dataclasses.dataclass(frozen=True)
 class _Request:
     """What the flags ask for, every one checked (no weights touched yet). None fields take the
-    embedded demo model's own settings; `schedule` is --schedule, parsed (None: not given)."""
+    embedded demo model's own settings; `schedule` is --schedule, parsed (None: not given);
+    `linear_quant` is --linear_quant, checked against this backend."""
 
     prompt: str
     size: str
@@ -127,6 +138,7 @@ class _Request:
     schedule: tuple[StepSchedule, str] | None
     save_file: Path
     save_latents: Path | None
+    linear_quant: str
 
 
 def _parse_size(size: str) -> tuple[int, int]:
@@ -145,6 +157,17 @@ def _schedule_flag(dense: bool) -> tuple[StepSchedule, str] | None:
         return StepSchedule.load(_SCHEDULE.value), _SCHEDULE.value
     except (OSError, ValueError) as e:
         raise app.UsageError(f"--schedule {_SCHEDULE.value}: {e}") from None
+
+
+def _linear_quant_flag() -> str:
+    if _LINEAR_QUANT.value == "fp8":
+        from fpsa_jax.model.fp8_linear import check_backend
+
+        try:
+            check_backend("cublaslt")
+        except ValueError as e:
+            raise app.UsageError(f"--linear_quant fp8: {e}") from None
+    return _LINEAR_QUANT.value
 
 
 def _request(embedded: bool) -> _Request:
@@ -196,6 +219,7 @@ def _request(embedded: bool) -> _Request:
         schedule=schedule,
         save_file=save_file,
         save_latents=save_latents,
+        linear_quant=_linear_quant_flag(),
     )
 
 
@@ -258,13 +282,13 @@ def _generate_demo(request: _Request) -> None:
     """The embedded demo model (fpsa_jax.demo): one `generate` call, then the files."""
     from fpsa_jax.demo import load_demo
     from fpsa_jax.demo.evaluate import read_attributes
-    from fpsa_jax.demo.generate import generate
+    from fpsa_jax.demo.generate import generate, with_linear_quant
     from infer import demo
     from infer.video import save_npy, save_video
 
     print(f"No --ckpt_dir: the embedded demo model, trained on captions {demo.vocabulary()}.")
     start = time.perf_counter()
-    checkpoint = load_demo()
+    checkpoint = with_linear_quant(load_demo(), request.linear_quant)
     timings = {"loading weights": time.perf_counter() - start}
     schedule, name = _schedule(request, checkpoint.schedule, "demo (as fine-tuned)")
     steps = request.steps or checkpoint.sampling.num_steps
@@ -309,7 +333,7 @@ def _generate_wan(request: _Request, mesh) -> None:
     import numpy as np
 
     from fpsa_jax import pipeline
-    from fpsa_jax.convert import load_t2v_weights
+    from fpsa_jax.convert import load_t2v_weights, with_fp8_linears
     from infer.video import save_npy, save_video
 
     preset = "wan-480p" if request.height * request.width <= 480 * 832 else "wan-720p"
@@ -326,6 +350,7 @@ def _generate_wan(request: _Request, mesh) -> None:
         guide_scale=request.guide_scale,
         solver=_SAMPLE_SOLVER.value,
         schedule=schedule,
+        linear_quant=request.linear_quant,
     )
     start = time.perf_counter()
     bar, progress = _loading_bar()
@@ -335,6 +360,10 @@ def _generate_wan(request: _Request, mesh) -> None:
             progress(None)
     except (FileNotFoundError, ValueError) as e:
         raise app.UsageError(f"--ckpt_dir {_CKPT_DIR.value}: {e}") from None
+    if t2v.linear_quant == "fp8":
+        # Quantized at load (and timed with it), so the float block linears are freed here;
+        # text_to_video takes FP8 weights as they are.
+        weights = with_fp8_linears(weights)
     loading = time.perf_counter() - start
 
     cfg = weights.dit_config

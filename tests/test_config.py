@@ -28,10 +28,13 @@ def test_rope_split_of_a_128_head_is_44_42_42():
 
 
 def test_json_round_trip(tmp_path):
-    cfg = WanConfig.preset("tiny", dtype="float32", remat="full")
+    cfg = WanConfig.preset("tiny", dtype="float32", remat="full", linear_quant="fp8")
     cfg.save(tmp_path / "c.json")
     assert WanConfig.load(tmp_path / "c.json") == cfg
     assert hash(cfg) == hash(WanConfig.from_json(cfg.to_json()))
+    # A config written before linear_quant existed loads with float linears.
+    older = {k: v for k, v in cfg.to_dict().items() if k != "linear_quant"}
+    assert WanConfig.from_dict(older) == cfg.replace(linear_quant="none")
 
 
 @pytest.mark.parametrize(
@@ -43,6 +46,7 @@ def test_json_round_trip(tmp_path):
         ({"patch_size": (1, 2)}, "patch_size"),
         ({"dtype": "int8"}, "dtype must be one of"),
         ({"remat": "sometimes"}, "remat must be one of"),
+        ({"linear_quant": "int8"}, "WanConfig.linear_quant must be one of"),
         ({"eps": 0.0}, "eps"),
         ({"freq_dim": 7}, "freq_dim"),
     ],

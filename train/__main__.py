@@ -16,6 +16,7 @@ from pathlib import Path
 from absl import app, flags, logging
 
 from fpsa_jax.attention import IMPLS
+from fpsa_jax.config import LINEAR_QUANTS
 
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory: checkpoints, metrics.csv, tb/. Re-running resumes from it."
@@ -76,6 +77,14 @@ _REMAT = flags.DEFINE_enum(
     "full",
     ["none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"],
     "Per-block rematerialisation: recompute activations in the backward pass to save memory.",
+)
+
+_LINEAR_QUANT = flags.DEFINE_enum(
+    "linear_quant",
+    None,
+    LINEAR_QUANTS,
+    "fp8: fine-tune with FP8 (E4M3) block linears, fake-quantized with straight-through "
+    "gradients (QAT of the linears, beside the attention's). Omitted = the model's own.",
 )
 
 flags.mark_flag_as_required("workdir")
@@ -171,6 +180,7 @@ def main(argv):
         attention_impl=_ATTENTION_IMPL.value,
         mesh_shape=mesh_shape,
         remat=_REMAT.value,
+        linear_quant=_LINEAR_QUANT.value,
     )
     from fpsa_jax.outputs import OutputError, stop_on_signals
     from train.resume import ResumeError

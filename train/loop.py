@@ -19,9 +19,10 @@ from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 from fpsa_jax.attention import FPSAConfig, Impl, check_impl
-from fpsa_jax.config import WanConfig
+from fpsa_jax.config import LINEAR_QUANTS, WanConfig
 from fpsa_jax.data import Loader, StandInEncoder, SyntheticLatentSource
 from fpsa_jax.demo.task import DemoSource
+from fpsa_jax.model.fp8_linear import is_quantized
 from fpsa_jax.model.wan import init_params, param_logical_axes
 from fpsa_jax.parallel import logical_to_mesh_sharding, make_mesh, use_sharding
 from fpsa_jax.training import (
@@ -53,6 +54,9 @@ class RunSettings:
       parameters and optimizer state FSDP over fsdp, self-attention sequence-parallel over seq.
     remat: the DiT's per-block rematerialisation policy (WanConfig.remat) for training.
     attention_impl: the FPSA operator's implementation, checked here (before any weights load).
+    linear_quant: WanConfig.linear_quant for training ("fp8": QAT of the block linears, fake
+      quantized with straight-through gradients), checked here too; None keeps the model's
+      own.
     """
 
     workdir: Path
@@ -72,9 +76,15 @@ class RunSettings:
     attention_impl: Impl = "xla"
     mesh_shape: tuple[int, int, int] = (1, 1, 1)
     remat: str = "full"
+    linear_quant: str | None = None
 
     def __post_init__(self):
         check_impl(self.attention_impl)
+        if self.linear_quant not in (None, *LINEAR_QUANTS):
+            raise ValueError(
+                f"RunSettings.linear_quant must be None or one of {LINEAR_QUANTS}, got "
+                f"{self.linear_quant!r}"
+            )
 
 
 def _initial_params(settings: RunSettings) -> tuple[WanConfig, Any]:
@@ -86,7 +96,14 @@ def _initial_params(settings: RunSettings) -> tuple[WanConfig, Any]:
 
     path = Path(settings.init)
     if (path / "params").is_dir() and (path / "config.json").is_file():
-        return load_converted(path)
+        config, params = load_converted(path)
+        if is_quantized(params):
+            raise ValueError(
+                f"{path} holds FP8 block linears (converted with --linear_quant fp8); training "
+                "needs the float weights: convert without --linear_quant (QAT of the linears is "
+                "python -m train --linear_quant fp8)"
+            )
+        return config, params
     if is_demo_checkpoint(path):
         demo = load_demo(path)
         return demo.config, demo.params
@@ -197,6 +214,8 @@ def run(settings: RunSettings) -> dict[str, float]:
     workdir.mkdir(parents=True, exist_ok=True)
     config, params = _initial_params(settings)
     config = config.replace(remat=settings.remat)
+    if settings.linear_quant is not None:
+        config = config.replace(linear_quant=settings.linear_quant)
     train_config = settings.train_config
     state = init_train_state(config, train_config, params, jax.random.key(settings.seed))
     del params

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from fpsa_jax.config import WanConfig
 from train.checkpoints import Checkpoints
 
 # WanConfig fields that are compute choices, not a different model.
@@ -54,6 +55,21 @@ def differences(saved: dict, current: dict, ignore=frozenset()) -> list[str]:
     ]
 
 
+def _with_defaults(model: dict) -> dict:
+    """A saved model config with the WanConfig fields it predates at their defaults: a
+    checkpoint written before `linear_quant` existed was trained with "none"."""
+    defaults = {
+        f.name: f.default
+        for f in dataclasses.fields(WanConfig)
+        if f.default is not dataclasses.MISSING
+    }
+    return {**defaults, **model}
+
+
+def _differ(saved_model: dict, meta: dict, field: str) -> bool:
+    return _with_defaults(saved_model).get(field) != meta["model_config"].get(field)
+
+
 def _reason(error: BaseException) -> str:
     lines = str(error).strip().splitlines() or [""]
     text = f"{type(error).__name__}: {lines[0]}"
@@ -72,11 +88,13 @@ def resume(checkpoints: Checkpoints, template, meta: dict, workdir: Path) -> Res
         except Exception as e:  # orbax/tensorstore raise many types for damaged files
             failed.append((step, _reason(e)))
             continue
-        changed = differences(model, meta["model_config"], COMPUTE_FIELDS)
+        changed = differences(_with_defaults(model), meta["model_config"], COMPUTE_FIELDS)
         if changed:
+            quant = _differ(model, meta, "linear_quant")
+            flag = "--model and --linear_quant" if quant else "--model"
             raise ResumeError(
                 f"{workdir} holds checkpoints of another model (step {step} differs in "
-                f"{', '.join(changed)}): pass the --model it was trained with, or use a new "
+                f"{', '.join(changed)}): pass the {flag} it was trained with, or use a new "
                 "--workdir"
             )
         try:

@@ -28,7 +28,9 @@ class QuantizedTensor:
     """FP8 values with their float32 scales: x ~= values.astype(f32) * scales (broadcast).
 
     Attributes:
-      values: float8_e4m3fn, the layout's shape (e.g. [B, n_tiles, P, N, D] for "tiles").
+      values: E4M3 values, the layout's shape (e.g. [B, n_tiles, P, N, D] for "tiles"):
+        float8_e4m3fn, or float32 holding E4M3 values exactly where a consumer emulates FP8
+        (the emulated FP8 linears of `fpsa_jax.model.fp8_linear`).
       scales: float32, broadcastable against `values` ([B, n_tiles, 1, N, 1] for Q/K per tile
         group, [B, 1, N, D] for V per channel in token layout).
       layout: static description of `values` and `scales`, e.g. "tiles:group=(1,1,1)" or
@@ -74,12 +76,13 @@ def to_e4m3(x: jax.Array) -> jax.Array:
     return e4m3_round(x).astype(FP8)
 
 
-def _straight_through(x: jax.Array, x_hat: jax.Array) -> jax.Array:
-    # Forward: x_hat. Backward: identity (the straight-through estimator).
+def straight_through(x: jax.Array, x_hat: jax.Array) -> jax.Array:
+    """x_hat in the forward pass, the identity's gradient in the backward (the straight-through
+    estimator): how a quantized x_hat of x is seen by training."""
     return x + jax.lax.stop_gradient(x_hat - x)
 
 
-def _safe_scale(amax: jax.Array) -> jax.Array:
+def safe_scale(amax: jax.Array) -> jax.Array:
     """absmax / 448, with 1 where the block is all zero (so 0 / s stays 0, never NaN)."""
     return jnp.where(amax > 0, amax / E4M3_MAX, 1.0).astype(jnp.float32)
 
@@ -105,7 +108,7 @@ def tile_group_scales(x: jax.Array, valid: np.ndarray, tiles: Int3, group: Int3)
     ct, ch, cw = math.ceil(nt / gt), math.ceil(nh / gh), math.ceil(nw / gw)
     amax = jnp.pad(amax, ((0, 0), (0, ct * gt - nt), (0, ch * gh - nh), (0, cw * gw - nw), (0, 0)))
     amax = amax.reshape(b, ct, gt, ch, gh, cw, gw, n_heads).max(axis=(2, 4, 6))
-    scales = _safe_scale(amax)  # [B, ct, ch, cw, N]
+    scales = safe_scale(amax)  # [B, ct, ch, cw, N]
     # Back to one scale per tile: tile u belongs to group u // g on each axis.
     it, ih, iw = (np.arange(na) // ga for na, ga in zip(tiles, group, strict=True))
     scales = scales[:, it][:, :, ih][:, :, :, iw]  # [B, nt, nh, nw, N]
@@ -121,7 +124,7 @@ def quantize_tiles(x: jax.Array, valid: np.ndarray, tiles: Int3, group: Int3) ->
 
 def channel_scales(x: jax.Array) -> jax.Array:
     """V in token layout [B, L, N, D] -> float32 [B, 1, N, D], one per (batch, head, channel)."""
-    return _safe_scale(jnp.abs(x.astype(jnp.float32)).max(axis=1, keepdims=True))
+    return safe_scale(jnp.abs(x.astype(jnp.float32)).max(axis=1, keepdims=True))
 
 
 def quantize_channels(x: jax.Array) -> QuantizedTensor:
@@ -134,17 +137,17 @@ def quantize_channels(x: jax.Array) -> QuantizedTensor:
 def fake_quant_tiles(x: jax.Array, valid: np.ndarray, tiles: Int3, group: Int3) -> jax.Array:
     """Dequantized Q or K (float32, tile layout) with a straight-through gradient."""
     x_hat = quantize_tiles(x, valid, tiles, group).dequantize()
-    return _straight_through(x.astype(jnp.float32), x_hat)
+    return straight_through(x.astype(jnp.float32), x_hat)
 
 
 def fake_quant_channels(x: jax.Array) -> jax.Array:
     """Dequantized V (float32, token layout [B, L, N, D]) with a straight-through gradient."""
-    return _straight_through(x.astype(jnp.float32), quantize_channels(x).dequantize())
+    return straight_through(x.astype(jnp.float32), quantize_channels(x).dequantize())
 
 
 def fake_quant_p(p: jax.Array, scale: float) -> jax.Array:
     """p_hat = e4m3(p * scale) / scale for p in [0, 1], straight-through gradient."""
-    return _straight_through(p, e4m3_round(p * scale) / scale)
+    return straight_through(p, e4m3_round(p * scale) / scale)
 
 
 def fake_quant_channels_tiles(x: jax.Array, valid: np.ndarray) -> jax.Array:
@@ -156,7 +159,7 @@ def fake_quant_channels_tiles(x: jax.Array, valid: np.ndarray) -> jax.Array:
     xf = x.astype(jnp.float32)
     mask = jnp.asarray(valid)[None, :, :, None, None]
     amax = jnp.where(mask, jnp.abs(xf), 0).max(axis=(1, 2), keepdims=True)  # [B, 1, 1, N, D]
-    scales = jax.lax.stop_gradient(_safe_scale(amax))
+    scales = jax.lax.stop_gradient(safe_scale(amax))
     values = to_e4m3(xf / scales)
     x_hat = QuantizedTensor(values, scales, layout="tiles:channel").dequantize()
-    return _straight_through(xf, x_hat)
+    return straight_through(xf, x_hat)

@@ -13,6 +13,7 @@ from fpsa_jax.convert.t2v import (
     check_t2v_directory,
     find_model_files,
     load_t2v_weights,
+    with_fp8_linears,
 )
 
 __all__ = [
@@ -25,4 +26,5 @@ __all__ = [
     "load_t2v_weights",
     "load_wan_checkpoint",
     "save_converted",
+    "with_fp8_linears",
 ]

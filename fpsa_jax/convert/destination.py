@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -99,7 +100,23 @@ def prepare_destination(
     return dst, removed
 
 
-def converted_size(reader, dtype) -> int:
-    """Bytes the tensors of `reader` (a `sources.TensorReader`) take in `dtype`."""
+# The torch names of the block linears' weights (`fp8_linear.BLOCK_LINEARS`) in both layouts.
+_BLOCK_LINEAR_WEIGHT = re.compile(
+    r"blocks\.\d+\.((self_attn|cross_attn)\.[qkvo]|ffn\.[02]"
+    r"|attn[12]\.to_(q|k|v|out\.0)|ffn\.net\.(0\.proj|2))\.weight"
+)
+
+
+def converted_size(reader, dtype, linear_quant: str = "none") -> int:
+    """Bytes the tensors of `reader` (a `sources.TensorReader`) take in `dtype`; with
+    `linear_quant` "fp8" the block linears' weights take one byte per value plus a float32
+    scale per output channel."""
     itemsize = jnp.dtype(dtype).itemsize
-    return sum(math.prod(reader.shape(name)) for name in reader) * itemsize
+    total = 0
+    for name in reader:
+        shape = reader.shape(name)
+        if linear_quant == "fp8" and _BLOCK_LINEAR_WEIGHT.fullmatch(name):
+            total += math.prod(shape) + 4 * shape[0]  # torch weights are [out, in]
+        else:
+            total += math.prod(shape) * itemsize
+    return total

@@ -2,7 +2,9 @@
 
 Layout of a converted directory DST:
   DST/config.json   WanConfig.to_json()
-  DST/params/       orbax StandardCheckpointer checkpoint of the parameter tree
+  DST/params/       orbax StandardCheckpointer checkpoint of the parameter tree; with the config's
+                    linear_quant "fp8" its block linears are FP8 kernels + float32 kernel_scale
+                    (`fpsa_jax.model.fp8_linear.quantize_linear_weights`), half the bytes of bf16
 Writes go to a hidden sibling temp directory that is renamed into place at the end, so DST is
 either absent, the old directory, or complete; never half-written. What may be written and
 replaced, and the cleanup after killed conversions: `fpsa_jax.convert.destination`.
@@ -27,6 +29,7 @@ from fpsa_jax.convert.destination import (
     clean_destination,
 )
 from fpsa_jax.convert.errors import CheckpointError, CheckpointNotFoundError
+from fpsa_jax.model.fp8_linear import BLOCK_LINEARS, FP8, is_quantized
 from fpsa_jax.outputs import sibling_temp
 
 
@@ -98,6 +101,28 @@ def _check_tree(config: WanConfig, params: dict[str, Any]) -> None:
         tuple(k.key for k in path): tuple(leaf.shape)
         for path, leaf in jax.tree_util.tree_leaves_with_path(params)
     }
+    quantized = is_quantized(params)
+    if quantized != (config.linear_quant == "fp8"):
+        held = "FP8 block linears (kernel_scale leaves)" if quantized else "float block linears"
+        raise CheckpointError(
+            f"params hold {held} but the config has linear_quant={config.linear_quant!r}; a "
+            "converted checkpoint with FP8 linears is written by `python -m fpsa_jax.convert "
+            "--linear_quant fp8` and read with its own config.json"
+        )
+    fp8_leaves = {
+        tuple(k.key for k in path)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+        if leaf.dtype == FP8
+    }
+    fp8_expected = (
+        {("blocks", *linear, "kernel") for linear in BLOCK_LINEARS} if quantized else set()
+    )
+    if fp8_leaves != fp8_expected:
+        wrong = sorted(".".join(p) for p in fp8_leaves ^ fp8_expected)
+        raise CheckpointError(
+            f"FP8 (float8_e4m3fn) leaves must be exactly the block linears' kernels of a "
+            f"linear_quant='fp8' tree; these are not: {wrong[:10]}"
+        )
     if found != expected:
         diff = sorted(".".join(p) for p in expected.keys() ^ found.keys())
         wrong = sorted(

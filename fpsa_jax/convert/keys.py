@@ -14,6 +14,7 @@ import numpy as np
 
 from fpsa_jax.config import WanConfig
 from fpsa_jax.convert.errors import CheckpointError
+from fpsa_jax.model.fp8_linear import BLOCK_LINEARS
 
 Layout = Literal["original", "diffusers"]
 Transform = Literal["copy", "linear", "conv3d", "squeeze0"]
@@ -158,7 +159,11 @@ def expected_keys(cfg: WanConfig) -> dict[str, Entry]:
 
 
 def param_shapes(cfg: WanConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
-    """Our tree path -> leaf shape; `blocks` leaves carry the leading [num_layers] axis."""
+    """Our tree path -> leaf shape; `blocks` leaves carry the leading [num_layers] axis.
+
+    With `cfg.linear_quant == "fp8"` the block linears also carry their `kernel_scale`
+    [num_layers, N] (`fpsa_jax.model.fp8_linear.quantize_linear_weights`).
+    """
     shapes = {e.path: _flax_shape(e) for e in top_level_entries(cfg).values()}
     shapes.update(
         {
@@ -166,6 +171,10 @@ def param_shapes(cfg: WanConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
             for e in block_entries(cfg).values()
         }
     )
+    if cfg.linear_quant == "fp8":
+        for linear in BLOCK_LINEARS:
+            kernel = shapes[("blocks", *linear, "kernel")]
+            shapes[("blocks", *linear, "kernel_scale")] = (kernel[0], kernel[2])
     return shapes
 
 

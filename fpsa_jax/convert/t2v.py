@@ -2,7 +2,8 @@
 
 Finds the DiT, VAE, UMT5 encoder and tokenizer in the original layout or the diffusers one and
 loads each with its converter; `fpsa_jax.pipeline` runs text to video on the result, and
-`fpsa_jax.data.encoders` precomputes training records with it.
+`fpsa_jax.data.encoders` precomputes training records with it. `with_fp8_linears` quantizes the
+DiT's block linears of loaded weights once (`WanConfig.linear_quant="fp8"`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from fpsa_jax.convert.checkpoint import load_wan_checkpoint
 from fpsa_jax.convert.torch_io import needs_torch
 from fpsa_jax.convert.umt5 import load_umt5
 from fpsa_jax.convert.vae import load_wan_vae
+from fpsa_jax.model.fp8_linear import quantize_linear_weights
 from fpsa_jax.model.umt5 import TOKENIZER_FILE, Tokenizer, UMT5Config
 from fpsa_jax.model.vae import WanVAEConfig
 
@@ -36,6 +38,16 @@ class T2VWeights:
     text_config: UMT5Config | None = None
     text_params: Any = None
     tokenizer: Tokenizer | None = None
+
+
+def with_fp8_linears(weights: T2VWeights) -> T2VWeights:
+    """`weights` whose DiT runs its block linears in FP8 (`WanConfig.linear_quant="fp8"`), the
+    weights quantized once here (`fpsa_jax.model.fp8_linear.quantize_linear_weights`)."""
+    return dataclasses.replace(
+        weights,
+        dit_config=weights.dit_config.replace(linear_quant="fp8"),
+        dit_params=quantize_linear_weights(weights.dit_params),
+    )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,6 +21,7 @@ import numpy as np
 from fpsa_jax.attention import Impl, StepSchedule
 from fpsa_jax.demo import task
 from fpsa_jax.demo.checkpoint import DemoCheckpoint
+from fpsa_jax.model.fp8_linear import Fp8LinearImpl, quantize_linear_weights
 from fpsa_jax.sampling import sample, wan_model_fn
 
 
@@ -42,6 +43,7 @@ def generate(
     attention_impl: Impl = "xla",
     model_fn: Callable[..., jax.Array] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    linear_impl: Fp8LinearImpl = "cublaslt",
 ) -> np.ndarray:
     """Videos float32 [B, F, H, W, 3] in [-1, 1] for `captions` (B) from the noise of `seeds` (B).
 
@@ -49,7 +51,9 @@ def generate(
     (the one it was trained for). guide_scale, num_steps, shift: None takes the checkpoint's
     sampling settings. The model runs in checkpoint.config.dtype (bfloat16 for the demo preset).
     model_fn overrides the model function (see `fpsa_jax.sampling.sample`), e.g. to trace
-    attention errors.
+    attention errors. A checkpoint whose config has linear_quant "fp8" (`with_linear_quant`) runs
+    FP8 block linears (quantized once per call, `params_as`) computed by `linear_impl`
+    ("cublaslt" needs FP8 tensor cores, "emulated" runs anywhere).
     """
     if len(captions) != len(seeds) or not captions:
         raise ValueError(
@@ -61,6 +65,7 @@ def generate(
         params_as(checkpoint),
         attention_impl,
         condition=task.model_condition(checkpoint.config),
+        linear_impl=linear_impl,
     )
     context = jnp.asarray(task.encode_captions(list(captions)))
     null = jnp.zeros((1, 1, context.shape[-1]), context.dtype)
@@ -80,8 +85,18 @@ def generate(
 
 
 def params_as(checkpoint: DemoCheckpoint) -> Any:
-    """The checkpoint's parameters as jax arrays (float32 masters; layers cast at use)."""
-    return jax.tree.map(jnp.asarray, checkpoint.params)
+    """The checkpoint's parameters as jax arrays (float32 masters; layers cast at use), the block
+    linears quantized once when its config has linear_quant "fp8"."""
+    params = jax.tree.map(jnp.asarray, checkpoint.params)
+    if checkpoint.config.linear_quant == "fp8":
+        params = quantize_linear_weights(params)
+    return params
+
+
+def with_linear_quant(checkpoint: DemoCheckpoint, linear_quant: str) -> DemoCheckpoint:
+    """`checkpoint` whose model runs its block linears as `linear_quant` ("none" | "fp8")."""
+    config = checkpoint.config.replace(linear_quant=linear_quant)
+    return dataclasses.replace(checkpoint, config=config)
 
 
 def with_attention(schedule: StepSchedule, **changes: Any) -> StepSchedule:

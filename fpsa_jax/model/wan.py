@@ -12,6 +12,10 @@ sequence-parallel (Ulysses), otherwise it is exactly `fpsa_attention`. Parameter
 axis names ('embed', 'heads', 'mlp', 'layers', ...) and activations logical constraints, so a mesh
 can shard them; both are no-ops without one. The blocks run under `nn.scan` (parameters stacked on
 a leading 'layers' axis) with the remat policy of `config.remat`.
+
+With `config.linear_quant == "fp8"` the block linears (`fp8_linear.BLOCK_LINEARS`) are `Fp8Dense`
+computed by `linear_impl`; their kernels are float (quantized at every call, as training needs) or
+FP8 with a `kernel_scale` (`fp8_linear.quantize_linear_weights`, at load).
 """
 
 from __future__ import annotations
@@ -26,6 +30,12 @@ import jax.numpy as jnp
 from fpsa_jax.attention import FPSAConfig, Impl
 from fpsa_jax.config import WanConfig
 from fpsa_jax.model.embeddings import apply_rope, fit_text_length, rope_tables, sinusoidal_embedding
+from fpsa_jax.model.fp8_linear import (
+    Fp8Dense,
+    Fp8LinearImpl,
+    is_quantized,
+    quantized_logical_axes,
+)
 from fpsa_jax.parallel import ulysses_attention
 
 Array = jax.Array
@@ -60,6 +70,16 @@ def _dense(
         kernel_init=nn.with_logical_partitioning(init, axes),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes[1],)),
     )
+
+
+def _block_dense(
+    cfg: WanConfig, features: int, axes: tuple[str, str], linear_impl: Fp8LinearImpl, name: str
+) -> nn.Module:
+    """A block linear: FP8 under `cfg.linear_quant == "fp8"`, else nn.Dense in cfg.dtype."""
+    dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    if cfg.linear_quant == "fp8":
+        return Fp8Dense(features, axes, dt, pdt, linear_impl, name=name)
+    return _dense(features, axes, dt, pdt, name)
 
 
 def layer_norm(x: Array, eps: float) -> Array:
@@ -125,6 +145,7 @@ class Attention(nn.Module):
     grid: tuple[int, int, int] | None = None
     attention: FPSAConfig | None = None
     attention_impl: Impl = "auto"
+    linear_impl: Fp8LinearImpl = "cublaslt"
 
     @nn.compact
     def __call__(self, x: Array, context: Array | None = None) -> Array:
@@ -133,9 +154,10 @@ class Attention(nn.Module):
         dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         n, d = cfg.num_heads, cfg.head_dim
         kv_input = x if context is None else context
-        q = _dense(cfg.dim, ("embed", "heads"), dt, pdt, "q")(x)
-        k = _dense(cfg.dim, ("embed", "heads"), dt, pdt, "k")(kv_input)
-        v = _dense(cfg.dim, ("embed", "heads"), dt, pdt, "v")(kv_input)
+        axes = ("embed", "heads")
+        q = _block_dense(cfg, cfg.dim, axes, self.linear_impl, "q")(x)
+        k = _block_dense(cfg, cfg.dim, axes, self.linear_impl, "k")(kv_input)
+        v = _block_dense(cfg, cfg.dim, axes, self.linear_impl, "v")(kv_input)
         if cfg.qk_norm:
             q = RMSNorm(cfg.eps, pdt, name="norm_q")(q)
             k = RMSNorm(cfg.eps, pdt, name="norm_k")(k)
@@ -166,21 +188,23 @@ class Attention(nn.Module):
             probs = jax.nn.softmax(logits, axis=-1).astype(dt)
             out = jnp.einsum("bnlk,bknd->blnd", probs, v.astype(dt), precision=precision)
         out = nn.with_logical_constraint(out.astype(dt), ("batch", "length", "heads", "kv"))
-        return _dense(cfg.dim, ("heads", "embed"), dt, pdt, "o")(out.reshape(b, -1, n * d))
+        o = _block_dense(cfg, cfg.dim, ("heads", "embed"), self.linear_impl, "o")
+        return o(out.reshape(b, -1, n * d))
 
 
 class FeedForward(nn.Module):
     """Linear(dim, ffn_dim), GELU (tanh), Linear(ffn_dim, dim); [B, L, dim] -> [B, L, dim]."""
 
     config: WanConfig
+    linear_impl: Fp8LinearImpl = "cublaslt"
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         cfg = self.config
-        dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-        y = _dense(cfg.ffn_dim, ("embed", "mlp"), dt, pdt, "fc1")(x)
+        y = _block_dense(cfg, cfg.ffn_dim, ("embed", "mlp"), self.linear_impl, "fc1")(x)
         y = nn.with_logical_constraint(y, ("batch", "length", "mlp"))
-        return _dense(cfg.dim, ("mlp", "embed"), dt, pdt, "fc2")(nn.gelu(y, approximate=True))
+        fc2 = _block_dense(cfg, cfg.dim, ("mlp", "embed"), self.linear_impl, "fc2")
+        return fc2(nn.gelu(y, approximate=True))
 
 
 class WanBlock(nn.Module):
@@ -190,6 +214,7 @@ class WanBlock(nn.Module):
     grid: tuple[int, int, int]
     attention: FPSAConfig | None = None
     attention_impl: Impl = "auto"
+    linear_impl: Fp8LinearImpl = "cublaslt"
 
     @nn.compact
     def __call__(self, x: Array, e0: Array, context: Array) -> tuple[Array, None]:
@@ -208,14 +233,15 @@ class WanBlock(nn.Module):
         )
 
         h = layer_norm(x, cfg.eps) * (1 + scale_sa) + shift_sa
-        y = Attention(cfg, self.grid, self.attention, self.attention_impl, name="self_attn")(h)
+        lin = self.linear_impl
+        y = Attention(cfg, self.grid, self.attention, self.attention_impl, lin, name="self_attn")(h)
         x = x + y.astype(_F32) * gate_sa
 
         h = AffineLayerNorm(cfg.eps, pdt, name="cross_attn_norm")(x) if cfg.cross_attn_norm else x
-        x = x + Attention(cfg, name="cross_attn")(h, context).astype(_F32)
+        x = x + Attention(cfg, linear_impl=lin, name="cross_attn")(h, context).astype(_F32)
 
         h = layer_norm(x, cfg.eps) * (1 + scale_ff) + shift_ff
-        x = x + FeedForward(cfg, name="ffn")(h).astype(_F32) * gate_ff
+        x = x + FeedForward(cfg, lin, name="ffn")(h).astype(_F32) * gate_ff
         return nn.with_logical_constraint(x, ("batch", "length", "embed")), None
 
 
@@ -226,11 +252,14 @@ class WanModel(nn.Module):
     attention=FPSAConfig | None, condition=None, deterministic=True) -> [B, F, H, W, out_dim]
     float32. condition [B or 1, F, H, W, in_dim - C] is Wan I2V's `y`: channels concatenated to
     the noisy latents before the patch embedding, never noised (None: C = in_dim).
-    `attention_impl` picks the FPSA operator's implementation (see fpsa_jax.attention).
+    `attention_impl` picks the FPSA operator's implementation (see fpsa_jax.attention);
+    `linear_impl` the FP8 linears' under `config.linear_quant == "fp8"` ("cublaslt" needs FP8
+    tensor cores, "emulated" runs anywhere; see fpsa_jax.model.fp8_linear).
     """
 
     config: WanConfig
     attention_impl: Impl = "auto"
+    linear_impl: Fp8LinearImpl = "cublaslt"
 
     @nn.compact
     def __call__(
@@ -244,6 +273,8 @@ class WanModel(nn.Module):
     ) -> Array:
         del deterministic  # Wan has no dropout; kept for the familiar Flax signature.
         cfg = self.config
+        if not self.is_initializing():
+            _check_linear_params(cfg, self.variables.get("params", {}))
         dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         latents = _with_condition(latents, condition)
         b, f, h, w, _ = _check_inputs(cfg, latents, timesteps, context)
@@ -272,7 +303,8 @@ class WanModel(nn.Module):
             cfg.dim, gelu, dt, pdt, (None, "embed"), normal, name="text_embedding"
         )(context)
 
-        x = _scanned_blocks(cfg, grid, attention, self.attention_impl)(x, e0, context)[0]
+        blocks = _scanned_blocks(cfg, grid, attention, self.attention_impl, self.linear_impl)
+        x = blocks(x, e0, context)[0]
         x = Head(cfg, name="head")(x, e)
 
         # Unpatchify: the head's channels are ordered (pt, ph, pw, C), C fastest.
@@ -332,7 +364,11 @@ class Head(nn.Module):
 
 
 def _scanned_blocks(
-    cfg: WanConfig, grid: tuple[int, int, int], attention: FPSAConfig | None, attention_impl: Impl
+    cfg: WanConfig,
+    grid: tuple[int, int, int],
+    attention: FPSAConfig | None,
+    attention_impl: Impl,
+    linear_impl: Fp8LinearImpl,
 ) -> nn.Module:
     block = WanBlock
     if cfg.remat != "none":
@@ -346,7 +382,7 @@ def _scanned_blocks(
         length=cfg.num_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )
-    return scanned(cfg, grid, attention, attention_impl, name="blocks")
+    return scanned(cfg, grid, attention, attention_impl, linear_impl, name="blocks")
 
 
 def _with_condition(latents: Array, condition: Array | None) -> Array:
@@ -406,15 +442,31 @@ def init_params(config: WanConfig, rng: Array, latent_shape: tuple[int, ...] | N
     parameter shapes do not depend on it.
     """
     latents, timesteps, context = _dummy_inputs(config, latent_shape)
-    variables = WanModel(config).init(rng, latents, timesteps, context)
+    # Parameters never depend on the FP8 impl; "emulated" initialises on any backend.
+    variables = WanModel(config, linear_impl="emulated").init(rng, latents, timesteps, context)
     return nn.meta.unbox(variables["params"])
 
 
-def param_logical_axes(config: WanConfig):
-    """The logical axis names of every parameter, a pytree of `jax.sharding.PartitionSpec`."""
+def param_logical_axes(config: WanConfig, quantized: bool = False):
+    """The logical axis names of every parameter, a pytree of `jax.sharding.PartitionSpec`.
+
+    quantized: the tree of `quantize_linear_weights` (each block linear's `kernel_scale` [layers,
+    N] named like its kernel's output axis), so FP8 weights shard like the float ones.
+    """
     latents, timesteps, context = _dummy_inputs(config, None)
-    abstract = jax.eval_shape(WanModel(config).init, jax.random.key(0), latents, timesteps, context)
-    return nn.get_partition_spec(abstract["params"])
+    model = WanModel(config, linear_impl="emulated")
+    abstract = jax.eval_shape(model.init, jax.random.key(0), latents, timesteps, context)
+    specs = nn.get_partition_spec(abstract["params"])
+    return quantized_logical_axes(specs) if quantized else specs
+
+
+def _check_linear_params(cfg: WanConfig, params: Any) -> None:
+    if cfg.linear_quant != "fp8" and is_quantized(params):
+        raise ValueError(
+            "params hold FP8 block linears (kernel_scale leaves, from quantize_linear_weights or "
+            "`python -m fpsa_jax.convert --linear_quant fp8`) but config.linear_quant is "
+            f"{cfg.linear_quant!r}; use the config they were quantized for (linear_quant='fp8')"
+        )
 
 
 def _dummy_inputs(config: WanConfig, latent_shape: tuple[int, ...] | None):

@@ -39,6 +39,8 @@ from jax.tree_util import Partial
 
 from fpsa_jax.attention import FPSAConfig, Impl, StepSchedule, check_impl
 from fpsa_jax.config import WanConfig
+from fpsa_jax.model import fp8_linear
+from fpsa_jax.model.fp8_linear import Fp8LinearImpl
 from fpsa_jax.model.wan import WanModel
 from fpsa_jax.sampling.euler import euler_init, euler_step, euler_tables
 from fpsa_jax.sampling.schedule import flow_schedule
@@ -98,9 +100,12 @@ class _WanApply:
     config: WanConfig
     attention_impl: Impl
     interceptor: Interceptor | None = None
+    linear_impl: Fp8LinearImpl = "cublaslt"
 
     def __call__(self, params, condition, latents, timesteps, context, attention):
-        model = WanModel(self.config, attention_impl=self.attention_impl)
+        model = WanModel(
+            self.config, attention_impl=self.attention_impl, linear_impl=self.linear_impl
+        )
         apply = functools.partial(
             model.apply,
             {"params": params},
@@ -123,18 +128,25 @@ def wan_model_fn(
     attention_impl: Impl = "auto",
     condition: Any = None,
     interceptor: Interceptor | None = None,
+    linear_impl: Fp8LinearImpl = "cublaslt",
 ) -> Partial:
     """A `model_fn` for `sample` that runs `WanModel(config)` with `params` (and the model's
     `condition` channels [1, F, H, W, C'], if any, shared by every sample) as traced arguments.
 
     attention_impl is checked here (`fpsa_jax.attention.check_impl`): an unknown name raises
-    ValueError listing the valid ones before anything is traced. `interceptor`, a Flax method
-    interceptor, wraps every module method call of each model call (e.g. to measure a layer, as
-    `fpsa_jax.demo.attention_trace` does); under it the "intermediates" collection is mutable, so
-    modules may sow into it and the interceptor read the result when `WanModel.__call__` returns
-    (the collection is dropped after each call).
+    ValueError listing the valid ones before anything is traced. So is `linear_impl`, the impl of
+    the FP8 linears of a `linear_quant="fp8"` config (`fpsa_jax.model.fp8_linear.check_impl`),
+    and for such a config whether it runs on this backend (`check_backend`: "cublaslt" needs FP8
+    tensor cores). `interceptor`, a Flax method interceptor, wraps every module method call of
+    each model call (e.g. to measure a layer, as `fpsa_jax.demo.attention_trace` does); under it
+    the "intermediates" collection is mutable, so modules may sow into it and the interceptor read
+    the result when `WanModel.__call__` returns (the collection is dropped after each call).
     """
-    return Partial(_WanApply(config, check_impl(attention_impl), interceptor), params, condition)
+    linear_impl = fp8_linear.check_impl(linear_impl)
+    if config.linear_quant == "fp8":
+        fp8_linear.check_backend(linear_impl)
+    apply = _WanApply(config, check_impl(attention_impl), interceptor, linear_impl)
+    return Partial(apply, params, condition)
 
 
 # Progress hooks of the runs in flight, by run id (a traced int32, so hooks never recompile).

@@ -3,7 +3,10 @@
 The FPSA operator of the step is static (`attention`): the app draws a batch's phase, sigmas and
 operator with `sample_phase` and calls the train step compiled for that operator, one compilation
 per phase. FP8 quantization passes gradients straight through and sparsity masks them exactly:
-both come from the operator (impl "xla" is differentiable).
+both come from the operator (impl "xla" is differentiable). With `model_config.linear_quant ==
+"fp8"` the block linears are fake-quantized the same way (`fpsa_jax.model.fp8_linear`, impl
+"emulated": E4M3 values forward, the identity's gradient backward), from the float masters at
+every step.
 
 Batch (a dict):
   latents       [B, F, H, W, C] float32 clean latents x0 (C = out_dim)
@@ -86,7 +89,11 @@ def batch_loss(
     dtype = jnp.dtype(train_config.compute_dtype)
     if train_config.cast_params:
         params = jax.tree.map(lambda p: p.astype(dtype), params)
-    model = WanModel(model_config.replace(dtype=train_config.compute_dtype), attention_impl=impl)
+    model = WanModel(
+        model_config.replace(dtype=train_config.compute_dtype),
+        attention_impl=impl,
+        linear_impl="emulated",  # fake quantization with straight-through gradients
+    )
     pred = model.apply(
         {"params": params},
         add_noise(x0, noise, sigmas),

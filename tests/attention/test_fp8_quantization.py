@@ -20,6 +20,8 @@ from fpsa_jax.attention.quant import (
     fake_quant_tiles,
     quantize_channels,
     quantize_tiles,
+    safe_scale,
+    straight_through,
 )
 from fpsa_jax.attention.tiling import slot_valid, tile_grid, to_tiles
 
@@ -145,6 +147,22 @@ def test_e4m3_round_equals_the_cast_on_every_value_and_tie():
     x = _every_e4m3_value_midpoint_and_neighbour()
     got = np.asarray(jax.jit(e4m3_round)(x))
     np.testing.assert_array_equal(got, numpy_e4m3(x).astype(np.float32))
+
+
+def test_safe_scale_is_absmax_over_448_and_one_for_an_all_zero_block():
+    amax = np.array([0.0, 448.0, 1.0, 3e-5], np.float32)
+    want = np.where(amax > 0, amax / np.float32(448), 1).astype(np.float32)
+    got = safe_scale(jnp.asarray(amax))
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), want, rtol=2**-23)
+
+
+def test_straight_through_is_x_hat_forward_and_the_identity_backward():
+    x = jnp.array([0.3, -1.7, 2.2])
+    x_hat = jnp.round(x)
+    np.testing.assert_array_equal(straight_through(x, x_hat), x_hat)
+    grad = jax.grad(lambda x: jnp.sum(straight_through(x, jnp.round(x)) * jnp.arange(3.0)))(x)
+    np.testing.assert_array_equal(grad, [0.0, 1.0, 2.0])
 
 
 @pytest.mark.gpu

@@ -10,14 +10,17 @@ import signal
 import subprocess
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import pytest
 
 from fpsa_jax.convert import load_converted, load_wan_checkpoint, save_converted
-from fpsa_jax.convert.destination import check_apart, clean_destination
+from fpsa_jax.convert.destination import check_apart, clean_destination, converted_size
+from fpsa_jax.model.fp8_linear import quantize_linear_weights
 from fpsa_jax.outputs import OutputError, sibling_temp
 from tests.convert.helpers import write_safetensors
 from tests.convert.test_export import _cli
+from tests.convert.wan_state import to_diffusers_keys
 from tests.runtime_env import run_module
 from tests.test_outputs import _dead_pid, _temp_of
 
@@ -132,6 +135,27 @@ def test_a_destination_without_room_for_the_converted_tensors_is_refused(
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: --dst needs {size} bytes but the filesystem of {tmp_path} has 1000 bytes free"
     )
+
+
+class _Shapes(dict):
+    """A `sources.TensorReader` of shapes only: name -> array."""
+
+    def shape(self, name):
+        return self[name].shape
+
+
+@pytest.mark.parametrize("layout", ["original", "diffusers"])
+def test_the_room_checked_for_fp8_is_what_an_fp8_conversion_writes(tmp_path, state, layout):
+    """--linear_quant fp8 writes one byte per block-linear weight (+ a float32 scale per output
+    channel): the free-space check asks for that, not for the bf16 size."""
+    config, params = load_wan_checkpoint(
+        write_safetensors(tmp_path / "m.safetensors", state), jnp.bfloat16, num_heads=2
+    )
+    written = sum(x.nbytes for x in jax.tree.leaves(quantize_linear_weights(params)))
+    names = state if layout == "original" else to_diffusers_keys(state)
+    assert converted_size(_Shapes(names), jnp.bfloat16, "fp8") == written
+    bf16 = sum(x.nbytes for x in jax.tree.leaves(params))
+    assert converted_size(_Shapes(names), jnp.bfloat16) == bf16 > written
 
 
 def test_the_next_run_removes_temp_folders_of_killed_conversions(tmp_path, model_dir, monkeypatch):

@@ -125,7 +125,7 @@ def test_cli_round_trip_matches_load_wan_checkpoint(tmp_path, converted):
 
 def test_cli_help_explains_every_flag():
     result = _cli("--help")  # absl exits 1 after printing the help
-    for flag in ("--src", "--dst", "--dtype", "--num_heads", "--[no]overwrite"):
+    for flag in ("--src", "--dst", "--dtype", "--num_heads", "--linear_quant", "--[no]overwrite"):
         assert flag in result.stdout
 
 
@@ -133,3 +133,59 @@ def test_cli_rejects_positional_arguments(tmp_path, converted):
     result = _cli("--src", str(converted[0]), "--dst", str(tmp_path / "out"), "stray")
     assert result.returncode != 0 and "unexpected arguments: ['stray']" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+# -- FP8 block linears (--linear_quant fp8) ---------------------------------------------------
+
+
+def _forward(config, params, linear_impl="emulated"):
+    import numpy as np
+
+    from fpsa_jax.model.wan import WanModel
+
+    rng = np.random.default_rng(0)
+    latents = rng.standard_normal((1, 2, 4, 4, config.in_dim)).astype(np.float32)
+    context = rng.standard_normal((1, 3, config.text_dim)).astype(np.float32)
+    model = WanModel(config, linear_impl=linear_impl)
+    return model.apply({"params": params}, latents, np.array([500.0], np.float32), context)
+
+
+def test_cli_fp8_checkpoint_halves_the_linears_and_equals_quantizing_at_load(tmp_path, converted):
+    import numpy as np
+
+    from fpsa_jax.model.fp8_linear import FP8, quantize_linear_weights
+
+    src, config, params = converted
+    result = _cli(
+        "--src", str(src), "--dst", str(tmp_path / "fp8"), "--num_heads", "2",
+        "--linear_quant", "fp8",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "FP8 block linears + float32 scales" in result.stdout
+    config_back, params_back = load_converted(tmp_path / "fp8")
+    assert config_back == config.replace(linear_quant="fp8")
+    kernel = params_back["blocks"]["ffn"]["fc1"]["kernel"]
+    assert kernel.dtype == FP8
+    assert kernel.nbytes * 2 == params["blocks"]["ffn"]["fc1"]["kernel"].nbytes
+    at_load = quantize_linear_weights(params)
+    assert_tree_equal(params_back, at_load)
+    np.testing.assert_array_equal(
+        _forward(config_back, params_back), _forward(config_back, at_load)
+    )
+
+
+def test_fp8_params_and_a_config_that_does_not_expect_them_are_refused(tmp_path, converted):
+    from fpsa_jax.model.fp8_linear import quantize_linear_weights
+
+    _, config, params = converted
+    quantized = quantize_linear_weights(params)
+    with pytest.raises(CheckpointError, match="hold FP8 block linears .*linear_quant='none'"):
+        save_converted(tmp_path / "a", config, quantized)
+    with pytest.raises(CheckpointError, match="hold float block linears .*linear_quant='fp8'"):
+        save_converted(tmp_path / "b", config.replace(linear_quant="fp8"), params)
+    # A config.json edited after the conversion is caught on load.
+    save_converted(tmp_path / "c", config.replace(linear_quant="fp8"), quantized)
+    config.save(tmp_path / "c" / "config.json")
+    with pytest.raises(CheckpointError, match="hold FP8 block linears .*linear_quant='none'"):
+        load_converted(tmp_path / "c")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -100,3 +100,17 @@ def test_trace_of_an_operator_equal_to_dense_reports_no_error(checkpoint):
     generate(checkpoint, CAPTIONS[:1], [0], num_steps=2, schedule=same, model_fn=fn)
     errors = log.per_step(2, SMALL.num_layers)
     assert (errors.rel_l2 < 1e-2).all() and (errors.cosine > 0.9999).all()
+
+
+def test_fp8_linears_change_the_video_a_little_and_name_the_backend_on_cpu(checkpoint):
+    from fpsa_jax.demo.generate import with_linear_quant
+    from fpsa_jax.model.fp8_linear import FP8
+
+    fp8 = with_linear_quant(checkpoint, "fp8")
+    assert params_as(fp8)["blocks"]["ffn"]["fc1"]["kernel"].dtype == FP8  # quantized once
+    dense = generate(checkpoint, CAPTIONS[:1], [0], num_steps=2, schedule=None)
+    video = generate(fp8, CAPTIONS[:1], [0], num_steps=2, schedule=None, linear_impl="emulated")
+    assert np.isfinite(video).all() and not np.array_equal(video, dense)
+    assert np.abs(video - dense).mean() < 0.05 * np.abs(dense).mean()
+    with pytest.raises(ValueError, match="the backend is cpu"):
+        generate(fp8, CAPTIONS[:1], [0], num_steps=2, schedule=None)

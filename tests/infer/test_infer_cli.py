@@ -81,6 +81,9 @@ def test_dense_run_with_flags_writes_video_and_array(tmp_path):
             ["--attention_impl=nonsense", "--ckpt_dir=/does/not/exist"],
             f"value should be one of <{'|'.join(IMPLS)}>",
         ),
+        (["--linear_quant=int8"], "value should be one of <none|fp8>"),
+        (["--linear_quant=fp8"], "--linear_quant fp8: FP8 linears (impl 'cublaslt') need"),
+        (["--linear_quant=fp8", "--ckpt_dir=/does/not/exist"], "the backend is cpu"),
     ],
 )
 def test_bad_flags_are_refused_with_the_reason(tmp_path, flags, message):

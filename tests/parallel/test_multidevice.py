@@ -4,32 +4,16 @@ The numbers come from `multidevice_checks.py`, run once in a subprocess (JAX's d
 fixed at import, and this process has one device).
 """
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.parallel.forced_devices import run_checks
+
 TOL = 1e-5  # relative, ||sharded - single|| / ||single||, float32
 
 
 @pytest.fixture(scope="module")
 def results():
-    flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    env = dict(os.environ, XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.parallel.multidevice_checks"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_checks("tests.parallel.multidevice_checks")
 
 
 def test_mesh_has_the_three_axes(results):

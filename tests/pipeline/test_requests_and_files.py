@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from fpsa_jax.attention import StepSchedule
-from fpsa_jax.convert import ModelFiles, find_model_files
+from fpsa_jax.convert import ModelFiles, find_model_files, with_fp8_linears
 from fpsa_jax.pipeline import T2VRequest, check_video_request, latent_shape, text_to_video
 
 SIZE = r"video size {}\*{} \(width\*height\): both must be positive multiples of 16"
@@ -122,6 +124,8 @@ def test_a_request_of_an_impossible_size_is_refused_when_made():
         T2VRequest("a cat", width=60, height=32)
     with pytest.raises(ValueError, match="frame count must be 4k\\+1"):
         T2VRequest("a cat", frames=8)
+    with pytest.raises(ValueError, match="T2VRequest.linear_quant must be one of"):
+        T2VRequest("a cat", linear_quant="int8")
 
 
 def test_text_to_video_checks_the_impl_before_encoding_any_prompt(tiny_model):
@@ -131,3 +135,18 @@ def test_text_to_video_checks_the_impl_before_encoding_any_prompt(tiny_model):
         text_to_video(tiny_model.weights, request, attention_impl="nonsense")
     with pytest.raises(ValueError, match="no text encoder"):
         text_to_video(tiny_model.weights, request, attention_impl="xla")
+
+
+def test_text_to_video_checks_the_fp8_linears_before_encoding_any_prompt(tiny_model):
+    request = T2VRequest("a cat", width=48, height=32, frames=9, num_steps=1, linear_quant="fp8")
+    with pytest.raises(ValueError, match="FP8 tensor cores .* the backend is cpu"):
+        text_to_video(tiny_model.weights, request, attention_impl="xla")
+    with pytest.raises(ValueError, match="unknown FP8 linear impl 'fast'"):
+        text_to_video(tiny_model.weights, request, attention_impl="xla", linear_impl="fast")
+    with pytest.raises(ValueError, match="no text encoder"):  # quantized, model function built
+        text_to_video(tiny_model.weights, request, attention_impl="xla", linear_impl="emulated")
+    # FP8 weights are not run as float linears.
+    fp8 = with_fp8_linears(tiny_model.weights)
+    float_request = dataclasses.replace(request, linear_quant="none")
+    with pytest.raises(ValueError, match="hold FP8 block linears .* linear_quant='none'"):
+        text_to_video(fp8, float_request, attention_impl="xla")

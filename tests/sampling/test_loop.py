@@ -209,6 +209,15 @@ def test_wan_model_fn_refuses_an_unknown_impl_when_built():
         wan_model_fn(WanConfig.preset("tiny"), params=None, attention_impl="flash")
 
 
+def test_wan_model_fn_checks_the_fp8_linears_when_built():
+    fp8 = WanConfig.preset("tiny", linear_quant="fp8")
+    with pytest.raises(ValueError, match="unknown FP8 linear impl 'fast'; valid:"):
+        wan_model_fn(WanConfig.preset("tiny"), params=None, linear_impl="fast")
+    with pytest.raises(ValueError, match="FP8 tensor cores .* the backend is cpu"):
+        wan_model_fn(fp8, params=None)  # "cublaslt" by default
+    wan_model_fn(fp8, params=None, linear_impl="emulated")  # runs anywhere
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import shutil
 
 import pytest
@@ -108,3 +109,18 @@ def test_another_model_is_refused_in_one_line_before_its_state_is_restored(workd
     assert last.startswith(f"error: {workdir} holds checkpoints of another model (step 4 ")
     assert "num_layers (1 there, " in last and last.endswith("or use a new --workdir")
     assert "Traceback" not in err
+
+
+def test_a_checkpoint_older_than_linear_quant_reads_as_none_and_fp8_names_its_flag(workdir):
+    """A workdir saved before WanConfig.linear_quant existed (no such key in its meta) was
+    trained with "none": resuming it with --linear_quant fp8 names the flag, and the saved
+    value reads as 'none', not None (which would refuse every such workdir as another model)."""
+    for meta in (workdir / "checkpoints").glob("*/meta/metadata"):
+        saved = json.loads(meta.read_text())
+        del saved["model_config"]["linear_quant"]
+        meta.write_text(json.dumps(saved))
+    with pytest.raises(ResumeError) as e:
+        run(_settings(workdir, 6, linear_quant="fp8"))
+    message = str(e.value)
+    assert "(step 4 differs in linear_quant ('none' there, 'fp8' here))" in message
+    assert "pass the --model and --linear_quant it was trained with" in message

@@ -217,6 +217,7 @@ def test_step_programs_are_made_once_per_operator_and_go_with_their_run():
             ["--attention_impl=nonsense", "--model=/no/checkpoint"],
             f"value should be one of <{'|'.join(IMPLS)}>",
         ),
+        (["--linear_quant=int8"], "value should be one of <none|fp8>"),
     ],
 )
 def test_bad_flags_are_refused_with_the_reason(tmp_path, flags, message):
@@ -231,7 +232,30 @@ def test_help_lists_every_attention_impl():
     assert f"--attention_impl: <{'|'.join(IMPLS)}>" in out
 
 
-def test_an_unknown_impl_is_refused_when_the_run_is_described_not_after_loading(tmp_path):
+def test_an_unknown_impl_or_linear_quant_is_refused_when_the_run_is_described(tmp_path):
     with pytest.raises(ValueError, match=r"unknown impl 'nonsense'; valid: auto, reference"):
         _settings(tmp_path / "w", 1, attention_impl="nonsense", init="/no/checkpoint")
     assert not (tmp_path / "w").exists()
+    with pytest.raises(ValueError, match=r"RunSettings.linear_quant must be None or one of"):
+        _settings(tmp_path / "w", 1, linear_quant="int8", init="/no/checkpoint")
+    assert not (tmp_path / "w").exists()
+
+
+def test_fp8_linear_qat_records_its_config_and_fp8_checkpoints_are_refused(tmp_path):
+    last = run(_settings(tmp_path / "qat", 1, linear_quant="fp8"))
+    assert np.isfinite(last["loss"]) and np.isfinite(last["grad_norm"])
+    assert _final_state(tmp_path / "qat", 1)[2]["model_config"]["linear_quant"] == "fp8"
+
+    from fpsa_jax.convert import save_converted
+    from fpsa_jax.model.fp8_linear import quantize_linear_weights
+    from fpsa_jax.model.wan import init_params
+
+    fp8 = MODEL.replace(linear_quant="fp8")
+    save_converted(
+        tmp_path / "fp8", fp8, quantize_linear_weights(init_params(MODEL, jax.random.key(0)))
+    )
+    settings = dataclasses.replace(
+        _settings(tmp_path / "w", 1), model_config=None, init=str(tmp_path / "fp8")
+    )
+    with pytest.raises(ValueError, match="holds FP8 block linears .*training needs the float"):
+        run(settings)

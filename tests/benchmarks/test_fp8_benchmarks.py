@@ -1,0 +1,74 @@
+"""The FP8-linear benchmarks run small on CPU and refuse bad input before any work."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _bench(script, *args, timeout=300):
+    return subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"},
+    )
+
+
+def test_fp8_gemm_smoke_times_every_form_and_checks_the_model_form(tmp_path):
+    result = _bench("fp8_gemm.py", "--smoke", "--iters", "2", "--json", str(tmp_path / "r.json"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "| (b) model, linear |" in result.stdout and "cuBLASLt FP8 call" in result.stdout
+    rows = {(r["shape"], r["form"]): r for r in json.loads((tmp_path / "r.json").read_text())}
+    for shape in ("smoke-a", "smoke-b"):
+        model, base = rows[(shape, "(b) model, linear")], rows[(shape, "bf16")]
+        assert base["ratio"] == 1.0 and model["tflops"] > 0
+        assert model["f8_gemm"] is False  # no cuBLASLt on CPU
+        # E4M3 products are exact and summed in float32: only rounding of the sums remains.
+        assert model["gemm_err"] < 1e-5 and base["gemm_err"] < 1e-5
+        assert 1e-2 < model["quant_rel_l2"] < 0.1  # the quantization itself
+
+
+def test_fp8_linear_error_reports_every_linear_and_the_output(tmp_path):
+    result = _bench("fp8_linear_error.py", "--cases", "tiny-cpu", "--linear_impl", "emulated")
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout
+    assert "| layer | stream | self.q |" in out and "| mean |" in out
+    rel = float(out.split("rel L2 FP8 vs bf16 linears:")[1].split()[0])
+    assert 0 < rel < 0.1
+
+
+def test_dit_forward_times_bf16_and_fp8_linears_in_one_run():
+    result = _bench(
+        "dit_forward.py", "--cases", "tiny-cpu", "--linear_quant", "none", "fp8",
+        "--linear_impl", "emulated", "--repeats", "1", "--batch", "2",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "| tiny-cpu | none | 2 |" in result.stdout and "| tiny-cpu | fp8 | 2 |" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "script,args,message",
+    [
+        ("dit_forward.py", ["--linear_quant", "int8"], "invalid choice: 'int8'"),
+        ("dit_forward.py", ["--linear_quant", "fp8"], "--linear_quant fp8: FP8 linears"),
+        ("dit_forward.py", ["--num_layers", "0"], "--num_layers must be >= 1"),
+        ("e2e.py", ["--linear_quant", "fp8"], "the backend is cpu"),
+        ("e2e.py", ["--linear_quant", "fp16"], "invalid choice: 'fp16'"),
+        ("fp8_linear_error.py", ["--cases", "tiny-cpu"], "the backend is cpu"),
+        ("fp8_gemm.py", ["--shapes", "14b-huge"], "invalid choice: '14b-huge'"),
+        ("quality.py", ["--linear_impl", "cublaslt"], "the backend is cpu"),
+        ("quality.py", ["--rows", "FP8 everywhere"], "--rows: unknown ['FP8 everywhere']"),
+    ],
+)
+def test_bad_input_is_refused_in_one_line(script, args, message):
+    result = _bench(script, *args, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert message in last and "Traceback" not in result.stderr
