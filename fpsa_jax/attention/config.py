@@ -12,6 +12,8 @@ import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, get_args
 
+import numpy as np
+
 QuantMode = Literal["none", "fp8"]
 QUANT_MODES: tuple[str, ...] = get_args(QuantMode)
 
@@ -121,7 +123,9 @@ class FPSAConfig:
 
 
 def validate_grid(grid: Sequence[int]) -> Int3:
-    """Validates a token grid (T, H, W) of positive ints."""
+    """Validates a token grid (T, H, W) of positive ints (a tuple, list or NumPy array)."""
+    if isinstance(grid, np.ndarray) and grid.ndim == 1:
+        grid = grid.tolist()  # NumPy ints to Python ints; a float array stays refused below
     if isinstance(grid, (str, bytes)) or not isinstance(grid, Sequence) or len(grid) != 3:
         raise ValueError(f"grid must be 3 positive ints (T, H, W), got {grid!r}")
     if any(isinstance(x, bool) or not isinstance(x, numbers.Integral) or x < 1 for x in grid):
