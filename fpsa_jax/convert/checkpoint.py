@@ -206,7 +206,9 @@ def _num_heads(dim: int, from_json: int | None, from_arg: int | None) -> int:
         return dim // _DEFAULT_HEAD_DIM
     raise CheckpointError(
         f"cannot determine num_heads: no config.json beside the weights and dim={dim} is not a "
-        f"multiple of the usual head dim {_DEFAULT_HEAD_DIM}; pass num_heads (--num_heads)"
+        f"multiple of the usual head dim {_DEFAULT_HEAD_DIM}: put the model's config.json (it "
+        "names num_heads) beside the weights, or convert them with `python -m fpsa_jax.convert "
+        "--num_heads N` (load_wan_checkpoint(..., num_heads=N) in Python)"
     )
 
 
