@@ -112,13 +112,20 @@ class FPSAConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> FPSAConfig:
-        """Builds a config from `to_dict` output; unknown keys raise."""
+        """Builds a config from `to_dict` output; a missing `tile` or an unknown key raises a
+        ValueError naming it."""
+        if not isinstance(d, Mapping):
+            raise ValueError(f"FPSAConfig dict must be a mapping of its fields, got {d!r}")
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - fields
         if unknown:
             raise ValueError(
                 f"FPSAConfig: unknown fields {sorted(unknown)}; valid: {sorted(fields)}"
             )
+        required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
+        missing = [name for name in required if name not in d]
+        if missing:
+            raise ValueError(f"FPSAConfig: missing fields {missing} (the tile (t, h, w) is needed)")
         return cls(**d)
 
 
