@@ -5,8 +5,11 @@ The apps (`python -m infer`, `python -m train`, `python -m fpsa_jax.convert`) ca
 `check_outputs` once, before any weights load: each `Output` must be creatable (its nearest
 existing folder is a folder this process can write in; tried by writing, so read-only mounts and
 root count) and the outputs on one filesystem must fit in its free space where their size is
-known. Results are written as a hidden sibling (`sibling_temp`, `atomic_file`) and renamed into
-place, so a destination is either absent, the old one, or complete. The sibling's name carries
+known; an output that exists is refused unless the run may replace it (`Output.replace`, the
+apps' --overwrite). Results are written as a hidden sibling (`sibling_temp`, `atomic_file`) and
+renamed into place, so a destination is either absent, the old one, or complete; the sibling is
+given the permissions a new file or folder gets under the process's umask (mkstemp's 0600 and
+mkdtemp's 0700 would otherwise become the result's). The sibling's name carries
 this host and process id: `remove_stale_temps` deletes the siblings of a destination whose
 process is gone (a killed earlier run), never one of a live process or another host.
 `stop_on_signals` turns SIGTERM (and SIGHUP) into `SystemExit`, as SIGINT already raises
@@ -45,6 +48,8 @@ class Output:
       that must take new entries (a converted checkpoint), not the directory itself.
     size: bytes it will take, when known; outputs on one filesystem must fit in its free space
       together.
+    replace: whether an existing file (or non-empty directory) may be replaced; False refuses
+      it with "pass --overwrite to replace it".
     """
 
     what: str
@@ -52,6 +57,7 @@ class Output:
     is_dir: bool = False
     aside: bool = False
     size: int | None = None
+    replace: bool = True
 
 
 def check_outputs(outputs: Sequence[Output]) -> None:
@@ -82,6 +88,8 @@ def _writable_folder(out: Output) -> Path:
         raise OutputError(f"{out.what} {path} is a directory, not a file")
     if path.exists() and out.is_dir and not path.is_dir():
         raise OutputError(f"{out.what} {path} exists and is not a directory")
+    if not out.replace and (path.is_file() or (path.is_dir() and any(path.iterdir()))):
+        raise OutputError(f"{out.what} {path} exists; pass --overwrite to replace it")
     folder = path if out.is_dir and path.is_dir() and not out.aside else path.parent
     while not folder.exists():
         folder = folder.parent
@@ -118,11 +126,22 @@ def sibling_temp(dst: str | Path, *, is_dir: bool = False, tag: str = "tmp") -> 
     dst = Path(dst).expanduser().absolute()
     dst.parent.mkdir(parents=True, exist_ok=True)
     prefix = f"{_prefix(dst, tag)}{_HOST}-{os.getpid()}-"
+    umask = _umask()
     if is_dir:
-        return Path(tempfile.mkdtemp(prefix=prefix, dir=dst.parent))
+        path = Path(tempfile.mkdtemp(prefix=prefix, dir=dst.parent))
+        os.chmod(path, 0o777 & ~umask)
+        return path
     fd, name = tempfile.mkstemp(prefix=prefix, suffix=dst.suffix, dir=dst.parent)
+    os.fchmod(fd, 0o666 & ~umask)
     os.close(fd)
     return Path(name)
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it and back: POSIX has no getter)."""
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
 
 
 def stale_temps(dst: str | Path, tag: str = "tmp") -> list[Path]:

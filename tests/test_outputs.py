@@ -168,3 +168,37 @@ def test_sigterm_inside_stop_on_signals_runs_the_cleanups(tmp_path, capfd):
     assert "stopped by SIGTERM; cleaning up" in capfd.readouterr().err
     assert list(tmp_path.iterdir()) == []
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+@pytest.fixture()
+def umask():
+    """Sets the process umask for a test, restores it after."""
+    before = os.umask(0o022)
+    os.umask(before)
+    yield lambda mask: os.umask(mask)
+    os.umask(before)
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027, 0o002])
+def test_results_get_the_permissions_of_new_files_under_the_umask(tmp_path, umask, mask):
+    """Before: a result was its mkstemp/mkdtemp temp renamed into place, 0600 or 0700 whatever
+    the umask (others, and the group, could not read a video or a converted checkpoint)."""
+    umask(mask)
+    with atomic_file(tmp_path / "v.mp4") as tmp:
+        tmp.write_bytes(b"video")
+    assert (tmp_path / "v.mp4").stat().st_mode & 0o777 == 0o666 & ~mask
+    folder = sibling_temp(tmp_path / "ckpt", is_dir=True)
+    assert folder.stat().st_mode & 0o777 == 0o777 & ~mask
+
+
+def test_an_existing_output_is_refused_unless_it_may_be_replaced(tmp_path):
+    (tmp_path / "v.mp4").write_bytes(b"x")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "a").write_text("x")
+    (tmp_path / "empty").mkdir()
+    check_outputs([Output("--save_file", tmp_path / "v.mp4")])  # replace=True by default
+    with pytest.raises(OutputError, match=r"^--save_file .*v.mp4 exists; pass --overwrite to"):
+        check_outputs([Output("--save_file", tmp_path / "v.mp4", replace=False)])
+    with pytest.raises(OutputError, match=r"^--out .*full exists; pass --overwrite"):
+        check_outputs([Output("--out", tmp_path / "full", is_dir=True, replace=False)])
+    check_outputs([Output("--out", tmp_path / "empty", is_dir=True, replace=False)])

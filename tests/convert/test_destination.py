@@ -215,3 +215,18 @@ def test_sigterm_during_the_save_leaves_no_temp_folder(tmp_path, model_dir):
     assert result.returncode == 128 + signal.SIGTERM, result.stderr
     assert "stopped by SIGTERM; cleaning up" in result.stderr
     assert sorted(os.listdir(tmp_path)) == [model_dir.name]
+
+
+def test_a_converted_folder_gets_the_permissions_of_a_new_folder(tmp_path, state):
+    """Before: the converted DST was the mkdtemp folder renamed into place: 0700 under any
+    umask."""
+    config, params = load_wan_checkpoint(
+        write_safetensors(tmp_path / "m.safetensors", state), jnp.bfloat16, num_heads=2
+    )
+    before = os.umask(0o022)
+    try:
+        dst = save_converted(tmp_path / "jax", config, params)
+    finally:
+        os.umask(before)
+    assert dst.stat().st_mode & 0o777 == 0o755
+    assert (dst / "config.json").stat().st_mode & 0o777 == 0o644
