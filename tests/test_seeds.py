@@ -7,11 +7,14 @@ import jax
 import numpy as np
 import pytest
 
+from fpsa_jax.config import WanConfig
 from fpsa_jax.demo import load_demo
 from fpsa_jax.demo.generate import generate
 from fpsa_jax.demo.generate import initial_noise as demo_noise
 from fpsa_jax.pipeline import T2VRequest, initial_noise
 from fpsa_jax.seeds import check_seed, resolve_seed, seed_key
+from fpsa_jax.training import TrainConfig
+from train.loop import RunSettings
 
 
 def test_seeds_past_2_to_the_32_have_their_own_noise():
@@ -40,6 +43,8 @@ def test_seeds_outside_0_to_2_to_the_63_are_refused_where_a_run_is_described(tmp
             check_seed(bad)
     with pytest.raises(ValueError, match=r"^T2VRequest.seed must be an int in \[0, 2\^63\), got"):
         T2VRequest("a prompt", width=32, height=32, frames=5, seed=2**63)
+    with pytest.raises(ValueError, match=r"^RunSettings.seed must be an int in \[0, 2\^63\)"):
+        RunSettings(tmp_path, WanConfig.preset("tiny"), TrainConfig(), seed=-1)
     with pytest.raises(ValueError, match=r"^seeds\[1\] must be an int in \[0, 2\^63\)"):
         generate(load_demo(), ["a", "b"], [0, 2**63], schedule=None)
 

@@ -30,6 +30,18 @@ def check_workdir(workdir: Path, config: WanConfig | None = None) -> None:
     check_outputs([Output("--workdir", workdir, is_dir=True, size=size)])
 
 
+def saved_steps(workdir: Path) -> list[int]:
+    """The steps of the complete checkpoints in `workdir` (a `python -m train` run directory),
+    oldest first; [] when it has none. Creates nothing."""
+    if not (Path(workdir) / "checkpoints").is_dir():
+        return []
+    checkpoints = Checkpoints(Path(workdir), keep=1_000_000)
+    try:
+        return sorted(checkpoints.all_steps())
+    finally:
+        checkpoints.close()
+
+
 def _to_savable(state: TrainState) -> TrainState:
     # Typed PRNG keys are not array-serialisable; store their raw uint32 data.
     return state.replace(rng=jax.random.key_data(state.rng))

@@ -10,6 +10,7 @@ import time
 
 from absl import app, flags
 
+from fpsa_jax import cli
 from fpsa_jax.convert.checkpoint import read_wan_checkpoint
 from fpsa_jax.convert.destination import converted_size, prepare_destination
 from fpsa_jax.convert.errors import CheckpointError
@@ -103,4 +104,4 @@ def _convert():
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

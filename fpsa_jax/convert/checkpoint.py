@@ -106,20 +106,34 @@ def read_wan_checkpoint(
     target = dtype_name(dtype)
     source = open_source(path)
     with source.reader as reader:
-        names = set(reader)
-        layout = K.detect_layout(names)
-        if layout is None:
-            raise CheckpointError(
-                f"{source.description} does not look like a Wan2.1 DiT checkpoint: none of its "
-                f"{len(names)} keys is a Wan key ({format_keys(names)})"
-            )
-        _reject_image_to_video(names, layout, source.config_json)
-        original_to_file, unknown = _original_names(names, layout)
-        shapes = {k: reader.shape(f) for k, f in original_to_file.items()}
-        config = infer_config(shapes, source.config_json, num_heads=num_heads, param_dtype=target)
-        _validate(config, original_to_file, unknown, shapes)
+        config, layout, original_to_file = _inspect(source, reader, num_heads, target)
         params = _convert(reader, original_to_file, config, np.dtype(target))
     return LoadedCheckpoint(config, params, layout, source.description)
+
+
+def read_wan_config(path: str | Path, *, num_heads: int | None = None) -> WanConfig:
+    """The WanConfig `load_wan_checkpoint(path)` would return, from the tensor headers and
+    config.json alone (no tensor is read): for checks before a long load. Raises as it does."""
+    source = open_source(path)
+    with source.reader as reader:
+        return _inspect(source, reader, num_heads, "bfloat16")[0]
+
+
+def _inspect(source, reader, num_heads: int | None, param_dtype: str):
+    """(config, key layout, original name -> file name) of an open checkpoint, validated."""
+    names = set(reader)
+    layout = K.detect_layout(names)
+    if layout is None:
+        raise CheckpointError(
+            f"{source.description} does not look like a Wan2.1 DiT checkpoint: none of its "
+            f"{len(names)} keys is a Wan key ({format_keys(names)})"
+        )
+    _reject_image_to_video(names, layout, source.config_json)
+    original_to_file, unknown = _original_names(names, layout)
+    shapes = {k: reader.shape(f) for k, f in original_to_file.items()}
+    config = infer_config(shapes, source.config_json, num_heads=num_heads, param_dtype=param_dtype)
+    _validate(config, original_to_file, unknown, shapes)
+    return config, layout, original_to_file
 
 
 def infer_config(
