@@ -1,15 +1,26 @@
 """Writing results: mp4 through imageio-ffmpeg and .npy, each written aside then renamed
 (`fpsa_jax.outputs.atomic_file`) so a failure, Ctrl-C or SIGTERM never leaves a half-written
-file behind."""
+file behind; and the default name of a video (`default_save_file`)."""
 
 from __future__ import annotations
 
+import hashlib
+import re
 import warnings
 from pathlib import Path
 
 import numpy as np
 
 from fpsa_jax.outputs import atomic_file
+
+
+def default_save_file(task: str, size: str, seed: int, prompt: str) -> Path:
+    """outputs/TASK_WxH_SEED_SLUG_HASH.mp4: SLUG is the prompt's ASCII letters and digits (50 at
+    most, "video" when there are none), HASH 8 hex digits of the whole prompt's SHA-256, so
+    prompts that differ anywhere (past 50 characters, in non-ASCII letters) get other names."""
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", prompt)[:50].strip("_") or "video"
+    digest = hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:8]
+    return Path("outputs") / f"{task}_{size.replace('*', 'x')}_{seed}_{slug}_{digest}.mp4"
 
 
 def to_uint8(video: np.ndarray) -> np.ndarray:
