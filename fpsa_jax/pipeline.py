@@ -26,6 +26,7 @@ from fpsa_jax.model.fp8_linear import Fp8LinearImpl, check_backend
 from fpsa_jax.model.umt5 import encode_text
 from fpsa_jax.parallel import use_sharding
 from fpsa_jax.sampling import SolverName, sample, wan_model_fn
+from fpsa_jax.seeds import check_seed, seed_key
 
 # Wan2.1's default negative prompt (`sample_neg_prompt` of its shared config), used when the
 # user gives none, as Wan's generate.py does.
@@ -133,9 +134,9 @@ def decode_latents(weights: T2VWeights, latents: jax.Array) -> jax.Array:
 
 
 def initial_noise(seed: int, shape: tuple[int, ...]) -> jax.Array:
-    """Standard normal float32 latents, deterministic in `seed` (not torch's stream: the same
-    seed gives a different video than Wan's PyTorch code)."""
-    return jax.random.normal(jax.random.key(seed), shape, jnp.float32)
+    """Standard normal float32 latents, deterministic in `seed` (`fpsa_jax.seeds.seed_key`; not
+    torch's stream: the same seed gives a different video than Wan's PyTorch code)."""
+    return jax.random.normal(seed_key(seed), shape, jnp.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,6 +165,7 @@ class T2VRequest:
 
     def __post_init__(self):
         check_video_request(self.width, self.height, self.frames)
+        check_seed(self.seed, "T2VRequest.seed")
         if self.linear_quant not in LINEAR_QUANTS:
             raise ValueError(
                 f"T2VRequest.linear_quant must be one of {LINEAR_QUANTS}, got {self.linear_quant!r}"

@@ -19,8 +19,11 @@ from pathlib import Path
 
 from absl import app, flags
 
+from fpsa_jax import cli
 from fpsa_jax.attention import IMPLS, StepSchedule
 from fpsa_jax.config import LINEAR_QUANTS
+from fpsa_jax.ranges import Range
+from fpsa_jax.seeds import resolve_seed
 
 _TASK = flags.DEFINE_enum(
     "task",
@@ -40,8 +43,9 @@ _CKPT_DIR = flags.DEFINE_string(
 _PROMPT = flags.DEFINE_string(
     "prompt",
     None,
-    "Text prompt of the video. Default: 'A red square slides from left to right across a dark "
-    "background.' (Wan), 'a magenta circle moves down slowly' (the embedded demo model).",
+    "Text prompt of the video (not empty). Default: 'A red square slides from left to right "
+    "across a dark background.' (Wan), 'a magenta circle moves down slowly' (the embedded demo "
+    "model).",
 )
 _WAN_PROMPT = "A red square slides from left to right across a dark background."
 _NEGATIVE_PROMPT = flags.DEFINE_string(
@@ -57,29 +61,57 @@ _FRAME_NUM = flags.DEFINE_integer(
     "frame_num", None, "Frames to generate, 4k+1. Default: 81 (9, the only count, for the demo)."
 )
 _SAMPLE_SOLVER = flags.DEFINE_enum("sample_solver", "unipc", ["unipc", "euler"], "Sampler.")
-_SAMPLE_STEPS = flags.DEFINE_integer(
-    "sample_steps",
-    None,
-    "Denoising steps. Default: 50 (the demo model's own, 20, without --ckpt_dir).",
+_SAMPLE_STEPS = cli.check_range(
+    flags.DEFINE_integer(
+        "sample_steps",
+        None,
+        "Denoising steps (>= 1). Default: 50 (the demo model's own, 20, without --ckpt_dir).",
+    ),
+    Range(1, integer=True),
 )
-_SAMPLE_SHIFT = flags.DEFINE_float(
-    "sample_shift",
-    None,
-    "Noise schedule shift (Wan suggests 8-12 for 1.3B at 480p). Default: 5.0 (the demo "
-    "model's own without --ckpt_dir).",
+_SAMPLE_SHIFT = cli.check_range(
+    flags.DEFINE_float(
+        "sample_shift",
+        None,
+        "Noise schedule shift (> 0; Wan suggests 8-12 for 1.3B at 480p). Default: 5.0 (the demo "
+        "model's own without --ckpt_dir).",
+    ),
+    Range(0, lo_open=True),
 )
-_GUIDE_SCALE = flags.DEFINE_float(
-    "sample_guide_scale",
-    None,
-    "Classifier-free guidance scale (>= 0; 1 = no guidance). Default: 5.0 (the demo model's "
-    "own without --ckpt_dir).",
+_GUIDE_SCALE = cli.check_range(
+    flags.DEFINE_float(
+        "sample_guide_scale",
+        None,
+        "Classifier-free guidance scale (finite, >= 0; 1 = no guidance). Default: 5.0 (the demo "
+        "model's own without --ckpt_dir).",
+    ),
+    Range(0),
 )
-_BASE_SEED = flags.DEFINE_integer("base_seed", 0, "Seed of the initial noise.")
+_BASE_SEED = cli.check_range(
+    flags.DEFINE_integer(
+        "base_seed",
+        0,
+        "Seed of the initial noise, < 2^63; negative: a random seed, printed (as in Wan's "
+        "generate.py).",
+    ),
+    Range(hi=2**63, hi_open=True, integer=True),
+    " (a negative seed picks a random one)",
+)
 _SAVE_FILE = flags.DEFINE_string(
-    "save_file", None, "Output .mp4 path. Default: outputs/<task>_<size>_<seed>_<prompt>.mp4."
+    "save_file",
+    None,
+    "Output .mp4 path. Default: outputs/<task>_<size>_<seed>_<prompt>_<hash>.mp4, the prompt's "
+    "ASCII letters and digits (50 at most) and a hash of the whole prompt, so different prompts "
+    "never share a name.",
 )
 _SAVE_LATENTS = flags.DEFINE_string(
     "save_latents", None, "Also write the denoised latents [B, f, h, w, 16] to this .npy file."
+)
+_OVERWRITE = flags.DEFINE_bool(
+    "overwrite",
+    False,
+    "Replace outputs (--save_file, its .png strip for the demo, --save_latents) that already "
+    "exist; without it the run refuses them before it starts.",
 )
 _ATTENTION = flags.DEFINE_enum(
     "attention",
@@ -95,11 +127,14 @@ _SCHEDULE = flags.DEFINE_string(
     "StepSchedule.to_json. Default: the preset of the video's resolution (with --ckpt_dir), "
     "the schedule the model was fine-tuned with (demo).",
 )
-_ULYSSES_SIZE = flags.DEFINE_integer(
-    "ulysses_size",
-    1,
-    "Sequence-parallel degree (as in Wan's generate.py): self-attention is split over this many "
-    "devices by heads (Ulysses all-to-all); the heads and tokens must divide by it.",
+_ULYSSES_SIZE = cli.check_range(
+    flags.DEFINE_integer(
+        "ulysses_size",
+        1,
+        "Sequence-parallel degree (as in Wan's generate.py): self-attention is split over this "
+        "many devices by heads (Ulysses all-to-all); the heads and tokens must divide by it.",
+    ),
+    Range(1, integer=True),
 )
 _ATTENTION_IMPL = flags.DEFINE_enum(
     "attention_impl",
@@ -127,6 +162,7 @@ class _Request:
     `linear_quant` is --linear_quant, checked against this backend."""
 
     prompt: str
+    seed: int
     size: str
     width: int
     height: int
@@ -172,26 +208,28 @@ def _linear_quant_flag() -> str:
 
 def _request(embedded: bool) -> _Request:
     from fpsa_jax.pipeline import check_video_request
-    from infer import demo
+    from infer import demo, video
 
     wan_size = "832*480" if _TASK.value == "t2v-1.3B" else "1280*720"
     size = _SIZE.value or (demo.SIZE if embedded else wan_size)
     width, height = _parse_size(size)
     frames = _FRAME_NUM.value if _FRAME_NUM.value is not None else (demo.FRAMES if embedded else 81)
     steps = _SAMPLE_STEPS.value if _SAMPLE_STEPS.value is not None else (None if embedded else 50)
-    if steps is not None and steps < 1:
-        raise app.UsageError(f"--sample_steps must be >= 1, got {steps}")
     guide_scale = (
         _GUIDE_SCALE.value if _GUIDE_SCALE.value is not None else (None if embedded else 5.0)
     )
-    if guide_scale is not None and not guide_scale >= 0:
-        raise app.UsageError(f"--sample_guide_scale must be >= 0, got {guide_scale}")
     shift = _SAMPLE_SHIFT.value if _SAMPLE_SHIFT.value is not None else (None if embedded else 5.0)
-    prompt = _PROMPT.value or (demo.DEFAULT_PROMPT if embedded else _WAN_PROMPT)
+    prompt = _PROMPT.value
+    if prompt is not None and not prompt.strip():
+        raise app.UsageError(
+            "--prompt is empty; give the video's text, or leave --prompt out for the default"
+        )
+    prompt = prompt or (demo.DEFAULT_PROMPT if embedded else _WAN_PROMPT)
+    seed = resolve_seed(_BASE_SEED.value)
     try:
         check_video_request(width, height, frames)
     except ValueError as e:
-        raise app.UsageError(str(e)) from None
+        raise app.UsageError(f"--size={size} --frame_num={frames}: {e}") from None
     if embedded and (size.replace(" ", "").replace("x", "*") != demo.SIZE or frames != demo.FRAMES):
         raise app.UsageError(
             f"the embedded demo model generates {demo.FRAMES} frames of {demo.SIZE} only, got "
@@ -200,7 +238,7 @@ def _request(embedded: bool) -> _Request:
     dense = (_ATTENTION.value or ("fpsa" if embedded else "dense")) == "dense"
     schedule = _schedule_flag(dense)
     task = _TASK.value if not embedded else "default"
-    save_file = Path(_SAVE_FILE.value or _default_save_file(task, size, _BASE_SEED.value, prompt))
+    save_file = Path(_SAVE_FILE.value or video.default_save_file(task, size, seed, prompt))
     if save_file.suffix.lower() != ".mp4":
         raise app.UsageError(f"--save_file must end in .mp4, got {save_file}")
     if _SAVE_LATENTS.value and not _SAVE_LATENTS.value.endswith(".npy"):
@@ -208,6 +246,7 @@ def _request(embedded: bool) -> _Request:
     save_latents = Path(_SAVE_LATENTS.value) if _SAVE_LATENTS.value else None
     return _Request(
         prompt=prompt,
+        seed=seed,
         size=size,
         width=width,
         height=height,
@@ -223,11 +262,6 @@ def _request(embedded: bool) -> _Request:
     )
 
 
-def _default_save_file(task: str, size: str, seed: int, prompt: str) -> Path:
-    slug = re.sub(r"[^A-Za-z0-9]+", "_", prompt)[:50].strip("_") or "video"
-    return Path("outputs") / f"{task}_{size.replace('*', 'x')}_{seed}_{slug}.mp4"
-
-
 def _schedule(request: _Request, default: StepSchedule | None, default_name: str):
     """(StepSchedule | None, its name) of the run: dense, --schedule, or the model's default."""
     if request.dense:
@@ -235,19 +269,43 @@ def _schedule(request: _Request, default: StepSchedule | None, default_name: str
     return request.schedule or (default, default_name)
 
 
-def _mesh(embedded: bool):
+def _mesh():
+    """The --ulysses_size mesh (checked by `_check_before_loading`), None for one device."""
     import jax
 
     from fpsa_jax.parallel import make_mesh
 
     n = _ULYSSES_SIZE.value
-    if not 1 <= n <= jax.device_count():
-        raise app.UsageError(
-            f"--ulysses_size must be in [1, {jax.device_count()}] (devices), got {n}"
-        )
+    return make_mesh(seq=n, devices=jax.devices()[:n]) if n > 1 else None
+
+
+def _check_ulysses(request: _Request, embedded: bool, files) -> None:
+    """--ulysses_size against the devices, and the DiT's heads and the video's tokens (the
+    DiT's config read from its headers: no weight loads)."""
+    import jax
+
+    from fpsa_jax.convert.checkpoint import read_wan_config
+    from fpsa_jax.parallel import check_mesh_shape
+    from fpsa_jax.pipeline import latent_shape
+
+    n = _ULYSSES_SIZE.value
     if embedded and n > 1:
         raise app.UsageError("--ulysses_size > 1 needs --ckpt_dir (the demo model is one device)")
-    return make_mesh(seq=n, devices=jax.devices()[:n]) if n > 1 else None
+    if n == 1:
+        check_mesh_shape((1, 1, n), devices=jax.device_count())
+        return
+    cfg = read_wan_config(files.dit)
+    _, f, h, w, _ = latent_shape(1, request.width, request.height, request.frames)
+    pt, ph, pw = cfg.patch_size
+    try:
+        check_mesh_shape(
+            (1, 1, n),
+            devices=jax.device_count(),
+            heads=cfg.num_heads,
+            tokens=(f // pt) * (h // ph) * (w // pw),
+        )
+    except ValueError as e:
+        raise app.UsageError(f"--ulysses_size {n}: {e}") from None
 
 
 def _progress_bar(total: int):
@@ -259,6 +317,21 @@ def _progress_bar(total: int):
     def progress(done: int, steps: int) -> None:
         bar.total, bar.n = steps, done
         bar.refresh()
+
+    return bar, progress
+
+
+def _loading_bar():
+    """(tqdm bar over the 4 parts of a model directory, hook for load_t2v_weights' progress;
+    progress(None) marks the last part done)."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=4, desc="loading weights", unit="part")
+
+    def progress(part: str | None) -> None:
+        if bar.postfix:  # the part before this one is done
+            bar.update(1)
+        bar.set_postfix_str(part or "done")
 
     return bar, progress
 
@@ -284,7 +357,7 @@ def _generate_demo(request: _Request) -> None:
         video = generate(
             checkpoint,
             [request.prompt],
-            [_BASE_SEED.value],
+            [request.seed],
             schedule=schedule,
             guide_scale=request.guide_scale,
             num_steps=request.steps,
@@ -328,7 +401,7 @@ def _generate_wan(request: _Request, mesh) -> None:
         width=request.width,
         height=request.height,
         frames=request.frames,
-        seed=_BASE_SEED.value,
+        seed=request.seed,
         negative_prompt=_NEGATIVE_PROMPT.value or pipeline.WAN_NEGATIVE_PROMPT,
         num_steps=request.steps,
         shift=request.shift,
@@ -338,8 +411,11 @@ def _generate_wan(request: _Request, mesh) -> None:
         linear_quant=request.linear_quant,
     )
     start = time.perf_counter()
+    bar, progress = _loading_bar()
     try:
-        weights = load_t2v_weights(_CKPT_DIR.value)
+        with bar:
+            weights = load_t2v_weights(_CKPT_DIR.value, progress=progress)
+            progress(None)
     except (FileNotFoundError, ValueError) as e:
         raise app.UsageError(f"--ckpt_dir {_CKPT_DIR.value}: {e}") from None
     if t2v.linear_quant == "fp8":
@@ -371,17 +447,60 @@ def _generate_wan(request: _Request, mesh) -> None:
         print(f"wrote latents {tuple(result.latents.shape)} to {request.save_latents.resolve()}")
 
 
+def _check_before_loading(request: _Request, embedded: bool) -> None:
+    """Everything the run needs that can be checked before weights load: every output location
+    (writable, room for the latents, not there already unless --overwrite), with --ckpt_dir the
+    model directory's files and the packages that reading them needs, and --ulysses_size."""
+    import math
+
+    from fpsa_jax.convert import check_t2v_directory
+    from fpsa_jax.outputs import Output, OutputError, check_outputs
+    from fpsa_jax.pipeline import latent_shape
+
+    replace = _OVERWRITE.value
+    outputs = [Output("--save_file", request.save_file, replace=replace)]
+    if embedded:  # the PNG strip of the frames beside the video
+        strip = request.save_file.with_suffix(".png")
+        outputs.append(Output("--save_file", strip, replace=replace))
+    if request.save_latents:
+        shape = (
+            (1, request.frames, request.height, request.width, 3)  # the demo's pixels
+            if embedded
+            else latent_shape(1, request.width, request.height, request.frames)
+        )
+        size = 4 * math.prod(shape) + 128  # float32 and the .npy header
+        outputs.append(Output("--save_latents", request.save_latents, size=size, replace=replace))
+    try:
+        check_outputs(outputs)
+        files = None if embedded else check_t2v_directory(_CKPT_DIR.value)
+        _check_ulysses(request, embedded, files)
+    except (OutputError, ImportError) as e:
+        where = "" if isinstance(e, OutputError) else f"--ckpt_dir {_CKPT_DIR.value}: "
+        raise SystemExit(f"error: {where}{e}") from None
+    except (FileNotFoundError, ValueError) as e:
+        raise app.UsageError(f"--ckpt_dir {_CKPT_DIR.value}: {e}") from None
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from fpsa_jax.outputs import stop_on_signals
+
     embedded = not _CKPT_DIR.value
     request = _request(embedded)
-    mesh = _mesh(embedded)
-    if embedded:
-        _generate_demo(request)
-    else:
-        _generate_wan(request, mesh)
+    _check_before_loading(request, embedded)
+    if request.seed != _BASE_SEED.value:
+        print(
+            f"--base_seed {_BASE_SEED.value}: the random seed {request.seed} "
+            f"(--base_seed={request.seed} makes this video again)"
+        )
+    mesh = _mesh()
+    with stop_on_signals():  # SIGTERM removes half-written outputs as Ctrl-C does
+        if embedded:
+            _generate_demo(request)
+        else:
+            _generate_wan(request, mesh)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -40,15 +40,14 @@ def save_strip(path: Path, video: np.ndarray) -> None:
     """Writes the frames of `video` [F, H, W, 3] in [-1, 1] side by side as a PNG (atomically)."""
     from PIL import Image
 
+    from fpsa_jax.outputs import atomic_file
     from infer.video import to_uint8
 
     frames = to_uint8(upscale(video, 4))
     gap = np.full((frames.shape[1], 4, 3), 255, np.uint8)
     parts = [p for f in frames for p in (f, gap)][:-1]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    Image.fromarray(np.concatenate(parts, axis=1)).save(tmp)
-    tmp.replace(path)
+    with atomic_file(path) as tmp:
+        Image.fromarray(np.concatenate(parts, axis=1)).save(tmp)
 
 
 def describe(config, steps: int, solver: str, attention: str) -> str:

@@ -21,8 +21,7 @@ OPTIONAL = {
     "jax_triton": "impl='triton', extra 'gpu'",
     "matplotlib": "train.calibrate's PNG (skipped with a note), extras 'notebook', 'test'",
     "triton": "impl='triton', extra 'gpu'",
-    "torch": "reading PyTorch checkpoints, extra 'convert'",
-    "transformers": "the UMT5 tokenizer of real Wan weights",
+    "torch": "reading legacy (pre-zip) .pth files, extra 'convert'",
 }
 
 

@@ -15,8 +15,10 @@ from pathlib import Path
 
 from absl import app, flags, logging
 
+from fpsa_jax import cli
 from fpsa_jax.attention import IMPLS
 from fpsa_jax.config import LINEAR_QUANTS
+from fpsa_jax.ranges import Range
 
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory: checkpoints, metrics.csv, tb/. Re-running resumes from it."
@@ -52,12 +54,29 @@ _DATA = flags.DEFINE_string(
 )
 _SIZE = flags.DEFINE_string("size", "64*64", "Synthetic clips: WIDTH*HEIGHT in pixels.")
 _FRAME_NUM = flags.DEFINE_integer("frame_num", 17, "Synthetic clips: frames, 4k+1.")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 1, "Samples per step and host.")
-_NUM_STEPS = flags.DEFINE_integer("num_steps", 100, "Train until this step (micro-steps).")
-_SAVE_EVERY = flags.DEFINE_integer("save_every", 50, "Checkpoint every N steps (and at the end).")
-_KEEP = flags.DEFINE_integer("keep", 3, "Checkpoints kept (the newest N).")
-_LOG_EVERY = flags.DEFINE_integer("log_every", 1, "Log metrics every N steps.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the weights (fresh), data order and noise.")
+_COUNT = Range(1, integer=True)
+_BATCH_SIZE = cli.check_range(
+    flags.DEFINE_integer(
+        "batch_size", 1, "Samples per step and host; divisible by the mesh's DATA x FSDP."
+    ),
+    _COUNT,
+)
+_NUM_STEPS = cli.check_range(
+    flags.DEFINE_integer("num_steps", 100, "Train until this step (micro-steps)."), _COUNT
+)
+_SAVE_EVERY = cli.check_range(
+    flags.DEFINE_integer("save_every", 50, "Checkpoint every N steps (and at the end)."), _COUNT
+)
+_KEEP = cli.check_range(flags.DEFINE_integer("keep", 3, "Checkpoints kept (the newest N)."), _COUNT)
+_LOG_EVERY = cli.check_range(
+    flags.DEFINE_integer("log_every", 1, "Log metrics every N steps."), _COUNT
+)
+_SEED = cli.check_range(
+    flags.DEFINE_integer(
+        "seed", 0, "Seed of the weights (fresh), data order and noise; in [0, 2^63)."
+    ),
+    Range(0, 2**63, hi_open=True, integer=True),
+)
 _ATTENTION_IMPL = flags.DEFINE_enum(
     "attention_impl",
     "xla",
@@ -119,6 +138,28 @@ def _train_config():
         raise app.UsageError(f"bad training config: {e}") from None
 
 
+def _check_before_work(settings) -> None:
+    """What `run` would find wrong before any weights load, as one line naming the flag: the
+    workdir, the --model's config (read without its weights), the --mesh against the devices,
+    --batch_size, the model's heads and the clips' tokens."""
+    from fpsa_jax.outputs import OutputError
+    from train.checkpoints import check_workdir
+    from train.loop import check_mesh, initial_config
+
+    try:
+        check_workdir(settings.workdir)
+    except OutputError as e:
+        raise SystemExit(f"error: {e}") from None
+    try:
+        config = initial_config(settings)
+    except (OSError, ValueError) as e:
+        raise app.UsageError(f"--model {_MODEL.value}: {e}") from None
+    try:
+        check_mesh(settings, config)
+    except ValueError as e:
+        raise app.UsageError(f"--mesh {_MESH.value}: {e}") from None
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -134,15 +175,6 @@ def main(argv):
         check_video_request(width, height, _FRAME_NUM.value)
     except ValueError as e:
         raise app.UsageError(f"--size/--frame_num: {e}") from None
-    for name, flag in (
-        ("batch_size", _BATCH_SIZE),
-        ("num_steps", _NUM_STEPS),
-        ("save_every", _SAVE_EVERY),
-        ("keep", _KEEP),
-        ("log_every", _LOG_EVERY),
-    ):
-        if flag.value < 1:
-            raise app.UsageError(f"--{name} must be >= 1, got {flag.value}")
     try:
         mesh_shape = tuple(int(x) for x in _MESH.value.split(","))
     except ValueError:
@@ -182,10 +214,18 @@ def main(argv):
         remat=_REMAT.value,
         linear_quant=_LINEAR_QUANT.value,
     )
-    last = run(settings)
+    from fpsa_jax.outputs import OutputError, stop_on_signals
+    from train.resume import ResumeError
+
+    _check_before_work(settings)
+    try:
+        with stop_on_signals():  # SIGTERM: pending saves finish, logs close, as for Ctrl-C
+            last = run(settings)
+    except (OutputError, ResumeError) as e:
+        raise SystemExit(f"error: {e}") from None
     print("last step: " + ", ".join(f"{k} {v:.4g}" for k, v in last.items()))
     print(f"checkpoints and logs in {settings.workdir.resolve()}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -14,7 +14,32 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
+from fpsa_jax.config import WanConfig
+from fpsa_jax.outputs import Output, check_outputs
 from fpsa_jax.training.state import TrainState
+
+# Bytes per parameter of a saved TrainState: float32 params, EMA and Adam's two moments.
+STATE_BYTES_PER_PARAM = 16
+
+
+def check_workdir(workdir: Path, config: WanConfig | None = None) -> None:
+    """Raises fpsa_jax.outputs.OutputError when `workdir` cannot take the run's files: it is not
+    (or cannot become) a writable directory, or, with `config`, its filesystem has less room
+    than one more checkpoint of the training state."""
+    size = None if config is None else STATE_BYTES_PER_PARAM * config.num_params()
+    check_outputs([Output("--workdir", workdir, is_dir=True, size=size)])
+
+
+def saved_steps(workdir: Path) -> list[int]:
+    """The steps of the complete checkpoints in `workdir` (a `python -m train` run directory),
+    oldest first; [] when it has none. Creates nothing."""
+    if not (Path(workdir) / "checkpoints").is_dir():
+        return []
+    checkpoints = Checkpoints(Path(workdir), keep=1_000_000)
+    try:
+        return sorted(checkpoints.all_steps())
+    finally:
+        checkpoints.close()
 
 
 def _to_savable(state: TrainState) -> TrainState:
@@ -27,14 +52,26 @@ class Checkpoints:
 
     def __init__(self, workdir: Path, keep: int):
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True)
+        self._root = (workdir / "checkpoints").absolute()
         self._manager = ocp.CheckpointManager(
-            (workdir / "checkpoints").absolute(),
+            self._root,
             options=options,
             item_names=("state", "data", "meta"),
         )
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        """Steps of the complete checkpoints (orbax hides unfinished saves)."""
+        return list(self._manager.all_steps())
+
+    def step_dir(self, step: int) -> Path:
+        return self._root / str(step)
+
+    def reload(self) -> None:
+        """Re-reads the step list after step directories were moved away."""
+        self._manager.reload()
 
     def save(self, step: int, state: TrainState, data: dict, meta: dict) -> None:
         """Starts an asynchronous save of `step` (returns before the files are written)."""

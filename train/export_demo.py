@@ -16,10 +16,18 @@ from pathlib import Path
 
 from absl import app, flags, logging
 
+from fpsa_jax import cli
+from fpsa_jax.ranges import Range
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory of `python -m train`.")
 _OUT = flags.DEFINE_string("out", None, "Output .safetensors path.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step; default: the latest.")
-_GUIDE_SCALE = flags.DEFINE_float("guide_scale", 4.0, "Default CFG scale stored with the model.")
+_STEP = cli.check_range(
+    flags.DEFINE_integer("step", None, "Checkpoint step; default: the latest."),
+    Range(1, integer=True),
+)
+_GUIDE_SCALE = cli.check_range(
+    flags.DEFINE_float("guide_scale", 4.0, "Default CFG scale stored with the model."), Range(0)
+)
 _NOTE = flags.DEFINE_string("note", "", "Free text stored in the checkpoint's provenance.")
 flags.mark_flags_as_required(["workdir", "out"])
 
@@ -46,6 +54,26 @@ def _loss_summary(workdir: Path, step: int, window: int = 500) -> dict[str, floa
     }
 
 
+def check_step(workdir: Path, step: int | None) -> int:
+    """`step`, or the latest step when None, once `workdir` is known to hold a checkpoint of it;
+    else ValueError naming the steps it holds. Reads no state and creates nothing."""
+    from train.checkpoints import saved_steps
+
+    if not Path(workdir).is_dir():
+        raise ValueError(f"{workdir}: not a directory (the --workdir of a `python -m train` run)")
+    steps = saved_steps(workdir)
+    if not steps:
+        raise ValueError(f"{workdir}: no checkpoints")
+    if step is None:
+        return steps[-1]
+    if step not in steps:
+        raise ValueError(
+            f"{workdir} has no checkpoint of step {step} (--step); its steps: "
+            + ", ".join(map(str, steps))
+        )
+    return step
+
+
 def export(
     workdir: Path, out: Path, step: int | None = None, guide_scale: float = 4.0, note: str = ""
 ) -> tuple[int, Path]:
@@ -59,11 +87,11 @@ def export(
     from fpsa_jax.training import TrainConfig, init_train_state
     from train.checkpoints import Checkpoints
 
+    step = check_step(workdir, step)
+    if Path(out).suffix != ".safetensors":
+        raise ValueError(f"demo checkpoints are .safetensors files, got {out}")
     checkpoints = Checkpoints(workdir, keep=1_000_000)
     try:
-        step = step or checkpoints.latest_step()
-        if step is None:
-            raise ValueError(f"{workdir}: no checkpoints")
         meta = checkpoints.restore_meta(step)
         model_config = WanConfig.from_dict(meta["model_config"])
         train_config = TrainConfig.from_dict(meta["train_config"])
@@ -98,13 +126,24 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
-    workdir = Path(_WORKDIR.value)
+    from fpsa_jax.outputs import Output, OutputError, check_outputs
+
+    workdir, out = Path(_WORKDIR.value), Path(_OUT.value)
+    if out.suffix != ".safetensors":
+        raise app.UsageError(f"--out must end in .safetensors, got {out}")
     try:
-        step, path = export(workdir, Path(_OUT.value), _STEP.value, _GUIDE_SCALE.value, _NOTE.value)
+        step = check_step(workdir, _STEP.value)  # before any state is built
+        check_outputs([Output("--out", out)])
+    except OutputError as e:
+        raise SystemExit(f"error: {e}") from None
+    except ValueError as e:  # its message starts with the workdir
+        raise app.UsageError(f"--workdir {e}") from None
+    try:
+        step, path = export(workdir, out, step, _GUIDE_SCALE.value, _NOTE.value)
     except ValueError as e:
         raise app.UsageError(f"--workdir {workdir}: {e}") from None
     print(f"wrote step {step} of {workdir} ({path.stat().st_size / 1e6:.1f} MB) to {path}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +25,8 @@ from fpsa_jax.data import Loader, StandInEncoder, SyntheticLatentSource
 from fpsa_jax.demo.task import DemoSource
 from fpsa_jax.model.fp8_linear import is_quantized
 from fpsa_jax.model.wan import init_params, param_logical_axes
-from fpsa_jax.parallel import logical_to_mesh_sharding, make_mesh, use_sharding
+from fpsa_jax.parallel import check_mesh_shape, logical_to_mesh_sharding, make_mesh, use_sharding
+from fpsa_jax.seeds import check_seed, seed_key
 from fpsa_jax.training import (
     TrainConfig,
     TrainState,
@@ -33,9 +35,10 @@ from fpsa_jax.training import (
     sample_phase,
     train_step,
 )
-from train.checkpoints import Checkpoints
+from train.checkpoints import Checkpoints, check_workdir
 from train.logs import MetricsLog
 from train.prefetch import Prefetch
+from train.resume import resume
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +82,7 @@ class RunSettings:
 
     def __post_init__(self):
         check_impl(self.attention_impl)
+        check_seed(self.seed, "RunSettings.seed")
         if self.linear_quant not in (None, *LINEAR_QUANTS):
             raise ValueError(
                 f"RunSettings.linear_quant must be None or one of {LINEAR_QUANTS}, got "
@@ -86,9 +90,53 @@ class RunSettings:
             )
 
 
+def initial_config(settings: RunSettings) -> WanConfig:
+    """The WanConfig of the run's initial weights, read without them (the preset, a converted
+    checkpoint's config.json, a demo checkpoint's header, a Wan checkpoint's tensor headers).
+    Raises FileNotFoundError or ValueError (CheckpointError) for what cannot be read."""
+    if settings.init == "preset":
+        return settings.model_config
+    from fpsa_jax.convert.checkpoint import read_wan_config
+    from fpsa_jax.demo import is_demo_checkpoint
+    from fpsa_jax.demo.checkpoint import read_demo_config
+
+    path = Path(settings.init)
+    if (path / "params").is_dir() and (path / "config.json").is_file():
+        return WanConfig.load(path / "config.json")
+    if is_demo_checkpoint(path):
+        return read_demo_config(path)
+    return read_wan_config(path)
+
+
+def sample_shape(settings: RunSettings, config: WanConfig) -> tuple[int, ...]:
+    """[1, f, h, w, C] of one training sample of `settings.data`, known before any is read."""
+    if settings.data == "demo":
+        from fpsa_jax.demo import task
+
+        return (1, task.FRAMES, task.HEIGHT, task.WIDTH, 3)
+    if settings.data == "synthetic":
+        from fpsa_jax.pipeline import latent_shape
+
+        return latent_shape(1, settings.width, settings.height, settings.frames, config.in_dim)
+    index = json.loads((Path(settings.data) / "index.json").read_text())
+    return (1, *index["latent_shape"])
+
+
+def check_mesh(settings: RunSettings, config: WanConfig) -> None:
+    """ValueError when settings.mesh_shape cannot run the model of `config` on the batches of
+    `settings` here (`fpsa_jax.parallel.check_mesh_shape`: devices, batch, heads, tokens)."""
+    check_mesh_shape(
+        settings.mesh_shape,
+        devices=jax.device_count(),
+        batch=settings.batch_size,
+        heads=config.num_heads,
+        tokens=_tokens_per_sample(sample_shape(settings, config), config),
+    )
+
+
 def _initial_params(settings: RunSettings) -> tuple[WanConfig, Any]:
     if settings.init == "preset":
-        key = jax.random.key(settings.seed)
+        key = seed_key(settings.seed)
         return settings.model_config, init_params(settings.model_config, key)
     from fpsa_jax.convert import load_converted, load_wan_checkpoint
     from fpsa_jax.demo import is_demo_checkpoint, load_demo
@@ -204,35 +252,38 @@ def _step_programs(
 def run(settings: RunSettings) -> dict[str, float]:
     """Trains to `settings.num_steps`, resuming from the latest checkpoint in the workdir.
 
-    Returns the last logged metrics. Checkpoints every `save_every` steps and at the end.
+    Returns the last logged metrics. Checkpoints every `save_every` steps and at the end. The
+    workdir is checked (writable, room for a checkpoint where the model is known) and the mesh
+    against the devices, the batch and the model (`check_mesh`) before any
+    weights load; resuming is `train.resume.resume` (raises ResumeError).
     """
     workdir = settings.workdir
+    check_workdir(workdir, settings.model_config if settings.init == "preset" else None)
+    check_mesh(settings, initial_config(settings))
     workdir.mkdir(parents=True, exist_ok=True)
     config, params = _initial_params(settings)
     config = config.replace(remat=settings.remat)
     if settings.linear_quant is not None:
         config = config.replace(linear_quant=settings.linear_quant)
     train_config = settings.train_config
-    state = init_train_state(config, train_config, params, jax.random.key(settings.seed))
+    state = init_train_state(config, train_config, params, seed_key(settings.seed))
     del params
     layout = _layout(settings, config, state)
     state = jax.device_put(state, layout.state)
     programs = _step_programs(config, train_config, settings.attention_impl, layout)
     meta = {"model_config": config.to_dict(), "train_config": train_config.to_dict()}
 
+    check_workdir(workdir, config)  # with the real model's size, now that it is known
+
     checkpoints = Checkpoints(workdir, settings.keep)
-    first = checkpoints.latest_step() or 0
-    data_state = None
-    if first:
-        state, data_state, saved_meta = checkpoints.restore(first, state)
-        if saved_meta["model_config"] != meta["model_config"]:
-            raise ValueError(
-                f"{workdir} holds checkpoints of another model config: "
-                f"{saved_meta['model_config']}; use a new --workdir"
-            )
-        print(f"resuming from step {first} in {workdir}")
+    try:
+        resumed = resume(checkpoints, state, meta, workdir)
+    except BaseException:
+        checkpoints.close()
+        raise
+    first, state, data_state = resumed.step, resumed.state, resumed.data
     batches = Prefetch(_data_source(settings, config, data_state))
-    log = MetricsLog(workdir)
+    log = MetricsLog(workdir, resume_step=first)
     tokens = None
     last: dict[str, float] = {}
     try:
@@ -244,7 +295,7 @@ def run(settings: RunSettings) -> dict[str, float]:
             unit="step",
         ):
             # The phase/sigma draw depends on (seed, step) only, so a resumed run draws the same.
-            key = jax.random.fold_in(jax.random.key(settings.seed + 1), step)
+            key = jax.random.fold_in(seed_key(settings.seed + 1), step)
             phase, sigmas, attention = sample_phase(key, settings.batch_size, train_config)
             batch, data_state = next(batches)
             arrays = {

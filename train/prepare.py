@@ -25,14 +25,20 @@ import time
 
 from absl import app, flags
 
+from fpsa_jax import cli
+from fpsa_jax.ranges import Range
+
 _VIDEOS_DIR = flags.DEFINE_string(
     "videos_dir",
     None,
     "Folder of clips (.mp4, .mov, .mkv, .webm, .avi, searched recursively), each with a caption "
     "file of the same name ending in .txt.",
 )
-_SYNTHETIC = flags.DEFINE_integer(
-    "synthetic", 0, "Instead of --videos_dir, render this many synthetic clips."
+_SYNTHETIC = cli.check_range(
+    flags.DEFINE_integer(
+        "synthetic", 0, "Instead of --videos_dir, render this many synthetic clips."
+    ),
+    Range(0, integer=True),
 )
 _OUT_DIR = flags.DEFINE_string(
     "out_dir", None, "Output records directory (index.json + shard-*.rec).", required=True
@@ -49,18 +55,30 @@ _SIZE = flags.DEFINE_string(
 _FRAME_NUM = flags.DEFINE_integer(
     "frame_num", 81, "Frames per clip, 4k+1; longer clips are cut, shorter ones skipped."
 )
-_FPS = flags.DEFINE_float(
-    "fps",
-    16.0,
-    "Frame rate clips are resampled to before cutting (Wan2.1: 16); 0 keeps each clip's own rate.",
+_FPS = cli.check_range(
+    flags.DEFINE_float(
+        "fps",
+        16.0,
+        "Frame rate clips are resampled to before cutting (Wan2.1: 16); 0 keeps each clip's own "
+        "rate.",
+    ),
+    Range(0),
 )
-_SHARD_SIZE = flags.DEFINE_integer("shard_size", 64, "Examples per shard file.")
+_SHARD_SIZE = cli.check_range(
+    flags.DEFINE_integer("shard_size", 64, "Examples per shard file."), Range(1, integer=True)
+)
 _LATENT_DTYPE = flags.DEFINE_enum(
     "dtype", "bfloat16", ["bfloat16", "float32"], "Storage dtype of latents and text embeddings."
 )
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the --synthetic clips.")
-_STANDIN_TEXT_DIM = flags.DEFINE_integer(
-    "standin_text_dim", 4096, "Text embedding width of the stand-in encoding (UMT5-XXL: 4096)."
+_SEED = cli.check_range(
+    flags.DEFINE_integer("seed", 0, "Seed of the --synthetic clips."),
+    Range(0, 2**63, hi_open=True, integer=True),
+)
+_STANDIN_TEXT_DIM = cli.check_range(
+    flags.DEFINE_integer(
+        "standin_text_dim", 4096, "Text embedding width of the stand-in encoding (UMT5-XXL: 4096)."
+    ),
+    Range(1, integer=True),
 )
 _OVERWRITE = flags.DEFINE_bool(
     "overwrite", False, "Replace an existing dataset in --out_dir (its index and shards)."
@@ -81,9 +99,7 @@ def _check_flags() -> tuple[int, int]:
     try:
         check_video_request(width, height, _FRAME_NUM.value)
     except ValueError as e:
-        raise app.UsageError(str(e)) from None
-    if _SYNTHETIC.value < 0:
-        raise app.UsageError(f"--synthetic must be >= 0, got {_SYNTHETIC.value}")
+        raise app.UsageError(f"--size={_SIZE.value} --frame_num={_FRAME_NUM.value}: {e}") from None
     if bool(_VIDEOS_DIR.value) == bool(_SYNTHETIC.value):
         raise app.UsageError("give exactly one of --videos_dir and --synthetic")
     if not _CKPT_DIR.value and not _SYNTHETIC.value:
@@ -91,12 +107,6 @@ def _check_flags() -> tuple[int, int]:
             "--ckpt_dir is required with --videos_dir (only --synthetic may use the stand-in "
             "encoding)"
         )
-    if _SHARD_SIZE.value < 1:
-        raise app.UsageError(f"--shard_size must be >= 1, got {_SHARD_SIZE.value}")
-    if _FPS.value < 0:
-        raise app.UsageError(f"--fps must be >= 0, got {_FPS.value}")
-    if _STANDIN_TEXT_DIM.value < 1:
-        raise app.UsageError(f"--standin_text_dim must be >= 1, got {_STANDIN_TEXT_DIM.value}")
     return width, height
 
 
@@ -126,6 +136,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     width, height = _check_flags()
     frames = _FRAME_NUM.value
+    _check_out_dir()  # before the VAE and UMT5 load
 
     from tqdm import tqdm
 
@@ -183,6 +194,25 @@ def main(argv):
     )
 
 
+def _check_out_dir() -> None:
+    """--out_dir writable, and holding no dataset unless --overwrite (RecordWriter would refuse
+    it only after the VAE and UMT5 load)."""
+    from pathlib import Path
+
+    from fpsa_jax.data.records import INDEX
+    from fpsa_jax.outputs import Output, OutputError, check_outputs
+
+    out_dir = Path(_OUT_DIR.value)
+    try:
+        check_outputs([Output("--out_dir", out_dir, is_dir=True)])
+    except OutputError as e:
+        raise SystemExit(f"error: {e}") from None
+    if (out_dir / INDEX).exists() and not _OVERWRITE.value:
+        raise SystemExit(
+            f"error: --out_dir {out_dir} holds a dataset ({INDEX}); pass --overwrite to replace it"
+        )
+
+
 def _report_skipped(skipped, total: int) -> None:
     if not skipped:
         return
@@ -192,4 +222,4 @@ def _report_skipped(skipped, total: int) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

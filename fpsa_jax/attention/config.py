@@ -12,6 +12,8 @@ import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, get_args
 
+import numpy as np
+
 QuantMode = Literal["none", "fp8"]
 QUANT_MODES: tuple[str, ...] = get_args(QuantMode)
 
@@ -119,19 +121,28 @@ class FPSAConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> FPSAConfig:
-        """Builds a config from `to_dict` output; unknown keys raise, missing ones take their
-        defaults (schedules written before a field existed still load)."""
+        """Builds a config from `to_dict` output; a missing `tile` or an unknown key raises a
+        ValueError naming it, other missing fields take their defaults (schedules written before
+        a field existed still load)."""
+        if not isinstance(d, Mapping):
+            raise ValueError(f"FPSAConfig dict must be a mapping of its fields, got {d!r}")
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - fields
         if unknown:
             raise ValueError(
                 f"FPSAConfig: unknown fields {sorted(unknown)}; valid: {sorted(fields)}"
             )
+        required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
+        missing = [name for name in required if name not in d]
+        if missing:
+            raise ValueError(f"FPSAConfig: missing fields {missing} (the tile (t, h, w) is needed)")
         return cls(**d)
 
 
 def validate_grid(grid: Sequence[int]) -> Int3:
-    """Validates a token grid (T, H, W) of positive ints."""
+    """Validates a token grid (T, H, W) of positive ints (a tuple, list or NumPy array)."""
+    if isinstance(grid, np.ndarray) and grid.ndim == 1:
+        grid = grid.tolist()  # NumPy ints to Python ints; a float array stays refused below
     if isinstance(grid, (str, bytes)) or not isinstance(grid, Sequence) or len(grid) != 3:
         raise ValueError(f"grid must be 3 positive ints (T, H, W), got {grid!r}")
     if any(isinstance(x, bool) or not isinstance(x, numbers.Integral) or x < 1 for x in grid):

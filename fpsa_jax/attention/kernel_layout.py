@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fpsa_jax.attention.config import FPSAConfig
-from fpsa_jax.attention.quant import channel_scales, tile_group_scales, to_e4m3
+from fpsa_jax.attention.quant import channel_scales, finite_abs, tile_group_scales, to_e4m3
 from fpsa_jax.attention.tiling import from_tiles, slot_valid, tile_grid, tile_tokens, to_tiles
 
 
@@ -124,7 +124,7 @@ def _tile_scales(x, grid, tile, valid, group) -> jax.Array:
     layout and only the [B, L, N, 1] per-token maxima get reordered into tiles, so XLA can fuse the
     big reorder with the cast instead of materialising a reordered copy for the reduction.
     """
-    per_token = jnp.abs(x.astype(jnp.float32)).max(axis=-1, keepdims=True)
+    per_token = finite_abs(x).max(axis=-1, keepdims=True)
     tiles = tile_grid(grid, tile)
     return jax.lax.stop_gradient(
         tile_group_scales(to_tiles(per_token, grid, tile), valid, tiles, group)

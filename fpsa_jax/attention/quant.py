@@ -1,7 +1,8 @@
 """FP8 (E4M3) quantization of Q, K, V and P as FPSA specifies it.
 
 - Q, K: one scale per (batch, head, group of tiles); s = absmax over the group's valid tokens / 448
-  (s = 1 for an all-zero group); x_hat = e4m3(x / s) * s.
+  (s = 1 for an all-zero group); x_hat = e4m3(x / s) * s. Absmaxes skip inf and NaN
+  (`finite_abs`): an inf saturates to the group's largest finite magnitude.
 - V: one scale per (batch, head, channel) over all valid tokens.
 - P: p_hat = e4m3(p * scale) / scale with a static scale (448 by default).
 
@@ -78,8 +79,20 @@ def to_e4m3(x: jax.Array) -> jax.Array:
 
 def straight_through(x: jax.Array, x_hat: jax.Array) -> jax.Array:
     """x_hat in the forward pass, the identity's gradient in the backward (the straight-through
-    estimator): how a quantized x_hat of x is seen by training."""
-    return x + jax.lax.stop_gradient(x_hat - x)
+    estimator): how a quantized x_hat of x is seen by training. Where x is inf or NaN the
+    forward is x_hat as well (x + (x_hat - x) would be NaN there) and the gradient 0."""
+    through = x + jax.lax.stop_gradient(x_hat - x)
+    return jnp.where(jnp.isfinite(x), through, jax.lax.stop_gradient(x_hat))
+
+
+def finite_abs(x: jax.Array) -> jax.Array:
+    """|x| in float32, 0 where x is inf or NaN: what every absmax scale is taken over. One inf
+    would otherwise make its group's scale inf, and x / s then 0 or NaN for every value of the
+    group (a whole head NaN, as every query attends the group). With it an inf value saturates to
+    +-448 * s, the group's largest finite magnitude (E4M3 has no infinity), and a NaN stays NaN
+    in its own entry only."""
+    x = x.astype(jnp.float32)
+    return jnp.where(jnp.isfinite(x), jnp.abs(x), 0.0)
 
 
 def safe_scale(amax: jax.Array) -> jax.Array:
@@ -89,12 +102,17 @@ def safe_scale(amax: jax.Array) -> jax.Array:
 
 def center_keys(k: jax.Array) -> jax.Array:
     """k [B, L, N, D] minus its mean over L per (batch, head, channel), in k's dtype (mean and
-    difference in float32): `FPSAConfig.smooth_k`. Raises for float8 keys (the centred keys
+    difference in float32; the mean of the finite entries): `FPSAConfig.smooth_k`. Raises for float8 keys (the centred keys
     would be rounded to float8 again)."""
     if jnp.dtype(k.dtype).itemsize < 2:
         raise ValueError(f"smooth_k needs 16- or 32-bit keys to centre, got {k.dtype}")
     kf = k.astype(jnp.float32)
-    return (kf - kf.mean(axis=1, keepdims=True)).astype(k.dtype)
+    # The mean of the finite keys only, so an inf key stays one (and FP8 saturates it as
+    # without centring) instead of turning its whole (batch, head, channel) into NaN.
+    finite = jnp.isfinite(kf)
+    count = jnp.maximum(finite.sum(axis=1, keepdims=True), 1)
+    mean = jnp.where(finite, kf, 0.0).sum(axis=1, keepdims=True) / count
+    return (kf - mean).astype(k.dtype)
 
 
 def tile_group_scales(x: jax.Array, valid: np.ndarray, tiles: Int3, group: Int3) -> jax.Array:
@@ -112,7 +130,7 @@ def tile_group_scales(x: jax.Array, valid: np.ndarray, tiles: Int3, group: Int3)
     b, _, _, n_heads, _ = x.shape
     nt, nh, nw = tiles
     gt, gh, gw = group
-    absx = jnp.where(jnp.asarray(valid)[None, :, :, None, None], jnp.abs(x.astype(jnp.float32)), 0)
+    absx = jnp.where(jnp.asarray(valid)[None, :, :, None, None], finite_abs(x), 0)
     amax = absx.max(axis=(2, 4)).reshape(b, nt, nh, nw, n_heads)  # per tile
     # Pad the tile grid to whole groups with zeros (absmax ignores them), then reduce each group.
     ct, ch, cw = math.ceil(nt / gt), math.ceil(nh / gh), math.ceil(nw / gw)
@@ -134,7 +152,7 @@ def quantize_tiles(x: jax.Array, valid: np.ndarray, tiles: Int3, group: Int3) ->
 
 def channel_scales(x: jax.Array) -> jax.Array:
     """V in token layout [B, L, N, D] -> float32 [B, 1, N, D], one per (batch, head, channel)."""
-    return safe_scale(jnp.abs(x.astype(jnp.float32)).max(axis=1, keepdims=True))
+    return safe_scale(finite_abs(x).max(axis=1, keepdims=True))
 
 
 def quantize_channels(x: jax.Array) -> QuantizedTensor:
@@ -168,7 +186,7 @@ def fake_quant_channels_tiles(x: jax.Array, valid: np.ndarray) -> jax.Array:
     """
     xf = x.astype(jnp.float32)
     mask = jnp.asarray(valid)[None, :, :, None, None]
-    amax = jnp.where(mask, jnp.abs(xf), 0).max(axis=(1, 2), keepdims=True)  # [B, 1, 1, N, D]
+    amax = jnp.where(mask, finite_abs(xf), 0).max(axis=(1, 2), keepdims=True)  # [B, 1, 1, N, D]
     scales = jax.lax.stop_gradient(safe_scale(amax))
     values = to_e4m3(xf / scales)
     x_hat = QuantizedTensor(values, scales, layout="tiles:channel").dequantize()

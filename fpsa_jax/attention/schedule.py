@@ -29,6 +29,24 @@ class Phase:
     config: FPSAConfig | None
 
 
+def _phase_from_dict(i: int, p: Any) -> Phase:
+    if not isinstance(p, Mapping) or set(p) != {"end_fraction", "config"}:
+        got = f"keys {sorted(p)}" if isinstance(p, Mapping) else repr(p)
+        raise ValueError(
+            f"StepSchedule phases[{i}] must be an object with exactly the keys end_fraction and "
+            f"config (null for dense), got {got}"
+        )
+    config = p["config"]
+    if config is not None and not isinstance(config, Mapping):
+        raise ValueError(
+            f"StepSchedule phases[{i}].config must be an FPSAConfig object or null, got {config!r}"
+        )
+    try:
+        return Phase(p["end_fraction"], None if config is None else FPSAConfig.from_dict(config))
+    except ValueError as e:
+        raise ValueError(f"StepSchedule phases[{i}].config: {e}") from None
+
+
 def _as_phase(p: Any) -> Phase:
     if isinstance(p, Phase):
         return p
@@ -110,19 +128,20 @@ class StepSchedule:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> StepSchedule:
+        """Inverts `to_dict`: {"phases": [{"end_fraction": e, "config": FPSAConfig dict or
+        None}, ...]}. Raises ValueError naming the first entry of another structure."""
+        shape = '{"phases": [{"end_fraction": ..., "config": ...}, ...]}'
+        if not isinstance(d, Mapping):
+            raise ValueError(f"a StepSchedule is {shape}, got a {type(d).__name__}")
         if set(d) != {"phases"}:
             raise ValueError(
-                f"StepSchedule dict must have exactly the key 'phases', got {sorted(d)}"
+                f"StepSchedule dict must have exactly the key 'phases' ({shape}), got keys "
+                f"{sorted(d)}"
             )
-        return cls(
-            tuple(
-                Phase(
-                    p["end_fraction"],
-                    None if p["config"] is None else FPSAConfig.from_dict(p["config"]),
-                )
-                for p in d["phases"]
-            )
-        )
+        entries = d["phases"]
+        if isinstance(entries, (str, bytes, Mapping)) or not isinstance(entries, Sequence):
+            raise ValueError(f"StepSchedule 'phases' must be a list, got {entries!r}")
+        return cls(tuple(_phase_from_dict(i, p) for i, p in enumerate(entries)))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -145,8 +164,8 @@ class StepSchedule:
             raise FileNotFoundError(f"StepSchedule file not found: {spec}")
         try:
             return cls.from_json(path.read_text())
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{spec} is not a StepSchedule JSON file: {e!r}") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"not a StepSchedule JSON file ({e})") from None
 
     @classmethod
     def preset(cls, name: str) -> StepSchedule:

@@ -10,6 +10,7 @@ from fpsa_jax.convert.export import load_converted, save_converted
 from fpsa_jax.convert.t2v import (
     ModelFiles,
     T2VWeights,
+    check_t2v_directory,
     find_model_files,
     load_t2v_weights,
     with_fp8_linears,
@@ -19,6 +20,7 @@ __all__ = [
     "CheckpointError",
     "ModelFiles",
     "T2VWeights",
+    "check_t2v_directory",
     "find_model_files",
     "load_converted",
     "load_t2v_weights",

@@ -10,10 +10,14 @@ import time
 
 from absl import app, flags
 
+from fpsa_jax import cli
 from fpsa_jax.convert.checkpoint import read_wan_checkpoint
+from fpsa_jax.convert.destination import converted_size, prepare_destination
 from fpsa_jax.convert.errors import CheckpointError
-from fpsa_jax.convert.export import check_destination, save_converted
+from fpsa_jax.convert.export import save_converted
+from fpsa_jax.convert.sources import open_source
 from fpsa_jax.model.fp8_linear import quantize_linear_weights
+from fpsa_jax.outputs import OutputError, stop_on_signals
 
 _SRC = flags.DEFINE_string(
     "src",
@@ -26,8 +30,8 @@ _SRC = flags.DEFINE_string(
 _DST = flags.DEFINE_string(
     "dst",
     None,
-    "Output directory; receives params/ (orbax) and config.json. Written "
-    "atomically through a sibling temp directory.",
+    "Output directory, outside --src; receives params/ (orbax) and config.json. Written "
+    "atomically through a sibling temp directory (those of killed earlier runs are removed).",
     required=True,
 )
 _DTYPE = flags.DEFINE_enum(
@@ -52,7 +56,10 @@ _LINEAR_QUANT = flags.DEFINE_enum(
     "records it. Training needs float weights: convert without it.",
 )
 _OVERWRITE = flags.DEFINE_bool(
-    "overwrite", False, "Replace --dst when it already exists and is not empty."
+    "overwrite",
+    False,
+    "Replace --dst when it already exists and is not empty; only a converted checkpoint "
+    "(config.json and params/) is ever replaced.",
 )
 
 
@@ -61,14 +68,9 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     start = time.perf_counter()
     try:
-        dst = check_destination(_DST.value, _OVERWRITE.value)  # fail before the long read
-        loaded = read_wan_checkpoint(_SRC.value, _DTYPE.value, num_heads=_NUM_HEADS.value)
-        config, params = loaded.config, loaded.params
-        if _LINEAR_QUANT.value == "fp8":
-            config = config.replace(linear_quant="fp8")
-            params = quantize_linear_weights(params)
-        save_converted(dst, config, params, overwrite=_OVERWRITE.value)
-    except (CheckpointError, FileExistsError) as e:
+        with stop_on_signals():  # SIGTERM removes the temp directory as Ctrl-C does
+            loaded, config, dst = _convert()
+    except (CheckpointError, FileExistsError, OutputError) as e:
         # Errors about the user's files: a message, not a traceback.
         raise SystemExit(f"error: {e}") from e
     c = config
@@ -83,5 +85,23 @@ def main(argv: list[str]) -> None:
     print(f"wrote     {dst} in {time.perf_counter() - start:.1f} s")
 
 
+def _convert():
+    """Checks --dst (apart from --src, replaceable, writable, room for the converted tensors)
+    before the long read, then reads, quantizes when --linear_quant fp8 asks, and writes.
+    Returns (the checkpoint read, the config written, dst)."""
+    with open_source(_SRC.value).reader as reader:  # headers only
+        size = converted_size(reader, _DTYPE.value, _LINEAR_QUANT.value)
+    dst, removed = prepare_destination(_DST.value, _OVERWRITE.value, src=_SRC.value, size=size)
+    if removed:
+        print(f"removed {len(removed)} temp folder(s) of killed conversions to {dst}")
+    loaded = read_wan_checkpoint(_SRC.value, _DTYPE.value, num_heads=_NUM_HEADS.value)
+    config, params = loaded.config, loaded.params
+    if _LINEAR_QUANT.value == "fp8":
+        config = config.replace(linear_quant="fp8")
+        params = quantize_linear_weights(params)
+    save_converted(dst, config, params, overwrite=_OVERWRITE.value)
+    return loaded, config, dst
+
+
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

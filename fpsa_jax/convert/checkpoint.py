@@ -79,8 +79,9 @@ def load_wan_checkpoint(
 
     Args:
       path: a `.safetensors` file, a sharded `*.safetensors.index.json`, a `.pth`/`.pt` file
-        (needs torch), or a model directory (Wan2.1 repo, diffusers repo root or its
-        `transformer/` folder). Original and diffusers key layouts are detected from the keys.
+        (torch only for the legacy pre-zip format), or a model directory (Wan2.1 repo,
+        diffusers repo root or its `transformer/` folder). Original and diffusers key layouts
+        are detected from the keys.
       dtype: dtype of the returned parameters (bfloat16, float32 or float16); it also becomes
         the config's `param_dtype`.
       num_heads: used when no `config.json` sits beside the weights; else dim // 128.
@@ -105,20 +106,34 @@ def read_wan_checkpoint(
     target = dtype_name(dtype)
     source = open_source(path)
     with source.reader as reader:
-        names = set(reader)
-        layout = K.detect_layout(names)
-        if layout is None:
-            raise CheckpointError(
-                f"{source.description} does not look like a Wan2.1 DiT checkpoint: none of its "
-                f"{len(names)} keys is a Wan key ({format_keys(names)})"
-            )
-        _reject_image_to_video(names, layout, source.config_json)
-        original_to_file, unknown = _original_names(names, layout)
-        shapes = {k: reader.shape(f) for k, f in original_to_file.items()}
-        config = infer_config(shapes, source.config_json, num_heads=num_heads, param_dtype=target)
-        _validate(config, original_to_file, unknown, shapes)
+        config, layout, original_to_file = _inspect(source, reader, num_heads, target)
         params = _convert(reader, original_to_file, config, np.dtype(target))
     return LoadedCheckpoint(config, params, layout, source.description)
+
+
+def read_wan_config(path: str | Path, *, num_heads: int | None = None) -> WanConfig:
+    """The WanConfig `load_wan_checkpoint(path)` would return, from the tensor headers and
+    config.json alone (no tensor is read): for checks before a long load. Raises as it does."""
+    source = open_source(path)
+    with source.reader as reader:
+        return _inspect(source, reader, num_heads, "bfloat16")[0]
+
+
+def _inspect(source, reader, num_heads: int | None, param_dtype: str):
+    """(config, key layout, original name -> file name) of an open checkpoint, validated."""
+    names = set(reader)
+    layout = K.detect_layout(names)
+    if layout is None:
+        raise CheckpointError(
+            f"{source.description} does not look like a Wan2.1 DiT checkpoint: none of its "
+            f"{len(names)} keys is a Wan key ({format_keys(names)})"
+        )
+    _reject_image_to_video(names, layout, source.config_json)
+    original_to_file, unknown = _original_names(names, layout)
+    shapes = {k: reader.shape(f) for k, f in original_to_file.items()}
+    config = infer_config(shapes, source.config_json, num_heads=num_heads, param_dtype=param_dtype)
+    _validate(config, original_to_file, unknown, shapes)
+    return config, layout, original_to_file
 
 
 def infer_config(
@@ -205,7 +220,9 @@ def _num_heads(dim: int, from_json: int | None, from_arg: int | None) -> int:
         return dim // _DEFAULT_HEAD_DIM
     raise CheckpointError(
         f"cannot determine num_heads: no config.json beside the weights and dim={dim} is not a "
-        f"multiple of the usual head dim {_DEFAULT_HEAD_DIM}; pass num_heads (--num_heads)"
+        f"multiple of the usual head dim {_DEFAULT_HEAD_DIM}: put the model's config.json (it "
+        "names num_heads) beside the weights, or convert them with `python -m fpsa_jax.convert "
+        "--num_heads N` (load_wan_checkpoint(..., num_heads=N) in Python)"
     )
 
 

@@ -6,14 +6,14 @@ Layout of a converted directory DST:
                     linear_quant "fp8" its block linears are FP8 kernels + float32 kernel_scale
                     (`fpsa_jax.model.fp8_linear.quantize_linear_weights`), half the bytes of bf16
 Writes go to a hidden sibling temp directory that is renamed into place at the end, so DST is
-either absent, the old directory, or complete; never half-written.
+either absent, the old directory, or complete; never half-written. What may be written and
+replaced, and the cleanup after killed conversions: `fpsa_jax.convert.destination`.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,25 +22,15 @@ import orbax.checkpoint as ocp
 
 from fpsa_jax.config import WanConfig
 from fpsa_jax.convert import keys as K
+from fpsa_jax.convert.destination import (
+    CONFIG_FILE,
+    PARAMS_DIR,
+    check_destination,
+    clean_destination,
+)
 from fpsa_jax.convert.errors import CheckpointError, CheckpointNotFoundError
 from fpsa_jax.model.fp8_linear import BLOCK_LINEARS, FP8, is_quantized
-
-PARAMS_DIR = "params"
-CONFIG_FILE = "config.json"
-
-
-def check_destination(dst: str | Path, overwrite: bool = False) -> Path:
-    """Raises FileExistsError when `dst` is a non-empty directory (or a file) and not
-    `overwrite`; call it before a long conversion so it fails fast."""
-    dst = Path(dst).expanduser().absolute()
-    if dst.exists() and not dst.is_dir():
-        raise FileExistsError(f"destination {dst} exists and is not a directory")
-    if dst.is_dir() and any(dst.iterdir()) and not overwrite:
-        raise FileExistsError(
-            f"destination {dst} exists and is not empty; pass --overwrite "
-            "(overwrite=True) to replace it"
-        )
-    return dst
+from fpsa_jax.outputs import sibling_temp
 
 
 def save_converted(
@@ -49,12 +39,13 @@ def save_converted(
     """Writes `params` (tree of `param_shapes(config)`) and `config` to directory `dst`.
 
     Atomic: everything is written to a temp directory next to `dst`, then renamed to `dst`; on
-    failure the temp directory is removed and `dst` is untouched.
+    failure the temp directory is removed and `dst` is untouched. Temp directories of killed
+    earlier saves of `dst` are removed first; `overwrite` replaces only a converted checkpoint.
     """
+    clean_destination(dst)
     dst = check_destination(dst, overwrite)
     _check_tree(config, params)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    tmp = sibling_temp(dst, is_dir=True)
     try:
         with ocp.StandardCheckpointer() as checkpointer:
             checkpointer.save(tmp / PARAMS_DIR, params)
@@ -93,7 +84,7 @@ def _move_into_place(tmp: Path, dst: Path) -> None:
         os.replace(tmp, dst)
         return
     # rename() cannot replace a non-empty directory: move the old one aside first.
-    old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
+    old = sibling_temp(dst, is_dir=True, tag="old")
     os.replace(dst, old / dst.name)
     try:
         os.replace(tmp, dst)

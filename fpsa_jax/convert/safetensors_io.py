@@ -86,10 +86,15 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
                 f"{path}: unsupported or malformed header entry for {name!r}: {entry!r} "
                 f"(dtypes understood: {sorted(_DTYPES)})"
             ) from e
-        if end - begin != math.prod(shape) * dtype.itemsize or base + end > size:
+        if end - begin != math.prod(shape) * dtype.itemsize or begin < 0 or begin > end:
             raise CheckpointError(
                 f"{path}: tensor {name!r} of shape {shape} {entry['dtype']} "
                 f"has a byte range [{begin}, {end}) that does not match"
+            )
+        if base + end > size:
+            raise CheckpointError(
+                f"{path} is truncated: tensor {name!r} ends at byte {base + end} but the file "
+                f"has {size} bytes (an interrupted download or copy?)"
             )
         infos[name] = TensorInfo(path, dtype, shape, base + begin, base + end)
     return infos

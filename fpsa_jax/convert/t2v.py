@@ -9,6 +9,8 @@ DiT's block linears of loaded weights once (`WanConfig.linear_quant="fp8"`).
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +18,11 @@ import jax.numpy as jnp
 
 from fpsa_jax.config import WanConfig
 from fpsa_jax.convert.checkpoint import load_wan_checkpoint
+from fpsa_jax.convert.torch_io import needs_torch
 from fpsa_jax.convert.umt5 import load_umt5
 from fpsa_jax.convert.vae import load_wan_vae
 from fpsa_jax.model.fp8_linear import quantize_linear_weights
-from fpsa_jax.model.umt5 import Tokenizer, UMT5Config
+from fpsa_jax.model.umt5 import TOKENIZER_FILE, Tokenizer, UMT5Config
 from fpsa_jax.model.vae import WanVAEConfig
 
 
@@ -95,12 +98,82 @@ def find_model_files(ckpt_dir: str | Path) -> ModelFiles:
     return ModelFiles(layout=layout, **parts)
 
 
-def load_t2v_weights(ckpt_dir: str | Path, dtype: Any = jnp.bfloat16) -> T2VWeights:
-    """Loads DiT, VAE (float32, as Wan runs it), UMT5 and tokenizer from a model directory."""
+@dataclasses.dataclass(frozen=True)
+class Requirement:
+    """A Python package that loading a model directory needs: its import name, how to install
+    it, and which file needs it."""
+
+    module: str
+    install: str
+    needed_by: str
+
+
+def requirements(files: ModelFiles) -> list[Requirement]:
+    """The packages beyond the always-imported ones (jax, numpy, ml_dtypes, safetensors) that
+    loading `files` needs: `tokenizers` for the tokenizer, torch only for a `.pth` in torch's
+    legacy (pre-zip) format."""
+    needed = [
+        Requirement("tokenizers", "pip install tokenizers", str(files.tokenizer / TOKENIZER_FILE))
+    ]
+    for path in (files.vae, files.text_encoder):
+        if path.is_file() and path.suffix in (".pth", ".pt") and needs_torch(path):
+            needed.append(Requirement("torch", "pip install 'fpsa-jax[convert]'", str(path)))
+    return needed
+
+
+def missing_requirements(files: ModelFiles) -> list[Requirement]:
+    """`requirements(files)` that cannot be imported here."""
+    missing = []
+    for req in requirements(files):
+        try:
+            found = importlib.util.find_spec(req.module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            missing.append(req)
+    return missing
+
+
+def check_t2v_directory(ckpt_dir: str | Path) -> ModelFiles:
+    """`find_model_files` plus everything else loading them needs, checked before any weight is
+    read: the tokenizer's tokenizer.json, and every package of `requirements` importable.
+
+    Raises FileNotFoundError naming every missing file, ImportError naming every missing package
+    with the file that needs it and how to install it.
+    """
     files = find_model_files(ckpt_dir)
+    if not (files.tokenizer / TOKENIZER_FILE).is_file():
+        raise FileNotFoundError(
+            f"{files.tokenizer} has no {TOKENIZER_FILE} (the google/umt5-xxl tokenizer as the "
+            "Wan2.1 and diffusers repos ship it)"
+        )
+    missing = missing_requirements(files)
+    if missing:
+        raise ImportError(
+            "loading this model needs "
+            + "; ".join(f"{r.module} for {r.needed_by} ({r.install})" for r in missing)
+        )
+    return files
+
+
+def load_t2v_weights(
+    ckpt_dir: str | Path,
+    dtype: Any = jnp.bfloat16,
+    progress: Callable[[str], None] | None = None,
+) -> T2VWeights:
+    """Loads DiT, VAE (float32, as Wan runs it), UMT5 and tokenizer from a model directory,
+    after `check_t2v_directory` (so nothing loads when a file or package is missing).
+    `progress`, when given, is called with the name of each part ("DiT", "VAE", "UMT5",
+    "tokenizer") as it starts loading."""
+    files = check_t2v_directory(ckpt_dir)
+    report = progress or (lambda part: None)
+    report("DiT")
     dit_config, dit_params = load_wan_checkpoint(files.dit, dtype)
+    report("VAE")
     vae_config, vae_params = load_wan_vae(files.vae, jnp.float32)
+    report("UMT5")
     text_config, text_params = load_umt5(files.text_encoder, dtype)
+    report("tokenizer")
     tokenizer = Tokenizer(files.tokenizer, max_length=dit_config.text_len)
     return T2VWeights(
         dit_config, dit_params, vae_config, vae_params, text_config, text_params, tokenizer

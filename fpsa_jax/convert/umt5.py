@@ -81,7 +81,7 @@ def load_umt5(path: str | Path, dtype: Any = jnp.bfloat16) -> tuple[UMT5Config, 
     """Loads a UMT5 encoder as (UMT5Config, params of `fpsa_jax.model.umt5.UMT5Encoder`).
 
     Args:
-      path: Wan's `.pth` (needs torch), a `.safetensors` file or `*.safetensors.index.json`, or
+      path: Wan's `.pth`, a `.safetensors` file or `*.safetensors.index.json`, or
         a directory: a transformers `UMT5EncoderModel` folder, a diffusers pipeline root (its
         `text_encoder/` is read) or a Wan2.1 model folder (its `models_t5*.pth` is read).
       dtype: dtype of the returned parameters (bfloat16, float32 or float16); it also becomes the

@@ -144,7 +144,9 @@ class RecordWriter:
         index = self.out_dir / INDEX
         if index.exists():
             if not overwrite:
-                raise FileExistsError(f"{index} exists; pass overwrite to replace the dataset")
+                raise FileExistsError(
+                    f"{index} exists; RecordWriter(..., overwrite=True) replaces the dataset"
+                )
             for shard in json.loads(index.read_text()).get("shards", []):
                 (self.out_dir / shard["file"]).unlink(missing_ok=True)
             index.unlink()

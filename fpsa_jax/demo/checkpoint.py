@@ -109,6 +109,16 @@ def is_demo_checkpoint(path: str | Path) -> bool:
         return (f.metadata() or {}).get("format") == _FORMAT
 
 
+def read_demo_config(path: str | Path) -> WanConfig:
+    """The WanConfig in the header of the demo checkpoint `path`, without its parameters."""
+    from safetensors import safe_open
+
+    if not is_demo_checkpoint(path):
+        raise ValueError(f"{path} is not a demo checkpoint (no '{_FORMAT}' header)")
+    with safe_open(path, framework="numpy") as f:
+        return WanConfig.from_json(f.metadata()["wan_config"])
+
+
 def load_demo(path: str | Path = DEFAULT_CHECKPOINT) -> DemoCheckpoint:
     """Reads a checkpoint written by `save_demo` (default: the embedded FPSA demo model).
 

@@ -23,12 +23,14 @@ from fpsa_jax.demo import task
 from fpsa_jax.demo.checkpoint import DemoCheckpoint
 from fpsa_jax.model.fp8_linear import Fp8LinearImpl, quantize_linear_weights
 from fpsa_jax.sampling import sample, wan_model_fn
+from fpsa_jax.seeds import check_seed, seed_key
 
 
 def initial_noise(seeds: Sequence[int]) -> jax.Array:
-    """float32 [B, F, H, W, 3]: one standard-normal video per seed (deterministic in the seed)."""
+    """float32 [B, F, H, W, 3]: one standard-normal video per seed (deterministic in the seed,
+    `fpsa_jax.seeds.seed_key`)."""
     shape = (task.FRAMES, task.HEIGHT, task.WIDTH, 3)
-    return jnp.stack([jax.random.normal(jax.random.key(int(s)), shape) for s in seeds])
+    return jnp.stack([jax.random.normal(seed_key(int(s)), shape) for s in seeds])
 
 
 def sampling_inputs(
@@ -40,6 +42,8 @@ def sampling_inputs(
         raise ValueError(
             f"need one seed per caption (>= 1), got {len(captions)} captions, {len(seeds)} seeds"
         )
+    for i, seed in enumerate(seeds):
+        check_seed(seed, f"seeds[{i}]")
     context = jnp.asarray(task.encode_captions(list(captions)))
     null = jnp.zeros((1, 1, context.shape[-1]), context.dtype)
     return initial_noise(seeds), context, null

@@ -41,6 +41,7 @@ from fpsa_jax.attention.quant import (
     FP8,
     QuantizedTensor,
     e4m3_round,
+    finite_abs,
     safe_scale,
     straight_through,
     to_e4m3,
@@ -101,7 +102,7 @@ def check_backend(impl: str, device: jax.Device | None = None) -> None:
 def _quantize(x: Array, axis: int, impl: str, layout: str) -> QuantizedTensor:
     """x scaled by absmax(|x|) / 448 along `axis` (scales stop-gradient) and rounded to E4M3."""
     xf = x.astype(jnp.float32)
-    scales = jax.lax.stop_gradient(safe_scale(jnp.abs(xf).max(axis=axis, keepdims=True)))
+    scales = jax.lax.stop_gradient(safe_scale(finite_abs(xf).max(axis=axis, keepdims=True)))
     scaled = xf / scales
     if impl == "cublaslt":
         values = to_e4m3(scaled)

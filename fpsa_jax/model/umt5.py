@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import html
+import json
 import math
 import re
 import warnings
@@ -376,28 +377,41 @@ class Tokenizer:
     """The umt5-xxl tokenizer as Wan uses it: cleaned text, EOS appended, truncated and padded to
     `max_length`; returns numpy int32 (ids [B, L], mask [B, L]).
 
-    path: a local directory holding the `google/umt5-xxl` tokenizer files (or any T5-style
-    tokenizer that transformers' AutoTokenizer reads). Needs transformers; nothing is downloaded.
+    path: a local directory holding the `google/umt5-xxl` tokenizer files; its `tokenizer.json`
+    (which the Wan2.1 and diffusers repos ship beside spiece.model) is read with the `tokenizers`
+    package, the pad and EOS tokens named by its tokenizer_config.json or special_tokens_map.json
+    (default `<pad>`, `</s>`). Computes what transformers' T5TokenizerFast computes with
+    padding="max_length", truncation=True; nothing is downloaded.
     """
 
     def __init__(self, path: str | Path, max_length: int = 512):
-        try:
-            from transformers import AutoTokenizer
-        except ImportError as e:
-            raise ImportError(
-                "fpsa_jax.model.umt5.Tokenizer needs the `transformers` package "
-                "(pip install transformers); the encoder itself does not"
-            ) from e
         path = Path(path).expanduser()
         if not path.is_dir():
             raise FileNotFoundError(
                 f"tokenizer directory not found: {path} (expected the "
                 "google/umt5-xxl tokenizer files)"
             )
+        if not (path / TOKENIZER_FILE).is_file():
+            raise FileNotFoundError(
+                f"tokenizer directory {path} has no {TOKENIZER_FILE} (the google/umt5-xxl "
+                f"tokenizer as the Wan2.1 and diffusers repos ship it); found "
+                f"{sorted(p.name for p in path.iterdir()) or 'nothing'}"
+            )
         if max_length < 1:
             raise ValueError(f"max_length must be >= 1, got {max_length}")
+        try:
+            import tokenizers
+        except ImportError as e:
+            raise ImportError(
+                "fpsa_jax.model.umt5.Tokenizer needs the `tokenizers` package, a dependency of "
+                "fpsa-jax (pip install tokenizers); the encoder itself does not"
+            ) from e
         self.max_length = max_length
-        self._tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        self._tokenizer = tokenizers.Tokenizer.from_file(str(path / TOKENIZER_FILE))
+        self._tokenizer.no_truncation()
+        self._tokenizer.no_padding()
+        names = _special_tokens(path)
+        self.pad_id, self.eos_id = (self._token_id(names[k], path) for k in ("pad", "eos"))
         try:
             import ftfy  # noqa: F401
         except ImportError:
@@ -407,24 +421,41 @@ class Tokenizer:
                 stacklevel=2,
             )
 
-    @property
-    def pad_id(self) -> int:
-        return int(self._tokenizer.pad_token_id)
-
-    @property
-    def eos_id(self) -> int:
-        return int(self._tokenizer.eos_token_id)
+    def _token_id(self, token: str, path: Path) -> int:
+        token_id = self._tokenizer.token_to_id(token)
+        if token_id is None:
+            raise ValueError(f"{path / TOKENIZER_FILE} has no token {token!r}")
+        return int(token_id)
 
     def __call__(self, texts: str | Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """texts: one string or B strings -> (ids int32 [B, max_length], mask int32 [B, ...])."""
         texts = [texts] if isinstance(texts, str) else list(texts)
-        out = self._tokenizer(
-            [clean_text(t) for t in texts],
-            padding="max_length",
-            truncation=True,
-            max_length=self.max_length,
-            add_special_tokens=True,
-            return_attention_mask=True,
-            return_tensors="np",
+        encoded = self._tokenizer.encode_batch(
+            [clean_text(t) for t in texts], add_special_tokens=False
         )
-        return (np.asarray(out["input_ids"], np.int32), np.asarray(out["attention_mask"], np.int32))
+        ids = np.full((len(texts), self.max_length), self.pad_id, np.int32)
+        mask = np.zeros((len(texts), self.max_length), np.int32)
+        for row, encoding in enumerate(encoded):
+            tokens = [*encoding.ids[: self.max_length - 1], self.eos_id]
+            ids[row, : len(tokens)] = tokens
+            mask[row, : len(tokens)] = 1
+        return ids, mask
+
+
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def _special_tokens(path: Path) -> dict[str, str]:
+    """{"pad": token, "eos": token} from the directory's tokenizer configs (T5's by default)."""
+    found = {"pad": "<pad>", "eos": "</s>"}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        try:
+            config = json.loads((path / name).read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        for key in found:
+            value = config.get(f"{key}_token") if isinstance(config, dict) else None
+            value = value.get("content") if isinstance(value, dict) else value
+            if isinstance(value, str):
+                found[key] = value
+    return found

@@ -1,6 +1,6 @@
 """Mesh, logical-axis rules and sequence parallelism (DESIGN.md section 4b)."""
 
-from fpsa_jax.parallel.mesh import MESH_AXES, make_mesh
+from fpsa_jax.parallel.mesh import MESH_AXES, check_mesh_shape, make_mesh
 from fpsa_jax.parallel.rules import (
     LOGICAL_AXIS_RULES,
     check_rules_cover,
@@ -15,6 +15,7 @@ from fpsa_jax.parallel.ulysses import sequence_parallel_size, ulysses_attention
 __all__ = [
     "LOGICAL_AXIS_RULES",
     "MESH_AXES",
+    "check_mesh_shape",
     "check_rules_cover",
     "logical_sharding",
     "logical_to_mesh_sharding",

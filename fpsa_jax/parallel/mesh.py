@@ -54,3 +54,32 @@ def make_mesh(
             f"axis to take the rest)"
         )
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def check_mesh_shape(
+    shape: Sequence[int],
+    *,
+    devices: int,
+    batch: int | None = None,
+    heads: int | None = None,
+    tokens: int | None = None,
+) -> None:
+    """Raises ValueError naming the first thing a (data, fsdp, seq) mesh of `shape` cannot run
+    before any mesh is made: more devices than `devices`; a `batch` not divisible by
+    data x fsdp (each device takes whole samples); `heads` or `tokens` (per sample) not
+    divisible by seq (Ulysses splits the tokens, then the heads, over it). None skips a check."""
+    data, fsdp, seq = shape
+    if data * fsdp * seq > devices:
+        raise ValueError(
+            f"data={data} x fsdp={fsdp} x seq={seq} needs {data * fsdp * seq} devices, "
+            f"{devices} available"
+        )
+    if batch is not None and batch % (data * fsdp):
+        raise ValueError(
+            f"the batch of {batch} is not divisible by data x fsdp = {data * fsdp} (each device "
+            "takes whole samples)"
+        )
+    if heads is not None and heads % seq:
+        raise ValueError(f"seq={seq} does not divide the model's {heads} attention heads")
+    if tokens is not None and tokens % seq:
+        raise ValueError(f"seq={seq} does not divide the {tokens} tokens of a video")

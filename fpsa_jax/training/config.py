@@ -10,13 +10,12 @@ with shift 5, a constant learning rate, bf16 compute from float32 master paramet
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
 from collections.abc import Mapping
 from typing import Any, Literal, get_args
 
 from fpsa_jax.attention.schedule import StepSchedule
 from fpsa_jax.json_config import JsonConfig
+from fpsa_jax.ranges import Range
 from fpsa_jax.sampling.schedule import flow_schedule
 
 SigmaSampling = Literal["shifted", "logit_normal"]
@@ -144,31 +143,13 @@ class TrainConfig(JsonConfig):
 
 
 def _check_real(cfg, name, lo=None, hi=None, lo_open=False, hi_open=False) -> None:
-    value = getattr(cfg, name)
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"TrainConfig.{name} must be a number, got {value!r}")
-    value = float(value)
-    ok = math.isfinite(value)
-    if lo is not None:
-        ok = ok and (value > lo if lo_open else value >= lo)
-    if hi is not None:
-        ok = ok and (value < hi if hi_open else value <= hi)
-    if not ok:
-        left = "(" if lo_open else "["
-        right = ")" if hi_open else "]"
-        lo_s = "-inf" if lo is None else lo
-        hi_s = "inf" if hi is None else hi
-        raise ValueError(
-            f"TrainConfig.{name} must be finite in {left}{lo_s}, {hi_s}{right}, got {value}"
-        )
+    value = Range(lo, hi, lo_open, hi_open).check(f"TrainConfig.{name}", getattr(cfg, name))
     object.__setattr__(cfg, name, value)
 
 
 def _check_int(cfg, name, lo) -> None:
-    value = getattr(cfg, name)
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < lo:
-        raise ValueError(f"TrainConfig.{name} must be an int >= {lo}, got {value!r}")
-    object.__setattr__(cfg, name, int(value))
+    value = Range(lo, integer=True).check(f"TrainConfig.{name}", getattr(cfg, name))
+    object.__setattr__(cfg, name, value)
 
 
 def _check_choice(cfg, name, choices) -> None:

@@ -87,3 +87,11 @@ def test_float8_keys_cannot_be_centred():
     q, k, v = (x.astype(jnp.float8_e4m3fn) for x in _inputs(0.0))
     with pytest.raises(ValueError, match="smooth_k needs 16- or 32-bit keys"):
         _attend(q, k, v, quant="fp8", smooth_k=True)
+
+
+def test_an_inf_key_with_smooth_k_stays_finite_under_fp8_as_without_it():
+    q, k, v = _inputs(1.0)
+    k = k.at[0, 5, 1, 3].set(jnp.inf)
+    for smooth in (False, True):
+        out = _attend(q, k, v, quant="fp8", smooth_k=smooth)
+        assert np.isfinite(np.asarray(out)).all(), smooth

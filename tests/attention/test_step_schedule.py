@@ -109,7 +109,25 @@ def test_load_reads_a_preset_name_or_a_json_file(tmp_path):
     "text, error, match",
     [
         (None, FileNotFoundError, "StepSchedule file not found"),
-        ('{"phases": [{"end_fraction": 1.0}]}', ValueError, "not a StepSchedule JSON file"),
+        # Before: KeyError('config') and "got [1, 2]" (a sorted list passed for its keys).
+        (
+            '{"phases": [{"end_fraction": 1.0}]}',
+            ValueError,
+            r"^StepSchedule phases\[0\] must be an object with exactly the keys end_fraction and "
+            r"config \(null for dense\), got keys \['end_fraction'\]$",
+        ),
+        ("[1, 2]", ValueError, r'^a StepSchedule is \{"phases": \[.*\]\}, got a list$'),
+        ('{"phases": {"a": 1}}', ValueError, "^StepSchedule 'phases' must be a list"),
+        (
+            '{"phases": [{"end_fraction": 1.0, "config": {"window": [1, 1, 1]}}]}',
+            ValueError,
+            r"^StepSchedule phases\[0\].config: FPSAConfig: missing fields \['tile'\]",
+        ),
+        (
+            '{"phases": [{"end_fraction": 1.0, "config": 3}]}',
+            ValueError,
+            r"^StepSchedule phases\[0\].config must be an FPSAConfig object or null, got 3$",
+        ),
         ("{not json", ValueError, "not a StepSchedule JSON file"),
         ('{"phases": [{"end_fraction": 2.0, "config": null}]}', ValueError, "end_fraction"),
     ],

@@ -160,8 +160,17 @@ def test_image_to_video_config_json_is_rejected(tmp_path, state):
 
 
 def test_num_heads_undeterminable(tmp_path, state):
-    with pytest.raises(CheckpointError, match=r"cannot determine num_heads.*dim=24.*--num_heads"):
+    """Before: "pass num_heads (--num_heads)", also in `python -m infer --ckpt_dir`, which has no
+    such flag. Now it names what works from every caller: the config.json, the convert CLI's
+    flag and the Python argument."""
+    with pytest.raises(CheckpointError) as e:
         _load(tmp_path, state, num_heads=None)
+    assert str(e.value).endswith(
+        "cannot determine num_heads: no config.json beside the weights and dim=24 is not a "
+        "multiple of the usual head dim 128: put the model's config.json (it names num_heads) "
+        "beside the weights, or convert them with `python -m fpsa_jax.convert --num_heads N` "
+        "(load_wan_checkpoint(..., num_heads=N) in Python)"
+    )
 
 
 def test_num_heads_argument_contradicting_config_json(tmp_path, state):
@@ -202,7 +211,9 @@ def test_unsupported_dtype(tmp_path, state):
 def test_pth_without_torch_says_how_to_install(tmp_path, monkeypatch):
     (tmp_path / "model.pth").write_bytes(b"not really")
     monkeypatch.setitem(sys.modules, "torch", None)  # makes `import torch` fail
-    with pytest.raises(CheckpointError, match=r"pip install fpsa-jax\[convert\]"):
+    with pytest.raises(
+        CheckpointError, match=r"legacy format needs torch \(pip install 'fpsa-jax\[convert\]'\)"
+    ):
         load_wan_checkpoint(tmp_path / "model.pth")
 
 

@@ -73,6 +73,21 @@ def test_header_with_unknown_dtype_or_inconsistent_offsets_is_rejected(tmp_path)
         read_header(path)
 
 
+def test_a_truncated_file_is_called_truncated(tmp_path):
+    """Before: "has a byte range [0, 16) that does not match", for a file cut short by an
+    interrupted download."""
+    path = tmp_path / "t.safetensors"
+    save_file({"a": np.ones(4, np.float32), "w": np.ones((2, 2), np.float32)}, str(path))
+    raw = path.read_bytes()
+    path.write_bytes(raw[:-3])
+    with pytest.raises(CheckpointError) as e:
+        read_header(path)
+    assert str(e.value) == (
+        f"{path} is truncated: tensor 'w' ends at byte {len(raw)} but the file has "
+        f"{len(raw) - 3} bytes (an interrupted download or copy?)"
+    )
+
+
 def test_same_tensor_in_two_unindexed_files_is_rejected(tmp_path):
     for name in ("a", "b"):
         save_file({"w": np.ones(2, np.float32)}, str(tmp_path / f"{name}.safetensors"))

@@ -11,6 +11,7 @@ import pytest
 
 from fpsa_jax.data import Loader, Records, StandInEncoder, synthetic_clip
 from infer.video import save_video
+from tests.app_probe import outcomes
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -145,7 +146,8 @@ def test_an_existing_dataset_is_not_overwritten_by_default(tmp_path):
     )
     assert _prepare(*flags, cwd=tmp_path).returncode == 0
     result = _prepare(*flags, cwd=tmp_path)
-    assert result.returncode != 0 and "pass overwrite" in result.stderr
+    assert result.returncode != 0
+    assert f"--out_dir {tmp_path} holds a dataset (index.json); pass --overwrite" in result.stderr
     assert _prepare(*flags, "--overwrite", cwd=tmp_path).returncode == 0
 
 
@@ -162,3 +164,36 @@ def test_read_clip_scales_to_cover_and_crops_the_centre(tmp_path):
     np.testing.assert_allclose(got[..., 2:-2, :].mean(axis=(0, 1, 2)), [-1, 1, -1], atol=0.1)
     with pytest.raises(ClipTooShortError, match="has 5 frames at 16 fps, needs 9"):
         read_clip(tmp_path / "v.mp4", width=16, height=16, frames=9, fps=16)
+
+
+def test_an_unwritable_out_dir_is_refused_before_anything_is_encoded(tmp_path):
+    (tmp_path / "file").write_text("x")
+    out = tmp_path / "file" / "records"
+    result = _prepare("--synthetic=2", f"--out_dir={out}", "--frame_num=5", cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: --out_dir {out}: {tmp_path / 'file'} is a file, not a directory"
+    )
+    assert "STAND-IN encoding" not in result.stdout
+
+
+def test_flags_and_an_existing_dataset_are_refused_before_the_encoders_load(tmp_path):
+    """Before: an existing dataset was found by RecordWriter after the VAE and UMT5 had loaded,
+    its message said "pass overwrite" (the flag is --overwrite); --fps nan was taken (nan < 0 is
+    false); a bad --size named no flag."""
+    out = tmp_path / "data"
+    out.mkdir()
+    (out / "index.json").write_text("{}")
+    base = ["--synthetic=2", f"--out_dir={out}", "--size=32*32", "--frame_num=1", "--ckpt_dir=m"]
+    assert outcomes(
+        "train.prepare",
+        [base, [*base, "--fps=nan"], [*base, "--size=60*32"], [*base, "--overwrite"]],
+        work=["train.prepare._encoder"],
+        cwd=tmp_path,
+    ) == [
+        f"error: --out_dir {out} holds a dataset (index.json); pass --overwrite to replace it",
+        "error: --fps must be a finite number >= 0, got nan",
+        "error: --size=60*32 --frame_num=1: video size 60*32 (width*height): both must be "
+        "positive multiples of 16 (VAE stride 8 x DiT patch 2)",
+        "work: train.prepare._encoder",
+    ]

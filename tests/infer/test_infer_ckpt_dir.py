@@ -1,6 +1,8 @@
 """`python -m infer --ckpt_dir=DIR` on a complete tiny Wan2.1 text-to-video directory, in the
 original layout and in the diffusers one: random DiT, VAE and UMT5 encoder, and a tokenizer
-trained by the tests (nothing is downloaded).
+trained by the tests (nothing is downloaded). The runs import only what the README's runtime
+install provides (tests/runtime_env.py: no torch, transformers or diffusers); torch and
+transformers only write the directories.
 
 The DiT reads UMT5's output, so its text_dim is the encoder's d_model (16). 5 frames at 32*32
 -> latents [1, 2, 4, 4, 16].
@@ -19,8 +21,8 @@ import torch
 from safetensors.numpy import save_file
 
 from tests.convert.wan_state import make_original_state_dict
-from tests.infer.test_infer_cli import _infer
 from tests.pipeline.conftest import DIT, tiny_diffusers_dit
+from tests.runtime_env import run_module
 from tests.umt5.conftest import random_umt5, save_tiny_tokenizer, to_wan_keys
 from tests.vae.conftest import TINY as TINY_VAE
 from tests.vae.conftest import random_wan_vae, to_original_names
@@ -62,7 +64,8 @@ def write_model_dir(root, layout: str):
 
 def _run(model_dir, tmp_path, name, prompt):
     video, latents = tmp_path / f"{name}.mp4", tmp_path / f"{name}.npy"
-    result = _infer(
+    result = run_module(
+        "infer",
         f"--ckpt_dir={model_dir}",
         *FLAGS,
         f"--prompt={prompt}",
@@ -97,6 +100,36 @@ def test_infer_runs_a_real_model_directory(tmp_path, layout):
     assert np.abs(z_other - z).max() > 1e-3
 
     shutil.rmtree(tokenizer)
-    broken = _infer(f"--ckpt_dir={model_dir}", *FLAGS, cwd=tmp_path)
+    broken = run_module("infer", f"--ckpt_dir={model_dir}", *FLAGS, cwd=tmp_path)
     assert broken.returncode != 0
     assert f"missing: {tokenizer}" in broken.stderr
+
+
+def _last_line(result) -> str:
+    return result.stderr.strip().splitlines()[-1]
+
+
+def test_missing_packages_are_named_before_any_weight_loads(tmp_path):
+    """Before: the ImportError for the tokenizer came after the DiT, VAE and UMT5 had loaded
+    (minutes at 14B). The DiT file is made unreadable here: the run must stop at the check."""
+    model_dir = tmp_path / "model"
+    tokenizer = write_model_dir(model_dir, "original")
+    (model_dir / "diffusion_pytorch_model.safetensors").write_bytes(b"\0" * 16)
+    result = run_module(
+        "infer", f"--ckpt_dir={model_dir}", *FLAGS, cwd=tmp_path, block=("tokenizers",)
+    )
+    assert result.returncode == 1
+    assert _last_line(result) == (
+        f"error: --ckpt_dir {model_dir}: loading this model needs tokenizers for "
+        f"{tokenizer / 'tokenizer.json'} (pip install tokenizers)"
+    )
+    assert "Traceback" not in result.stderr
+
+    # A .pth in torch's legacy (pre-zip) format is the one thing that needs torch.
+    vae = model_dir / "Wan2.1_VAE.pth"
+    torch.save(torch.load(vae), vae, _use_new_zipfile_serialization=False)
+    result = run_module("infer", f"--ckpt_dir={model_dir}", *FLAGS, cwd=tmp_path)
+    assert _last_line(result) == (
+        f"error: --ckpt_dir {model_dir}: loading this model needs torch for {vae} "
+        "(pip install 'fpsa-jax[convert]')"
+    )

@@ -35,7 +35,7 @@ def test_default_run_writes_a_captioned_demo_video(tmp_path):
     """The README's main command: no flags, the embedded demo model, FPSA as fine-tuned."""
     result = _infer(cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
-    video = tmp_path / "outputs" / "default_32x32_0_a_magenta_circle_moves_down_slowly.mp4"
+    video = tmp_path / "outputs" / "default_32x32_0_a_magenta_circle_moves_down_slowly_86531416.mp4"
     assert f"wrote 9 frames at 8 fps (32*32 upscaled 8x) to {video}" in result.stdout
     assert f"wrote the frames as a strip to {video.with_suffix('.png')}" in result.stdout
     assert "attention demo (as fine-tuned)" in result.stdout

@@ -1,12 +1,15 @@
 """Tokenizer: Wan's cleaning, EOS appended, truncation and padding to max_length, numpy out.
 
-The tokenizer under test is a tiny Unigram model trained with `tokenizers` and wrapped as a
+The tokenizer under test is a tiny Unigram model trained with `tokenizers` and saved as a
 transformers T5Tokenizer (pad 0, EOS 1, like google/umt5-xxl) by conftest.save_tiny_tokenizer;
-nothing is downloaded.
+nothing is downloaded. Ours reads its tokenizer.json with `tokenizers` alone; transformers
+(test extra) only writes the files and is the reference.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
 import types
@@ -75,10 +78,44 @@ def test_clean_text_uses_ftfy_when_installed(monkeypatch):
     assert clean_text(" caf\u00c3\u00a9  au lait ") == "caf\u00e9 au lait"
 
 
-def test_missing_transformers_is_a_clear_import_error(tokenizer_dir, monkeypatch):
-    monkeypatch.setitem(sys.modules, "transformers", None)
-    with pytest.raises(ImportError, match="needs the `transformers` package"):
+@pytest.mark.parametrize("max_length", [1, 4, 7, 64])
+def test_matches_transformers_padding_and_truncation_without_importing_it(
+    tokenizer_dir, no_ftfy, monkeypatch, max_length
+):
+    texts = ["a cat sits on the mat", "the dog runs in the park and the cat", "", "fish"]
+    reference = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)(
+        texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="np"
+    )
+    monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` now fails
+    ids, mask = _make(tokenizer_dir, max_length)(texts)
+    np.testing.assert_array_equal(ids, reference["input_ids"])
+    np.testing.assert_array_equal(mask, reference["attention_mask"])
+
+
+def test_missing_tokenizers_is_a_clear_import_error(tokenizer_dir, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tokenizers", None)
+    with pytest.raises(ImportError, match="needs the `tokenizers` package, a dependency"):
         Tokenizer(tokenizer_dir)
+
+
+def test_a_directory_without_tokenizer_json_says_what_it_holds(tmp_path):
+    (tmp_path / "spiece.model").write_bytes(b"x")
+    with pytest.raises(
+        FileNotFoundError, match=r"has no tokenizer.json .*found \['spiece.model'\]"
+    ):
+        Tokenizer(tmp_path)
+
+
+def test_pad_and_eos_come_from_the_tokenizer_config(tokenizer_dir, tmp_path, no_ftfy):
+    folder = tmp_path / "tok"
+    shutil.copytree(tokenizer_dir, folder)
+    (folder / "special_tokens_map.json").write_text(json.dumps({"pad_token": {"content": "</s>"}}))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<unk>"}))
+    tok = _make(folder, 8)
+    assert (tok.pad_id, tok.eos_id) == (1, 2)
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<nope>"}))
+    with pytest.raises(ValueError, match="has no token '<nope>'"):
+        Tokenizer(folder)
 
 
 def test_missing_directory_is_named(tmp_path):
