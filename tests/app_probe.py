@@ -19,6 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.conftest import subprocess_env
+
 ROOT = Path(__file__).resolve().parents[1]
 
 _CHILD = """
@@ -73,13 +75,8 @@ def probe(
 ) -> list[dict[str, str]]:
     """[{"outcome", "stdout"}] of each case (flags of `python -m module`), on `devices` forced
     CPU devices."""
-    env = {
-        "PYTHONPATH": str(ROOT),
-        "PATH": "/usr/bin:/bin",
-        "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-        "HOME": os.environ.get("HOME", "/tmp"),
-    }
+    env = subprocess_env(f"--xla_force_host_platform_device_count={devices}")
+    env["HOME"] = os.environ.get("HOME", "/tmp")
     request = json.dumps({"module": module, "cases": cases, "work": work})
     result = subprocess.run(
         [sys.executable, "-c", _CHILD, request],

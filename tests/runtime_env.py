@@ -22,6 +22,8 @@ from pathlib import Path
 
 from packaging.requirements import Requirement
 
+from tests.conftest import subprocess_env
+
 ROOT = Path(__file__).resolve().parents[1]
 FIRST_PARTY = ("fpsa_jax", "infer", "train", "pallas_kernels")
 
@@ -111,9 +113,7 @@ def run_module(
     point)."""
     allowed = sorted(runtime_modules() - set(block))
     env = {
-        "PYTHONPATH": str(ROOT),
-        "PATH": "/usr/bin:/bin",
-        "JAX_PLATFORMS": "cpu",
+        **subprocess_env(),  # PATH, PYTHONPATH, JAX on CPU, the tests' compile cache and flags
         "FPSA_RUNTIME_MODULES": json.dumps(allowed),
         "FPSA_PATCH": patch,
         "HOME": os.environ.get("HOME", "/tmp"),

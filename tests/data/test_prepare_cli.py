@@ -12,6 +12,7 @@ import pytest
 from fpsa_jax.data import Loader, Records, StandInEncoder, synthetic_clip
 from infer.video import save_video
 from tests.app_probe import outcomes
+from tests.conftest import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -23,7 +24,7 @@ def _prepare(*flags, cwd):
         capture_output=True,
         text=True,
         timeout=300,
-        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"},
+        env=subprocess_env(),
     )
 
 

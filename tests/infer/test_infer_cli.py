@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from fpsa_jax.attention import IMPLS
+from tests.conftest import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -21,7 +22,7 @@ def _infer(*flags, cwd):
         capture_output=True,
         text=True,
         timeout=300,
-        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"},
+        env=subprocess_env(),
     )
 
 
@@ -101,11 +102,7 @@ def test_help_lists_every_attention_impl(tmp_path):
 def test_sequence_parallel_sampling_matches_one_device():
     """The denoising loop on a (data=2, seq=2) mesh of forced CPU devices: CFG batch split over
     data, self-attention Ulysses over seq (each device sees all 16 tokens for 1 of 2 heads)."""
-    env = {
-        "PATH": "/usr/bin:/bin",
-        "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-    }
+    env = subprocess_env("--xla_force_host_platform_device_count=8", pythonpath=False)
     script = Path(__file__).with_name("multidevice_sampling.py")
     result = subprocess.run(
         [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300

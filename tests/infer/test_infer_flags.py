@@ -13,7 +13,8 @@ import zipfile
 from safetensors.numpy import save_file
 
 from infer.video import default_save_file
-from tests.app_probe import ROOT, outcomes, probe
+from tests.app_probe import outcomes, probe
+from tests.conftest import subprocess_env
 from tests.convert.wan_state import make_original_state_dict
 from tests.pipeline.conftest import DIT
 
@@ -65,7 +66,7 @@ def test_a_bad_flag_prints_two_lines_and_exits_1_not_the_help(tmp_path):
         capture_output=True,
         text=True,
         timeout=120,
-        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"},
+        env=subprocess_env(),
     )
     assert result.returncode == 1
     assert result.stderr.splitlines() == [

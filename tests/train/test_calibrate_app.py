@@ -15,6 +15,7 @@ from absl import app, flags
 
 from fpsa_jax.attention import StepSchedule
 from fpsa_jax.attention.calibration import StepErrors, select_schedule
+from tests.conftest import subprocess_env
 from train import calibrate, calibration, calibration_outputs
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -282,7 +283,7 @@ def test_cli_writes_a_schedule_that_loads(tmp_path):
         capture_output=True,
         text=True,
         timeout=300,
-        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"},
+        env=subprocess_env(),
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"wrote {out}" in proc.stdout
