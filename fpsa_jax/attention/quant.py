@@ -102,8 +102,8 @@ def safe_scale(amax: jax.Array) -> jax.Array:
 
 def center_keys(k: jax.Array) -> jax.Array:
     """k [B, L, N, D] minus its mean over L per (batch, head, channel), in k's dtype (mean and
-    difference in float32; the mean of the finite entries): `FPSAConfig.smooth_k`. Raises for float8 keys (the centred keys
-    would be rounded to float8 again)."""
+    difference in float32; the mean of the finite entries): `FPSAConfig.smooth_k`. Raises for
+    float8 keys (the centred keys would be rounded to float8 again)."""
     if jnp.dtype(k.dtype).itemsize < 2:
         raise ValueError(f"smooth_k needs 16- or 32-bit keys to centre, got {k.dtype}")
     kf = k.astype(jnp.float32)
