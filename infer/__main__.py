@@ -158,8 +158,9 @@ _FPS = 16  # Wan2.1's sample_fps
 @dataclasses.dataclass(frozen=True)
 class _Request:
     """What the flags ask for, every one checked (no weights touched yet). None fields take the
-    embedded demo model's own settings; `schedule` is --schedule, parsed (None: not given);
-    `linear_quant` is --linear_quant, checked against this backend."""
+    embedded demo model's own settings; `seed` is --base_seed, drawn at random when negative;
+    `schedule` is --schedule, parsed (None: not given); `linear_quant` is --linear_quant,
+    checked against this backend."""
 
     prompt: str
     seed: int

@@ -77,7 +77,7 @@ def test_an_error_inside_the_writer_leaves_finished_shards_but_no_index(tmp_path
 
 def test_an_existing_dataset_is_refused_unless_overwritten(tmp_path):
     write(tmp_path, _examples(4))
-    with pytest.raises(FileExistsError, match="pass overwrite"):
+    with pytest.raises(FileExistsError, match=r"RecordWriter\(\.\.\., overwrite=True\) replaces"):
         RecordWriter(tmp_path, shard_size=3)
     write(tmp_path, _examples(2, seed=1), overwrite=True, shard_size=5)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["index.json", "shard-00000.rec"]
