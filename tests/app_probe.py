@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import subprocess_env
+from tests.conftest import run_for_json, subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,16 +77,7 @@ def probe(
     env = subprocess_env(f"--xla_force_host_platform_device_count={devices}")
     env["HOME"] = os.environ.get("HOME", "/tmp")
     request = json.dumps({"module": module, "cases": cases, "work": work})
-    result = subprocess.run(
-        [sys.executable, "-c", _CHILD, request],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return run_for_json([sys.executable, "-c", _CHILD, request], env, timeout, cwd=cwd)
 
 
 def outcomes(*args, **kwargs) -> list[str]:

@@ -45,6 +45,17 @@ def subprocess_env(*xla_flags: str, pythonpath: bool = True) -> dict[str, str]:
     return env
 
 
+def run_for_json(args: list[str], env: dict[str, str], timeout: float, cwd=ROOT):
+    """Runs `args` (a test's helper script), asserts it exited 0 (its stderr tail otherwise) and
+    returns the JSON value on the last line of its stdout."""
+    import json
+    import subprocess
+
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402
