@@ -28,6 +28,7 @@ from fpsa_jax.model.fp8_linear import (
     FP8_LINEAR_IMPLS,
     Fp8LinearImpl,
     check_backend,
+    compiler_options,
     quantize_linear_weights,
 )
 from fpsa_jax.model.random_weights import random_weights
@@ -63,7 +64,10 @@ def run_case(
     timesteps = jax.random.uniform(k2, (batch,), jnp.float32, 0, 1000)
     context = jax.random.normal(k3, (batch, config.text_len, config.text_dim), jnp.bfloat16)
     model = WanModel(config, attention_impl=impl, linear_impl=linear_impl)
-    forward = jax.jit(lambda p, x, t, c: model.apply({"params": p}, x, t, c))
+    forward = jax.jit(
+        lambda p, x, t, c: model.apply({"params": p}, x, t, c),
+        compiler_options=compiler_options(config.linear_quant, linear_impl),
+    )
 
     start = time.perf_counter()
     out = jax.block_until_ready(forward(params, latents, timesteps, context))

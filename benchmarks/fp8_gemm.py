@@ -20,6 +20,10 @@ pre-quantized activations. Forms:
   (d) jax.nn                scaled_matmul with per-row float32 scales (block = K), and
                             scaled_dot_general with the mxfp8 config (blocks of 32, E8M0 scales)
 
+Every form compiles with the options the model's FP8 programs use
+(`fp8_linear.CUBLASLT_COMPILER_OPTIONS`: no Triton GEMM fusions, so dots go to cuBLAS / cuBLASLt);
+--xla_defaults compiles with XLA's defaults instead (benchmarks/fp8_compile_flags.sh compares).
+
 Columns: TFLOP/s (2 M K N / median time), ratio to bf16 in the same run, whether the compiled HLO
 holds cuBLASLt's FP8 custom call (`__cublas$lt$matmul$f8`) and which GEMM call it holds, the
 GEMM's own error (max |y - ref| / max |ref| against a float32 HIGHEST matmul of the form's own
@@ -49,7 +53,12 @@ import jax.numpy as jnp
 from timing import median_seconds  # benchmarks/timing.py (scripts run from their folder)
 
 from fpsa_jax.attention.quant import FP8, QuantizedTensor, to_e4m3
-from fpsa_jax.model.fp8_linear import quantize_tokens, quantize_weight, scaled_fp8_dot
+from fpsa_jax.model.fp8_linear import (
+    CUBLASLT_COMPILER_OPTIONS,
+    quantize_tokens,
+    quantize_weight,
+    scaled_fp8_dot,
+)
 
 F32, BF16 = jnp.float32, jnp.bfloat16
 E4M3_MAX = 448.0
@@ -290,13 +299,15 @@ def gemm_lines(hlo: str) -> list[str]:
     return [line.strip()[:240] for line in hlo.splitlines() if pattern.search(line)]
 
 
-def run_form(name: str, x, w, warmup: int, iters: int, show_hlo: bool = False) -> dict:
+def run_form(
+    name: str, x, w, warmup: int, iters: int, show_hlo: bool = False, options=None
+) -> dict:
     m, k = x.shape
     n = w.shape[1]
     row = {"form": name}
     try:
         prepared = FORMS[name](x, w)
-        fn = jax.jit(prepared.fn)
+        fn = jax.jit(prepared.fn, compiler_options=options)
         compiled = fn.lower(*prepared.args).compile()
         row["calls"] = gemm_calls(compiled.as_text())
         row["f8_gemm"] = F8_CALL in compiled.as_text()
@@ -312,7 +323,9 @@ def run_form(name: str, x, w, warmup: int, iters: int, show_hlo: bool = False) -
     return row
 
 
-def run_shape(name: str, shape, forms, warmup: int, iters: int, show_hlo=False) -> list[dict]:
+def run_shape(
+    name: str, shape, forms, warmup: int, iters: int, show_hlo=False, options=None
+) -> list[dict]:
     m, k, n = shape
     kx, kw, ks, kc = jax.random.split(jax.random.key(0), 4)
     x = jax.random.normal(kx, (m, k), F32) * jnp.exp(0.5 * jax.random.normal(ks, (m, 1)))
@@ -321,7 +334,7 @@ def run_shape(name: str, shape, forms, warmup: int, iters: int, show_hlo=False) 
     rows = []
     for form in forms:
         row = {"shape": name, "M": m, "K": k, "N": n}
-        row.update(run_form(form, x, w, warmup, iters, show_hlo))
+        row.update(run_form(form, x, w, warmup, iters, show_hlo, options))
         rows.append(row)
         print(json.dumps(row), flush=True)
     base = next((r["tflops"] for r in rows if r["form"] == "bf16" and "tflops" in r), None)
@@ -373,9 +386,16 @@ def main():
     )
     parser.add_argument("--json", default=None, help="also write every row to this file")
     parser.add_argument(
+        "--xla_defaults",
+        action="store_true",
+        help="compile with XLA's default GEMM choice (Triton GEMM fusions autotuned) instead of "
+        "the model's CUBLASLT_COMPILER_OPTIONS; XLA_FLAGS then decide",
+    )
+    parser.add_argument(
         "--max_seconds", type=float, default=None, help="start no new shape after this long"
     )
     args = parser.parse_args()
+    options = None if args.xla_defaults else CUBLASLT_COMPILER_OPTIONS
     table = SMOKE_SHAPES if args.smoke else SHAPES
     shapes = list(table) if args.smoke or not args.shapes else args.shapes
     device = jax.devices()[0]
@@ -391,7 +411,9 @@ def main():
         if args.max_seconds is not None and time.perf_counter() - start > args.max_seconds:
             print(f"--max_seconds {args.max_seconds:g} reached: skipping {name} and after")
             break
-        rows += run_shape(name, table[name], args.forms, args.warmup, args.iters, args.show_hlo)
+        rows += run_shape(
+            name, table[name], args.forms, args.warmup, args.iters, args.show_hlo, options
+        )
         done.append(name)
     shapes = done
     if args.json:

@@ -60,6 +60,14 @@ BLOCK_LINEARS: tuple[tuple[str, str], ...] = (
 )
 WEIGHT_LAYOUT = "kernel:out_channel"
 TOKEN_LAYOUT = "tokens:row"
+# XLA options for a program that runs "cublaslt" FP8 linears (`jax.jit(...,
+# compiler_options=...)`). By default XLA's GPU autotuner weighs Triton GEMM fusions against
+# cuBLAS for every dot; with the activations quantized inside the program it fuses the quantize
+# into a Triton FP8 GEMM, whose autotuning did not finish in 90 s for one 14B linear on an H200
+# (benchmarks/fp8_compile_flags.sh, RESULTS.md). Without Triton GEMMs the dot becomes cuBLASLt's
+# FP8 GEMM (`__cublas$lt$matmul$f8`), compiled in seconds; the bf16 GEMMs beside it go to
+# cuBLASLt too, measured as fast at the DiT's shapes.
+CUBLASLT_COMPILER_OPTIONS: dict[str, bool] = {"xla_gpu_enable_triton_gemm": False}
 
 
 def check_impl(impl: str) -> Fp8LinearImpl:
@@ -97,6 +105,14 @@ def check_backend(impl: str, device: jax.Device | None = None) -> None:
             f"capability >= {cc}), but {why}; impl 'emulated' computes the same values with a "
             f"float32 matmul"
         )
+
+
+def compiler_options(linear_quant: str, impl: str) -> dict[str, bool]:
+    """The XLA options a program running `linear_quant` block linears by `impl` needs (pass to
+    `jax.jit(compiler_options=...)`): `CUBLASLT_COMPILER_OPTIONS` for "fp8" by "cublaslt", else
+    none."""
+    check_impl(impl)
+    return dict(CUBLASLT_COMPILER_OPTIONS) if linear_quant == "fp8" and impl == "cublaslt" else {}
 
 
 def _quantize(x: Array, axis: int, impl: str, layout: str) -> QuantizedTensor:

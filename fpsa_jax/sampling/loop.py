@@ -11,7 +11,8 @@ Model function. `model_fn(latents [2B, F, H, W, C], timesteps [2B], context [2B,
 attention) -> velocity [2B, F, H, W, C]`. A plain function is a static part of the compiled
 program, and so is anything it closes over: arrays it closes over become constants of the
 program. Bind weights with `jax.tree_util.Partial(fn, params)` (fn(params, latents, ...)) so
-they stay traced arguments; `wan_model_fn` does this for `WanModel`.
+they stay traced arguments; `wan_model_fn` does this for `WanModel`, and its model function
+names the XLA options its programs need (FP8 linears on cuBLASLt: `segment_runner`).
 
 Progress. Each step ends with a `jax.debug.callback` that reports (steps done, N) to the host,
 so a progress bar moves per step while the loop itself stays on the device. The hook runs on a
@@ -121,6 +122,11 @@ class _WanApply:
             out, _ = apply(mutable=["intermediates"])
         return out
 
+    @property
+    def compiler_options(self) -> dict[str, bool]:
+        """XLA options the programs calling this model need (FP8 linears on cuBLASLt)."""
+        return fp8_linear.compiler_options(self.config.linear_quant, self.linear_impl)
+
 
 def wan_model_fn(
     config: WanConfig,
@@ -162,8 +168,7 @@ def _report_progress(run_id, step, num_steps, anchor) -> None:
         hook(int(step), int(num_steps))
 
 
-@functools.partial(jax.jit, static_argnames=("attention", "solver"))
-def _run_segment(
+def _segment_body(
     model_fn,
     x,
     state,
@@ -195,6 +200,26 @@ def _run_segment(
         return x, state
 
     return jax.lax.fori_loop(start, stop, body, (x, state))
+
+
+_run_segment = jax.jit(_segment_body, static_argnames=("attention", "solver"))
+
+
+@functools.cache
+def _run_segment_with(options: tuple[tuple[str, bool], ...]):
+    """`_run_segment` compiled with XLA `options` (one jit, and so one cache, per option set)."""
+    if not options:
+        return _run_segment
+    return jax.jit(
+        _segment_body, static_argnames=("attention", "solver"), compiler_options=dict(options)
+    )
+
+
+def segment_runner(model_fn):
+    """The jitted segment loop for `model_fn`: with the XLA options its model needs when it is a
+    `wan_model_fn` (`_WanApply.compiler_options`), else the plain one."""
+    options = getattr(getattr(model_fn, "func", None), "compiler_options", None) or {}
+    return _run_segment_with(tuple(sorted(options.items())))
 
 
 def _check_inputs(model_fn, noise, context, negative_context, guide_scale, solver, schedule):
@@ -277,6 +302,7 @@ def sample(
     ctx = jnp.concatenate([_pad_rows(context, lt), _pad_rows(neg.astype(context.dtype), lt)])
 
     fn = model_fn if isinstance(model_fn, Partial) else Partial(model_fn)
+    run_segment = segment_runner(fn)
     x, state = noise, spec.init(noise)
     g = jnp.float32(guide_scale)
     run_id = next(_RUN_IDS) % (2**31 - 1)
@@ -285,7 +311,7 @@ def sample(
             _HOOKS[run_id] = progress
     try:
         for seg in step_segments(schedule, sched.num_steps):
-            x, state = _run_segment(
+            x, state = run_segment(
                 fn,
                 x,
                 state,

@@ -8,6 +8,7 @@ from jax.tree_util import Partial
 
 from fpsa_jax.attention import FPSAConfig, StepSchedule
 from fpsa_jax.config import WanConfig
+from fpsa_jax.model.fp8_linear import CUBLASLT_COMPILER_OPTIONS
 from fpsa_jax.model.wan import WanModel
 from fpsa_jax.sampling import (
     Segment,
@@ -19,7 +20,7 @@ from fpsa_jax.sampling import (
     unipc_tables,
     wan_model_fn,
 )
-from fpsa_jax.sampling.loop import _run_segment
+from fpsa_jax.sampling.loop import _run_segment, _WanApply, segment_runner
 from tests.sampling.reference import reference_sample
 from tests.sampling.toy import inputs, rel_err, toy_velocity
 
@@ -216,6 +217,24 @@ def test_wan_model_fn_checks_the_fp8_linears_when_built():
     with pytest.raises(ValueError, match="FP8 tensor cores .* the backend is cpu"):
         wan_model_fn(fp8, params=None)  # "cublaslt" by default
     wan_model_fn(fp8, params=None, linear_impl="emulated")  # runs anywhere
+
+
+def test_only_a_model_with_cublaslt_fp8_linears_compiles_with_their_xla_options():
+    fp8 = WanConfig.preset("tiny", linear_quant="fp8")
+    # Built directly: wan_model_fn refuses "cublaslt" on a CPU before any program exists.
+    cublaslt = Partial(_WanApply(fp8, "xla", None, "cublaslt"), None, None)
+    runner = segment_runner(cublaslt)
+    assert runner is not _run_segment and runner is segment_runner(cublaslt)  # one jit cache
+    assert cublaslt.func.compiler_options == CUBLASLT_COMPILER_OPTIONS
+    for plain in (
+        wan_model_fn(fp8, params=None, linear_impl="emulated"),
+        wan_model_fn(WanConfig.preset("tiny"), params=None),
+        Partial(toy_velocity, jnp),
+    ):
+        assert segment_runner(plain) is _run_segment
+    # XLA accepts the options on this backend too (they are GPU debug options, ignored here).
+    compiled = jax.jit(lambda x: x @ x, compiler_options=CUBLASLT_COMPILER_OPTIONS)
+    np.testing.assert_allclose(compiled(jnp.eye(3) * 2), jnp.eye(3) * 4)
 
 
 @pytest.mark.parametrize(
