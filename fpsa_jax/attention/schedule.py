@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import numbers
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -151,12 +152,13 @@ class StepSchedule:
         return cls.from_dict(json.loads(text))
 
     @classmethod
-    def load(cls, spec: str) -> StepSchedule:
-        """A preset name (see `preset`) or, for a name ending in .json, the file `to_json` wrote.
+    def load(cls, spec: str | os.PathLike) -> StepSchedule:
+        """A preset name (see `preset`) or, for a path ending in .json, the file `to_json` wrote.
 
         Raises FileNotFoundError for a missing file, ValueError for an unknown preset or a file
         that is not a schedule.
         """
+        spec = os.fspath(spec)
         if not spec.endswith(".json"):
             return cls.preset(spec)
         path = Path(spec)
