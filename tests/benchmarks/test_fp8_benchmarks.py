@@ -1,30 +1,16 @@
 """The FP8-linear benchmarks run small on CPU and refuse bad input before any work."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import subprocess_env
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _bench(script, *args, timeout=300):
-    return subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / script), *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=subprocess_env(),
-    )
+from tests.benchmarks.bench import run_benchmark
 
 
 def test_fp8_gemm_smoke_times_every_form_and_checks_the_model_form(tmp_path):
-    result = _bench("fp8_gemm.py", "--smoke", "--iters", "2", "--json", str(tmp_path / "r.json"))
+    result = run_benchmark(
+        "fp8_gemm.py", "--smoke", "--iters", "2", "--json", str(tmp_path / "r.json")
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "| (b) model, linear |" in result.stdout and "cuBLASLt FP8 call" in result.stdout
     rows = {(r["shape"], r["form"]): r for r in json.loads((tmp_path / "r.json").read_text())}
@@ -38,7 +24,9 @@ def test_fp8_gemm_smoke_times_every_form_and_checks_the_model_form(tmp_path):
 
 
 def test_fp8_linear_error_reports_every_linear_and_the_output(tmp_path):
-    result = _bench("fp8_linear_error.py", "--cases", "tiny-cpu", "--linear_impl", "emulated")
+    result = run_benchmark(
+        "fp8_linear_error.py", "--cases", "tiny-cpu", "--linear_impl", "emulated"
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     out = result.stdout
     assert "| layer | stream | self.q |" in out and "| mean |" in out
@@ -47,7 +35,7 @@ def test_fp8_linear_error_reports_every_linear_and_the_output(tmp_path):
 
 
 def test_dit_forward_times_bf16_and_fp8_linears_in_one_run():
-    result = _bench(
+    result = run_benchmark(
         "dit_forward.py", "--cases", "tiny-cpu", "--linear_quant", "none", "fp8",
         "--linear_impl", "emulated", "--repeats", "1", "--batch", "2",
     )  # fmt: skip
@@ -70,7 +58,7 @@ def test_dit_forward_times_bf16_and_fp8_linears_in_one_run():
     ],
 )
 def test_bad_input_is_refused_in_one_line(script, args, message):
-    result = _bench(script, *args, timeout=120)
+    result = run_benchmark(script, *args, timeout=120)
     assert result.returncode == 2, result.stderr[-2000:]
     last = result.stderr.strip().splitlines()[-1]
     assert message in last and "Traceback" not in result.stderr

@@ -3,17 +3,14 @@ mean density they report, and bad input refused in one line before any sampling 
 
 import dataclasses
 import importlib.util
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from fpsa_jax.attention import StepSchedule
 from fpsa_jax.demo import DEFAULT_CHECKPOINT, DENSE_CHECKPOINT, load_demo
-from tests.conftest import subprocess_env
+from tests.benchmarks.bench import ROOT, run_benchmark
 
-ROOT = Path(__file__).resolve().parents[2]
 CALIBRATED = ROOT / "train" / "configs" / "demo-schedule-35.json"
 
 
@@ -23,17 +20,6 @@ def _module(name):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def _bench(script, *args, timeout=120):
-    return subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / script), *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=subprocess_env(),
-    )
 
 
 def test_each_further_checkpoint_adds_its_labelled_rows_and_a_new_schedule_its_baseline():
@@ -89,7 +75,7 @@ def test_mean_density_averages_each_steps_window_over_the_sampling_steps():
     ],
 )
 def test_bad_input_is_refused_in_one_line(script, args, message, tmp_path):
-    result = _bench(script, *args, "--json" if script == "quality.py" else "--runs_dir", str(
+    result = run_benchmark(script, *args, "--json" if script == "quality.py" else "--runs_dir", str(
         tmp_path / ("q.json" if script == "quality.py" else "runs")
     ))  # fmt: skip
     assert result.returncode == 2, result.stderr[-2000:]
