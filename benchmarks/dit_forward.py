@@ -1,13 +1,23 @@
-"""One Wan2.1 DiT forward on a GPU: ms per forward and peak device memory.
+"""One Wan2.1 DiT forward on a GPU: ms per forward and per layer, split into the self-attention
+operator and the rest, and peak device memory.
 
 Random bf16 weights (the head randomised too, so no output is trivially zero), random latents,
-timesteps and text, dense cuDNN bf16 self-attention. Median of timed runs after a warm-up, each
-synchronised with block_until_ready. --linear_quant none fp8 times each case with bf16 and with
-FP8 block linears (weights quantized at load, `fpsa_jax.model.fp8_linear`) in the same run;
---num_layers cuts the preset to fewer blocks (ms per layer stays comparable, compiles faster).
+timesteps and text. Self-attention per --attention: "dense" (the operator with no FPSA config:
+cuDNN bf16 under impl "auto" on a GPU) or PRESET:PHASE, one phase of a StepSchedule preset (e.g.
+wan-720p:2, the late phase). Median of timed runs after a warm-up, each synchronised with
+block_until_ready. --linear_quant none fp8 times each case with bf16 and with FP8 block linears
+(weights quantized at load, `fpsa_jax.model.fp8_linear`) in the same run; --num_layers cuts the
+preset to fewer blocks (ms per layer stays comparable, compiles faster).
+
+Split: the self-attention operator alone (`fpsa_attention` on random bf16 q, k, v of the layer's
+shape [B, L, N, D], same config and impl, its own jit) is timed in the same run; "rest" = ms per
+layer - that. It assumes the operator costs inside the block what it costs alone (it is one
+kernel call either way); the norms, RoPE, projections, cross-attention and FFN are the rest.
 
     python benchmarks/dit_forward.py                       # 1.3B/480p and 14B/720p
     python benchmarks/dit_forward.py --batch 2 --linear_quant none fp8 --num_layers 8
+    python benchmarks/dit_forward.py --cases 14b-720p --batch 2 --num_layers 2 \
+        --attention dense wan-720p:2 --linear_quant none fp8
     python benchmarks/dit_forward.py --cases tiny-cpu      # smoke test anywhere
     python benchmarks/dit_forward.py --cases tiny-cpu --linear_quant fp8 --linear_impl emulated
 """
@@ -22,7 +32,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from fpsa_jax.attention import IMPLS, Impl
+from fpsa_jax.attention import IMPLS, FPSAConfig, Impl, StepSchedule, fpsa_attention
 from fpsa_jax.config import LINEAR_QUANTS, WanConfig
 from fpsa_jax.model.fp8_linear import (
     FP8_LINEAR_IMPLS,
@@ -42,6 +52,33 @@ CASES = {
 }
 
 
+def parse_attention(spec: str) -> FPSAConfig | None:
+    """None for "dense", else the FPSAConfig of "PRESET:PHASE"; ValueError naming the problem."""
+    if spec == "dense":
+        return None
+    preset, sep, phase = spec.partition(":")
+    if not sep or not phase.isdigit():
+        raise ValueError(f"--attention takes dense or PRESET:PHASE (e.g. wan-720p:2), got {spec!r}")
+    phases = StepSchedule.preset(preset).phases
+    if int(phase) >= len(phases):
+        raise ValueError(f"--attention {spec}: {preset} has phases 0..{len(phases) - 1}")
+    return phases[int(phase)].config
+
+
+def median_ms(fn, *args, repeats: int) -> tuple[float, float, float]:
+    """(first call s, median ms, min ms) of fn(*args), each call synchronised."""
+    start = time.perf_counter()
+    out = jax.block_until_ready(fn(*args))
+    first = time.perf_counter() - start
+    assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(out)), "non-finite output"
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return first, 1e3 * statistics.median(times), 1e3 * min(times)
+
+
 def run_case(
     name: str,
     repeats: int,
@@ -50,6 +87,7 @@ def run_case(
     linear_impl: Fp8LinearImpl = "cublaslt",
     batch: int = 1,
     num_layers: int | None = None,
+    attention: str = "dense",
 ) -> dict:
     preset, f, h, w = CASES[name]
     overrides = {} if num_layers is None else {"num_layers": num_layers}
@@ -64,22 +102,24 @@ def run_case(
     timesteps = jax.random.uniform(k2, (batch,), jnp.float32, 0, 1000)
     context = jax.random.normal(k3, (batch, config.text_len, config.text_dim), jnp.bfloat16)
     model = WanModel(config, attention_impl=impl, linear_impl=linear_impl)
+    fpsa = parse_attention(attention)
     forward = jax.jit(
-        lambda p, x, t, c: model.apply({"params": p}, x, t, c),
+        lambda p, x, t, c: model.apply({"params": p}, x, t, c, attention=fpsa),
         compiler_options=compiler_options(config.linear_quant, linear_impl),
     )
+    compile_s, ms, min_ms = median_ms(forward, params, latents, timesteps, context, repeats=repeats)
 
-    start = time.perf_counter()
-    out = jax.block_until_ready(forward(params, latents, timesteps, context))
-    compile_s = time.perf_counter() - start
-    assert bool(jnp.isfinite(out).all()), "non-finite output"
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(forward(params, latents, timesteps, context))
-        times.append(time.perf_counter() - start)
+    pt, ph, pw = config.patch_size
+    grid = (f // pt, h // ph, w // pw)
+    qkv_shape = (batch, f * (h // ph) * (w // pw), config.num_heads, config.head_dim)
+    q, k, v = (
+        jax.random.normal(key, qkv_shape, jnp.bfloat16)
+        for key in jax.random.split(jax.random.key(2), 3)
+    )
+    operator = jax.jit(lambda q, k, v: fpsa_attention(q, k, v, grid=grid, config=fpsa, impl=impl))
+    _, attention_ms, _ = median_ms(operator, q, k, v, repeats=repeats)
     stats = jax.devices()[0].memory_stats() or {}
-    tokens = f * (h // 2) * (w // 2)
+    tokens = qkv_shape[1]
     return {
         "case": name,
         "linear_quant": linear_quant,
@@ -89,8 +129,11 @@ def run_case(
         "params": config.num_params(),
         "tokens": tokens,
         "first_call_s": compile_s,
-        "ms": 1e3 * statistics.median(times),
-        "min_ms": 1e3 * min(times),
+        "ms": ms,
+        "min_ms": min_ms,
+        "attention": attention,
+        "attention_ms": attention_ms,
+        "rest_ms": ms / config.num_layers - attention_ms,
         "peak_gib": stats.get("peak_bytes_in_use", float("nan")) / 2**30,
     }
 
@@ -112,7 +155,18 @@ def main():
     )
     parser.add_argument("--batch", type=int, default=1, help="B (2 = the CFG pair)")
     parser.add_argument("--num_layers", type=int, default=None, help="blocks (default: preset's)")
+    parser.add_argument(
+        "--attention",
+        nargs="+",
+        default=["dense"],
+        help="self-attention of each row: dense or PRESET:PHASE (e.g. wan-720p:2)",
+    )
     args = parser.parse_args()
+    for spec in args.attention:
+        try:
+            parse_attention(spec)
+        except ValueError as e:
+            parser.error(str(e))
     if "fp8" in args.linear_quant:
         try:
             check_backend(args.linear_impl)
@@ -124,21 +178,31 @@ def main():
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}")
     rows = [
         run_case(
-            name, args.repeats, args.impl, quant, args.linear_impl, args.batch, args.num_layers
+            name,
+            args.repeats,
+            args.impl,
+            quant,
+            args.linear_impl,
+            args.batch,
+            args.num_layers,
+            attention,
         )
         for name in args.cases
+        for attention in args.attention
         for quant in args.linear_quant
     ]
     print(
-        "| case | linear quant | B | layers | params | param GiB | tokens | ms / forward (median) "
-        "| ms / layer | min ms | first call s | peak GiB |"
+        "| case | attention | linear quant | B | layers | params | param GiB | tokens "
+        "| ms / forward (median) | ms / layer | attention ms / layer | rest ms / layer | min ms "
+        "| first call s | peak GiB |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['case']} | {r['linear_quant']} | {r['batch']} | {r['layers']} | "
-            f"{r['params'] / 1e9:.2f}B | {r['param_gib']:.2f} | {r['tokens']:,} | {r['ms']:.1f} | "
-            f"{r['ms'] / r['layers']:.1f} | {r['min_ms']:.1f} | {r['first_call_s']:.1f} | "
+            f"| {r['case']} | {r['attention']} | {r['linear_quant']} | {r['batch']} | "
+            f"{r['layers']} | {r['params'] / 1e9:.2f}B | {r['param_gib']:.2f} | {r['tokens']:,} | "
+            f"{r['ms']:.1f} | {r['ms'] / r['layers']:.1f} | {r['attention_ms']:.1f} | "
+            f"{r['rest_ms']:.1f} | {r['min_ms']:.1f} | {r['first_call_s']:.1f} | "
             f"{r['peak_gib']:.1f} |"
         )
 

@@ -34,13 +34,20 @@ def test_fp8_linear_error_reports_every_linear_and_the_output(tmp_path):
     assert 0 < rel < 0.1
 
 
-def test_dit_forward_times_bf16_and_fp8_linears_in_one_run():
+def test_dit_forward_times_bf16_and_fp8_linears_dense_and_fpsa_with_the_attention_split():
     result = run_benchmark(
         "dit_forward.py", "--cases", "tiny-cpu", "--linear_quant", "none", "fp8",
-        "--linear_impl", "emulated", "--repeats", "1", "--batch", "2",
+        "--attention", "dense", "demo:0", "--linear_impl", "emulated", "--repeats", "1",
+        "--batch", "2",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "| tiny-cpu | none | 2 |" in result.stdout and "| tiny-cpu | fp8 | 2 |" in result.stdout
+    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if "| tiny-cpu |" in line]
+    assert [(r[1].strip(), r[2].strip()) for r in rows] == [
+        ("dense", "none"), ("dense", "fp8"), ("demo:0", "none"), ("demo:0", "fp8"),
+    ]  # fmt: skip
+    for r in rows:
+        per_layer, attention, rest = (float(r[i]) for i in (9, 10, 11))
+        assert attention > 0 and rest == pytest.approx(per_layer - attention, abs=0.11)
 
 
 @pytest.mark.parametrize(
@@ -49,6 +56,8 @@ def test_dit_forward_times_bf16_and_fp8_linears_in_one_run():
         ("dit_forward.py", ["--linear_quant", "int8"], "invalid choice: 'int8'"),
         ("dit_forward.py", ["--linear_quant", "fp8"], "--linear_quant fp8: FP8 linears"),
         ("dit_forward.py", ["--num_layers", "0"], "--num_layers must be >= 1"),
+        ("dit_forward.py", ["--attention", "sparse"], "--attention takes dense or PRESET:PHASE"),
+        ("dit_forward.py", ["--attention", "wan-720p:3"], "wan-720p has phases 0..2"),
         ("e2e.py", ["--linear_quant", "fp8"], "the backend is cpu"),
         ("e2e.py", ["--linear_quant", "fp16"], "invalid choice: 'fp16'"),
         ("fp8_linear_error.py", ["--cases", "tiny-cpu"], "the backend is cpu"),
