@@ -51,6 +51,24 @@ def mean_density(schedule, num_steps: int, grid=DEMO_GRID) -> float:
     return sum(1.0 if c is None else c.density(grid) for c in configs) / num_steps
 
 
+def check_variant(config: str, schedule: str, sets: list[str]) -> None:
+    """Raises (naming the problem) when `python -m train` would refuse the variant's schedule or
+    TrainConfig fields, so no run starts before every variant is known to be valid. Values parse
+    as train's --set does: JSON, else a bare string."""
+    from fpsa_jax.attention import StepSchedule
+    from fpsa_jax.training import TrainConfig
+
+    fields = json.loads(Path(ROOT / config).read_text())
+    for item in sets:
+        key, _, value = item.partition("=")
+        try:
+            fields[key] = json.loads(value)
+        except json.JSONDecodeError:
+            fields[key] = value
+    path = ROOT / schedule if schedule.endswith(".json") else schedule  # else a preset name
+    TrainConfig.from_dict(fields).replace(schedule=StepSchedule.load(path))
+
+
 def train_command(args, name: str, schedule: str, sets: list[str]) -> list[str]:
     command = [
         sys.executable, "-m", "train",
@@ -122,6 +140,13 @@ def main() -> None:
     from fpsa_jax.demo import DENSE_CHECKPOINT, load_demo
 
     args.dense = args.dense or str(DENSE_CHECKPOINT)
+    if not Path(args.dense).is_file():
+        parser.error(f"--dense: no checkpoint file {args.dense}")
+    for name, schedule, sets in variants:
+        try:
+            check_variant(args.config, schedule, sets)
+        except (OSError, TypeError, ValueError) as e:
+            parser.error(f"--variant {name}: {e}")
     Path(args.runs_dir).mkdir(parents=True, exist_ok=True)
     for name in names:
         if (Path(args.runs_dir) / name).exists():

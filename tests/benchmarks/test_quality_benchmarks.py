@@ -72,6 +72,10 @@ def test_mean_density_averages_each_steps_window_over_the_sampling_steps():
             "multiples of the smallest eval step",
         ),
         ("qat_sweep.py", ["--variant", "a=demo", "--eval_steps", "0"], "must lie in [1,"),
+        ("qat_sweep.py", ["--variant", "a=nosuch"], "unknown StepSchedule preset 'nosuch'"),
+        ("qat_sweep.py", ["--variant", "a=demo;sigma_shift=-1"], "--variant a: TrainConfig.sigma"),
+        ("qat_sweep.py", ["--variant", "a=demo;speed=2"], "unknown TrainConfig fields ['speed']"),
+        ("qat_sweep.py", ["--variant", "a=demo", "--dense", "no.safetensors"], "--dense: no ch"),
     ],
 )
 def test_bad_input_is_refused_in_one_line(script, args, message, tmp_path):
