@@ -25,9 +25,12 @@ kernel call either way); the norms, RoPE, projections, cross-attention and FFN a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
+import math
 import statistics
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -79,21 +82,34 @@ def median_ms(fn, *args, repeats: int) -> tuple[float, float, float]:
     return first, 1e3 * statistics.median(times), 1e3 * min(times)
 
 
-def run_case(
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One DiT forward ready to run: `forward(*args)`; the self-attention's grid, [B, L, N, D]
+    shape and config (None: dense)."""
+
+    config: WanConfig
+    forward: Callable
+    args: tuple
+    grid: tuple[int, int, int]
+    qkv_shape: tuple[int, int, int, int]
+    fpsa: FPSAConfig | None
+
+
+def build_case(
     name: str,
-    repeats: int,
-    impl: Impl,
+    impl: Impl = "auto",
     linear_quant: str = "none",
     linear_impl: Fp8LinearImpl = "cublaslt",
     batch: int = 1,
     num_layers: int | None = None,
     attention: str = "dense",
-) -> dict:
+) -> Case:
+    """Random weights (FP8 linears quantized at load for "fp8"), latents, timesteps and text of
+    case `name`, and the jitted forward."""
     preset, f, h, w = CASES[name]
     overrides = {} if num_layers is None else {"num_layers": num_layers}
     config = WanConfig.preset(preset, dtype="bfloat16", param_dtype="bfloat16", **overrides)
-    key = jax.random.key(0)
-    params = random_weights(functools.partial(init_params, config), key)
+    params = random_weights(functools.partial(init_params, config), jax.random.key(0))
     if linear_quant == "fp8":
         config = config.replace(linear_quant="fp8")
         params = quantize_linear_weights(params)  # at load: the bf16 kernels are dropped
@@ -107,11 +123,26 @@ def run_case(
         lambda p, x, t, c: model.apply({"params": p}, x, t, c, attention=fpsa),
         compiler_options=compiler_options(config.linear_quant, linear_impl),
     )
-    compile_s, ms, min_ms = median_ms(forward, params, latents, timesteps, context, repeats=repeats)
-
     pt, ph, pw = config.patch_size
     grid = (f // pt, h // ph, w // pw)
-    qkv_shape = (batch, f * (h // ph) * (w // pw), config.num_heads, config.head_dim)
+    qkv_shape = (batch, math.prod(grid), config.num_heads, config.head_dim)
+    return Case(config, forward, (params, latents, timesteps, context), grid, qkv_shape, fpsa)
+
+
+def run_case(
+    name: str,
+    repeats: int,
+    impl: Impl,
+    linear_quant: str = "none",
+    linear_impl: Fp8LinearImpl = "cublaslt",
+    batch: int = 1,
+    num_layers: int | None = None,
+    attention: str = "dense",
+) -> dict:
+    case = build_case(name, impl, linear_quant, linear_impl, batch, num_layers, attention)
+    config, params = case.config, case.args[0]
+    compile_s, ms, min_ms = median_ms(case.forward, *case.args, repeats=repeats)
+    grid, fpsa, qkv_shape = case.grid, case.fpsa, case.qkv_shape
     q, k, v = (
         jax.random.normal(key, qkv_shape, jnp.bfloat16)
         for key in jax.random.split(jax.random.key(2), 3)

@@ -171,6 +171,9 @@ def fpsa_attention(
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     name = resolve_impl(impl, config, q.dtype, q.shape[-1])
-    if config is not None and config.smooth_k:  # one place for every impl
-        k = center_keys(k)
-    return REGISTRY[name](q, k, v, grid=g, config=config, scale=scale)
+    # The scope names every op of the operator in HLO metadata and profiles
+    # (benchmarks/layer_profile.py tells the operator's time from the rest of a layer by it).
+    with jax.named_scope(f"fpsa_attention_{name}"):
+        if config is not None and config.smooth_k:  # one place for every impl
+            k = center_keys(k)
+        return REGISTRY[name](q, k, v, grid=g, config=config, scale=scale)
