@@ -4,6 +4,7 @@
     python benchmarks/attention.py --xla           # also the portable `xla` path
     python benchmarks/attention.py --quick         # small shapes; runs on CPU (xla only)
     python benchmarks/attention.py --out rows.json # also write rows (.json or .md)
+    python benchmarks/attention.py --impls triton  # only triton's rows (and cuDNN bf16)
 
 bf16 random-normal inputs, B = 1, D = 128, tile (3, 8, 8). Forward rows: cuDNN bf16 and FP8
 (dense), `mosaic` and `triton` FP8 with the full window and at ~50/75/90% sparsity, both bf16
@@ -117,6 +118,8 @@ def run(args) -> list[dict]:
         fwd_flops = 4 * b * n * length * length * d
         base = {}
         for kind, impl, config, label in cases(shape, tile, args.xla, on_gpu):
+            if args.impls and impl not in args.impls and impl != "cudnn":
+                continue  # cuDNN bf16 always runs: every speedup is against it
             try:
                 fn, fn_args = timed_call(kind, impl, config, shape.grid, q, k, v)
                 t = median_seconds(fn, fn_args, args.warmup, args.iters)
@@ -175,6 +178,12 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed runs first (compiles)")
     p.add_argument("--xla", action="store_true", help="also time the portable xla path")
     p.add_argument("--out", type=Path, help="write rows to this .json or .md file")
+    p.add_argument(
+        "--impls",
+        nargs="+",
+        choices=("cudnn_fp8", "mosaic", "triton", "pallas", "xla"),
+        help="only these impls' rows (and cuDNN bf16, the baseline)",
+    )
     args = p.parse_args(argv)
     if args.iters < 1 or args.warmup < 1:
         p.error("--iters and --warmup must be >= 1")
