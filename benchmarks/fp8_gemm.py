@@ -12,8 +12,9 @@ pre-quantized activations. Forms:
   (b) dequant-then-dot      convert(f8 -> bf16) [* scalar scale] then dot: the pattern XLA's GEMM
                             rewriter turns into cuBLASLt's FP8 GEMM. "model" is
                             fpsa_jax.model.fp8_linear's form (per-token and per-channel scales on
-                            the output); variants: per-tensor activation scale inside the GEMM,
-                            bf16 GEMM output, weight stored [N, K]
+                            the GEMM's bf16 output); variants: per-tensor activation scale inside
+                            the GEMM, float32 GEMM output (the model's form before 2026-12-01),
+                            weight stored [N, K]
   (c) flax fp8_ops          flax.linen.fp8_ops.fp8_scaled_dot_general: per-tensor scales from an
                             amax history (length 1, the current amax), both operands quantized at
                             every call (flax has no pre-quantized-weight path)
@@ -55,6 +56,7 @@ from timing import median_seconds  # benchmarks/timing.py (scripts run from thei
 from fpsa_jax.attention.quant import FP8, QuantizedTensor, to_e4m3
 from fpsa_jax.model.fp8_linear import (
     CUBLASLT_COMPILER_OPTIONS,
+    GEMM_OUTPUT_DTYPES,
     quantize_tokens,
     quantize_weight,
     scaled_fp8_dot,
@@ -139,14 +141,15 @@ def f8_dot(precision, x, w):
     return Prepared(fn, (qx.values, qx.scales, qw.values, qw.scales), (_deq(qx), _deq(qw)))
 
 
-def model_gemm(x, w):
+def model_gemm(x, w, gemm_dtype=GEMM_OUTPUT_DTYPES["cublaslt"]):
     qx, qw = quantize_tokens(x, "cublaslt"), quantize_weight(w)
-    return Prepared(scaled_fp8_dot, (qx, qw), (_deq(qx), _deq(qw)))
+    fn = lambda qx, qw: scaled_fp8_dot(qx, qw, gemm_dtype)  # noqa: E731
+    return Prepared(fn, (qx, qw), (_deq(qx), _deq(qw)))
 
 
-def model_linear(x, w):
+def model_linear(x, w, gemm_dtype=GEMM_OUTPUT_DTYPES["cublaslt"]):
     qw = quantize_weight(w)
-    fn = lambda x, qw: scaled_fp8_dot(quantize_tokens(x, "cublaslt"), qw)  # noqa: E731
+    fn = lambda x, qw: scaled_fp8_dot(quantize_tokens(x, "cublaslt"), qw, gemm_dtype)  # noqa: E731
     return Prepared(fn, (x, qw), (_deq(quantize_tokens(x, "cublaslt")), _deq(qw)))
 
 
@@ -168,19 +171,6 @@ def per_tensor_in_gemm(x, w):
     sx = _per_tensor(x).astype(BF16).astype(F32)
     xd = to_e4m3(x.astype(F32) / _per_tensor(x)).astype(F32) * sx
     return Prepared(fn, (x, qw), (xd, _deq(qw)))
-
-
-def bf16_output(x, w):
-    qw = quantize_weight(w)
-
-    def fn(x, qw):
-        qx = quantize_tokens(x, "cublaslt")
-        y = jax.lax.dot_general(
-            qx.values.astype(BF16), qw.values.astype(BF16), _dims(x), preferred_element_type=BF16
-        )
-        return y.astype(F32) * qx.scales * qw.scales
-
-    return Prepared(fn, (x, qw), (_deq(quantize_tokens(x, "cublaslt")), _deq(qw)))
 
 
 def weight_nk(x, w):
@@ -262,7 +252,7 @@ FORMS: dict[str, Callable[[jax.Array, jax.Array], Prepared]] = {
     "(b) model, GEMM": model_gemm,
     "(b) model, linear": model_linear,
     "(b) per-tensor x in GEMM, linear": per_tensor_in_gemm,
-    "(b) bf16 GEMM output, linear": bf16_output,
+    "(b) float32 GEMM output, linear": functools.partial(model_linear, gemm_dtype=F32),
     "(b) weight [N, K], linear": weight_nk,
     "(c) flax fp8_scaled_dot_general": flax_fp8,
     "(d) nn.scaled_matmul rows, GEMM": scaled_matmul_rows,
