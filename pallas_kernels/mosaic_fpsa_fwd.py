@@ -33,7 +33,7 @@ warpgroups of 64 query rows each (one wgmma M) and one producer warpgroup:
   finite values), lse2 float32 [B, N, Lp] for the backward.
 
 The running max starts at a finite -1e30 so that a key block of padding only gives p = 0 and
-alpha = 1, never NaN.
+alpha = 1, never NaN. 16-bit operands run the same kernel with P cast to their dtype (p_scale 1).
 
 Slots are valid first inside each tile (`kernel_layout`), so the key blocks at the end of an edge
 tile may hold only padding. This kernel still reads `kv_tiles` and walks every key block of the
@@ -44,7 +44,7 @@ of kv_tiles; a dynamic step count in the producer (its static prologue of `stage
 by `j < count`, the refill and drain loops over traced bounds) and in the consumers' pipelined
 loop (count >= 1 always holds: a query tile's own tile has a real block); and a consumer whose
 64 rows are all padding must still wait on every "full" barrier and arrive on every "empty" one
-(their arrival count is static), or the barriers' arrival count must become the live consumers. 16-bit operands run the same kernel with P cast to their dtype (p_scale 1).
+(their arrival count is static), or the barriers' arrival count must become the live consumers.
 
 `interpret=True` runs the kernel in Mosaic GPU's interpreter (CPU): the CI tests use it. There the
 P.V product goes to a fresh accumulator that is then added (the interpreter cannot run an

@@ -76,14 +76,15 @@ def default_launch(padded_tile: int) -> LaunchConfig:
     return LaunchConfig(block_m=64, num_warps=4)
 
 
-def make_kernel():
-    """Builds the Triton kernel (imports Triton here, so importing this module needs no Triton).
-
-    Under TRITON_INTERPRET=1 this returns Triton's CPU interpreter version (tests use it).
-    """
+try:
     import triton
     import triton.language as tl
+except ImportError:  # CPU-only installs: the kernel exists only where Triton does
+    triton = None
 
+if triton is not None:
+    # At module level, not inside `make_kernel`: Triton's interpreter re-executes a kernel's
+    # source in its module's globals, where a closure's helpers are not found.
     @triton.jit
     def _key_block(
         block, acc, m_i, l_i, q, q_scale, k_ptr, vt_ptr, k_scale_ptr, key_bias_ptr,
@@ -123,6 +124,16 @@ def make_kernel():
             # unbiased (least-squares scale 0.9993) with it, at no measurable cost.
             acc = tl.dot(p.to(vt.dtype), tl.trans(vt), acc, max_num_imprecise_acc=BLOCK_N)
         return acc, m_new, l_i
+
+
+def make_kernel():
+    """Builds the Triton kernel (importing this module needs no Triton; this does).
+
+    Under TRITON_INTERPRET=1 (set before Triton is first imported) this returns Triton's CPU
+    interpreter version (tests use it).
+    """
+    if triton is None:
+        raise ImportError("the Triton FPSA kernels need triton (pip install 'fpsa-jax[gpu]')")
 
     @triton.jit
     def fpsa_fwd_kernel(

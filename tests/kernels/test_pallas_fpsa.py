@@ -123,8 +123,8 @@ class TestPallasKernel(KernelBehaviour):
         args = (ops.q, ops.k, ops.v_t, ops.q_scale, ops.k_scale, ops.v_scale, ops.key_bias)
         blocks = key_block_list(ops.grid, ops.tile, info.window, ops.padded_tile, 64)
         fn = lambda *a: pallas_fpsa.fpsa_forward(
-            *a, blocks.blocks, blocks.count, padded_tile=ops.padded_tile, scale=scale, p_scale=p_scale,
-            out_dtype=out_dtype, block_q=64, block_k=64,
+            *a, blocks.blocks, blocks.count, padded_tile=ops.padded_tile, scale=scale,
+            p_scale=p_scale, out_dtype=out_dtype, block_q=64, block_k=64,
             interpret=jax.default_backend() != "gpu",
         )  # fmt: skip
         return jax.jit(fn)(*args)
