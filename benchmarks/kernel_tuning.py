@@ -21,7 +21,7 @@ from attention import FULL_SHAPES, TILE, pick_window
 from timing import median_seconds  # benchmarks/timing.py (scripts run from their folder)
 
 from fpsa_jax.attention import FPSAConfig, build_mask_info
-from fpsa_jax.attention.kernel_layout import PREPASSES, quantize_for_kernel
+from fpsa_jax.attention.kernel_layout import PREPASSES, key_block_list, quantize_for_kernel
 from pallas_kernels.triton_fpsa_bwd import BackwardLaunch, fpsa_backward
 from pallas_kernels.triton_fpsa_fwd import BLOCK_N, LaunchConfig, fpsa_forward
 
@@ -96,9 +96,11 @@ def prepass_fn(q, k, v, *, grid, config, prepass):
 
 
 def forward_fn(info, padded_tile, scale, launch):
+    blocks = key_block_list(info.grid, info.tile, info.window, padded_tile, BLOCK_N)
     return lambda *ops: fpsa_forward(
         *ops,
-        info.kv_tiles,
+        blocks.blocks,
+        blocks.count,
         padded_tile=padded_tile,
         scale=scale,
         p_scale=448.0,

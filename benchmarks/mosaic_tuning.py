@@ -27,7 +27,11 @@ from attention import FULL_SHAPES, TARGET_SPARSITIES, TILE, pick_window
 from timing import median_seconds  # benchmarks/timing.py (scripts run from their folder)
 
 from fpsa_jax.attention import FPSAConfig, build_mask_info, fpsa_attention
-from fpsa_jax.attention.kernel_layout import padded_key_blocks, quantize_for_kernel
+from fpsa_jax.attention.kernel_layout import (
+    key_block_list,
+    padded_key_blocks,
+    quantize_for_kernel,
+)
 from pallas_kernels import mosaic_fpsa_fwd, triton_fpsa_fwd
 
 Launch = mosaic_fpsa_fwd.MosaicLaunch
@@ -86,12 +90,9 @@ def kernel_calls(ops, info, scale, config, launches):
         p_scale=config.scale if config.quant == "fp8" else 1.0,
         out_dtype=jnp.bfloat16,
     )
-    calls = {
-        "triton kernel": (
-            jax.jit(lambda *a: triton_fpsa_fwd.fpsa_forward(*a, info.kv_tiles, **common)),
-            args,
-        )
-    }
+    blocks = key_block_list(ops.grid, ops.tile, info.window, ops.padded_tile, 64)
+    triton_fwd = lambda *a: triton_fpsa_fwd.fpsa_forward(*a, blocks.blocks, blocks.count, **common)
+    calls = {"triton kernel": (jax.jit(triton_fwd), args)}
     variants = [(launch, padded) for launch in launches] + [(Launch(), None)]
     for launch, table in variants:
         fn = jax.jit(

@@ -35,6 +35,17 @@ warpgroups of 64 query rows each (one wgmma M) and one producer warpgroup:
 The running max starts at a finite -1e30 so that a key block of padding only gives p = 0 and
 alpha = 1, never NaN. 16-bit operands run the same kernel with P cast to their dtype (p_scale 1).
 
+Slots are valid first inside each tile (`kernel_layout`), so the key blocks at the end of an edge
+tile may hold only padding. This kernel still reads `kv_tiles` and walks every key block of the
+listed tiles (those blocks cost full time; key_bias masks them, so the result is exact), and every
+consumer runs, all-padding query rows included. Skipping them as the Triton forward does would
+need: the key-block list of `kernel_layout.key_block_list` (int32 [n_tiles, M] + count) in place
+of kv_tiles; a dynamic step count in the producer (its static prologue of `stages` issues guarded
+by `j < count`, the refill and drain loops over traced bounds) and in the consumers' pipelined
+loop (count >= 1 always holds: a query tile's own tile has a real block); and a consumer whose
+64 rows are all padding must still wait on every "full" barrier and arrive on every "empty" one
+(their arrival count is static), or the barriers' arrival count must become the live consumers.
+
 `interpret=True` runs the kernel in Mosaic GPU's interpreter (CPU): the CI tests use it. There the
 P.V product goes to a fresh accumulator that is then added (the interpreter cannot run an
 accumulator initialised from registers); on the GPU it accumulates in place.

@@ -3,20 +3,23 @@ interpret mode on any backend): the twin of `triton_fpsa_fwd` that CI runs on CP
 
 Arrays only, and exactly the Triton forward's operands, tables and argument order
 (`fpsa_jax.attention.kernel_layout` builds them): Q, K [B, N, Lp, D] and V^T [B, N, D, Lp] (E4M3
-values, or 16-/32-bit ones for quant "none"), q_scale, k_scale float32 [B, N, n_tiles], v_scale
-float32 [B, N, D], key_bias float32 [Lp] (0 real slot, -inf padding), kv_tiles int32
-[n_tiles, K], and optionally the slot table slot_token int32 [Lp] (-1 padding) that sends each
-output row straight to its token. The dots run in bf16 (float32 for float32 values) with float32
+values, or 16-/32-bit ones for quant "none"; valid slots first in each tile), q_scale, k_scale
+float32 [B, N, n_tiles], v_scale float32 [B, N, D], key_bias float32 [Lp] (0 real slot, -inf
+padding), the key-block table key_blocks int32 [n_tiles, M] with block_count int32 [n_tiles]
+(`kernel_layout.key_block_list` at block_k: per query tile, the key blocks holding a real token),
+and optionally the slot table slot_token int32 [Lp] (-1 padding) that sends each output row
+straight to its token. The dots run in bf16 (float32 for float32 values) with float32
 accumulation: E4M3 values and their products are exact there, so only P's E4M3 rounding, done by a
 cast, is FP8 arithmetic.
 
 Grid (B * N, n_tiles, Pp / block_q): one program per block of query rows of one query tile. It
-loops (`lax.fori_loop`) over the tile's K key tiles and, unrolled, over the Pp / block_k key
-blocks of each, with the Triton kernel's online softmax in base 2:
+loops (`lax.fori_loop`, dynamic trip count) over exactly the tile's listed key blocks, as the
+Triton kernel does, with its online softmax in base 2:
   s2 = (q . k) * q_scale[u] * k_scale[v] * softmax_scale * log2(e) + key_bias
   m = running row max (from a finite -1e30); p' = exp2(s2 - m) * p_scale; l' += sum(p') unrounded
   acc = alpha * acc + e4m3(p') . v   (P rounded against the RUNNING max)
-and writes o = acc * v_scale / l' and lse2 = m + log2(l' / p_scale).
+and writes o = acc * v_scale / l' and lse2 = m + log2(l' / p_scale). A query block that is all
+padding (its first slot's key bias is -inf) runs no key block and writes o = 0, lse2 = 0.
 
 The Triton lowering needs power-of-two blocks and dot dimensions >= 16: block_q, block_k and D
 powers of two (D >= 16), Pp a multiple of both. Interpret mode takes any D.
@@ -39,7 +42,8 @@ E4M3_MAX = 448.0
 
 
 def _kernel(
-    kv_ref,  # int32 [K]: key tiles of this query tile
+    blocks_ref,  # int32 [M]: key blocks of this query tile that hold a real token
+    count_ref,  # int32 [n_tiles]: real entries of each query tile's row of blocks
     bias_ref,  # float32 [Lp]
     qs_ref,  # float32 [n_tiles]: Q scale per tile of this (batch, head)
     ks_ref,  # float32 [n_tiles]: K scale per tile
@@ -54,6 +58,7 @@ def _kernel(
     padded_tile: int,
     heads: int,
     block_k: int,
+    k_blocks: int,
     softmax_scale: float,
     p_scale: float,
     round_p: bool,
@@ -89,22 +94,26 @@ def _kernel(
         )
         return alpha[:, None] * acc + pv, m_new, l_new
 
-    def key_tile(j, carry):
-        tile = kv_ref[j]
-        scale = q_scale * ks_ref[tile]
-        for b in range(padded_tile // block_k):  # unrolled: no integer division in the loop
-            carry = key_block(tile * padded_tile + b * block_k, scale, carry)
-        return carry
+    def listed_block(j, carry):
+        block = blocks_ref[j]
+        return key_block(block * block_k, q_scale * ks_ref[block // k_blocks], carry)
 
     init = (
         jnp.zeros((block_q, q.shape[1]), jnp.float32),
         jnp.full((block_q,), -1e30, jnp.float32),
         jnp.zeros((block_q,), jnp.float32),
     )
-    acc, m, l_sum = lax.fori_loop(0, kv_ref.shape[0], key_tile, init)
-    # Every row sees at least one real key (no tile is all padding), so l_sum > 0.
+    # Valid-first slots: a query block whose first slot is padding is all padding: no key block.
+    u = pl.program_id(1)
+    live = bias_ref[u * padded_tile + pl.program_id(2) * block_q] == 0
+    count = jnp.where(live, count_ref[u], 0)
+    acc, m, l_sum = lax.fori_loop(0, count, listed_block, init)
+    # Rows of a live block see a real key (their own tile's), so l_sum >= 1 there; a skipped
+    # block has acc = 0, l_sum = 0 and writes o = 0, lse2 = 0.
+    written = l_sum > 0
+    l_sum = jnp.where(written, l_sum, 1.0)
     out = (acc * vs_ref[...][None, :] / l_sum[:, None]).astype(o_ref.dtype)
-    lse_ref[...] = m + jnp.log2(l_sum) - math.log2(p_scale)
+    lse_ref[...] = jnp.where(written, m + jnp.log2(l_sum) - math.log2(p_scale), 0.0)
     if token_ref is None:
         o_ref[...] = out
     else:
@@ -126,7 +135,8 @@ def fpsa_forward(
     k_scale,
     v_scale,
     key_bias,
-    kv_tiles: np.ndarray,
+    key_blocks: np.ndarray,
+    block_count: np.ndarray,
     *,
     padded_tile: int,
     scale: float,
@@ -141,12 +151,15 @@ def fpsa_forward(
 ):
     """The kernel over the shared operands (module docstring), Triton's argument order.
 
-    `p_scale` 1 means no P rounding (16-bit or float32 attention); other values round P to E4M3
-    at that static scale. `slot_token` (host int32 [Lp]) selects the token-order output.
+    `key_blocks` (host int32 [n_tiles, M]) and `block_count` (host int32 [n_tiles]) list the key
+    blocks of block_k slots each query tile reads. `p_scale` 1 means no P rounding (16-bit or
+    float32 attention); other values round P to E4M3 at that static scale. `slot_token` (host
+    int32 [Lp]) selects the token-order output.
 
     Returns:
-      (o, lse2 float32 [B, N, Lp]): o [B, N, Lp, D] in out_dtype (padded rows finite), or
-      [B, L, N, D] in token order when `slot_token` is given.
+      (o, lse2 float32 [B, N, Lp]): o [B, N, Lp, D] in out_dtype (padded rows finite; zero, with
+      lse2 0, in all-padding query blocks), or [B, L, N, D] in token order when `slot_token` is
+      given.
     """
     b, n, lp, d = q.shape
     if k.shape != q.shape or v_t.shape != (b, n, d, lp):
@@ -159,12 +172,17 @@ def fpsa_forward(
     if not interpret and (d < 16 or d & (d - 1)):
         raise ValueError(f"the Triton lowering needs a power-of-two head dim >= 16, got {d}")
     n_tiles = lp // padded_tile
+    if np.ndim(key_blocks) != 2 or np.shape(key_blocks)[0] != n_tiles:
+        raise ValueError(f"key_blocks must be [n_tiles={n_tiles}, M], got {np.shape(key_blocks)}")
+    if np.shape(block_count) != (n_tiles,):
+        raise ValueError(f"block_count must be [n_tiles={n_tiles}], got {np.shape(block_count)}")
     compute = jnp.float32 if jnp.dtype(q.dtype).itemsize >= 4 else jnp.bfloat16
     kernel = functools.partial(
         _kernel,
         padded_tile=padded_tile,
         heads=n,
         block_k=block_k,
+        k_blocks=padded_tile // block_k,
         softmax_scale=float(scale),
         p_scale=float(p_scale),
         round_p=float(p_scale) != 1.0,
@@ -175,13 +193,15 @@ def fpsa_forward(
     row_block = lambda i, u, r: (i // n, i % n, u * q_blocks + r, 0)
     head_map = lambda i, u, r: (i // n, i % n, 0, 0)
     in_specs = [
-        pl.BlockSpec((None, kv_tiles.shape[1]), lambda i, u, r: (u, 0)),
+        pl.BlockSpec((None, np.shape(key_blocks)[1]), lambda i, u, r: (u, 0)),
+        pl.BlockSpec((n_tiles,), lambda i, u, r: (0,)),
         pl.BlockSpec((lp,), lambda i, u, r: (0,)),
         pl.BlockSpec((None, None, n_tiles), lambda i, u, r: (i // n, i % n, 0)),
         pl.BlockSpec((None, None, n_tiles), lambda i, u, r: (i // n, i % n, 0)),
         pl.BlockSpec((None, None, d), lambda i, u, r: (i // n, i % n, 0)),
     ]
-    args = [jnp.asarray(np.ascontiguousarray(kv_tiles, np.int32)), key_bias]
+    args = [jnp.asarray(np.ascontiguousarray(x, np.int32)) for x in (key_blocks, block_count)]
+    args.append(key_bias)
     args += [q_scale, k_scale, v_scale]
     if slot_token is None:
         o_spec = pl.BlockSpec((None, None, block_q, d), row_block)
@@ -201,9 +221,9 @@ def fpsa_forward(
     ]
     with_tokens = slot_token is not None
 
-    def body(kv, bias, qs, ks, vs, *rest):
+    def body(blocks, count, bias, qs, ks, vs, *rest):
         token, rest = (rest[0], rest[1:]) if with_tokens else (None, rest)
-        kernel(kv, bias, qs, ks, vs, token, *rest)
+        kernel(blocks, count, bias, qs, ks, vs, token, *rest)
 
     return pl.pallas_call(
         body,

@@ -1,18 +1,27 @@
-"""The Triton kernels' data layout: tile reorder, FP8 quantization and the way back.
+"""The Hopper kernels' data layout: tile reorder, FP8 quantization and the way back.
 
 The pre-pass produces exactly the FP8 values and scales of `fpsa_jax.attention.quant` (it calls
 its scale functions), laid out for the kernels. The scales are small reductions in XLA; the
-values are written either by XLA (prepass="xla": one jit-fused reorder + cast per tensor, the
+values are written either by XLA (prepass="xla": one jit-fused gather + cast per tensor, the
 definition, runs anywhere) or by the Triton pre-pass kernel (prepass="triton",
-`pallas_kernels.triton_fpsa_prepass`: the same values, faster on the GPU). The layout:
+`pallas_kernels.triton_fpsa_prepass`: the same values, faster on the GPU). Both, and
+`to_kernel_layout` / `from_kernel_layout`, are driven by one table, `slot_tokens`.
 
-- Q, K values: [B, N, Lp, D] with Lp = n_tiles * Pp; slot r of tile u sits at row u * Pp + r. The
-  tile volume P is padded to Pp (a multiple of the kernel's key block); padded slots are zero.
-- V values: [B, N, D, Lp], transposed so that the P.V dot reads V K-major (FP8 wgmma needs it).
-- q_scale, k_scale: float32 [B, N, n_tiles], the scale of each tile's quantization group.
-- v_scale: float32 [B, N, D], one per channel.
-- key_bias: float32 [Lp], 0 for real key slots and -inf for padding (edge tiles have holes in the
-  middle of a tile, not only at its end, so a per-tile count is not enough).
+The layout:
+
+- Slots: tile u owns slots [u * Pp, (u + 1) * Pp), Lp = n_tiles * Pp; the tile volume P is padded
+  to Pp (a multiple of the kernel's key block). Inside a tile the slots are **valid first**: the
+  tile's real tokens in their row-major (t, h, w) order, then its padding (`slot_tokens`). So an
+  edge tile's padding sits in one run at the end of the tile, and whole key (and query) blocks
+  there hold only padding: `key_block_list` leaves those key blocks out, and a query block whose
+  first slot is padding is all padding. Padded slots hold zeros.
+- Q, K values: [B, N, Lp, D]. V values: [B, N, D, Lp], transposed so that the P.V dot reads V
+  K-major (FP8 wgmma needs it).
+- q_scale, k_scale: float32 [B, N, n_tiles], the scale of each tile's quantization group (a max
+  over the tile's valid tokens: the slot order does not change it). v_scale: float32 [B, N, D],
+  one per channel.
+- key_bias: float32 [Lp], 0 for real key slots and -inf for padding (a key block may still mix
+  real and padded slots, at the boundary of the padding run).
 
 With quant="none" (16-bit inputs only) the values keep the input dtype and every scale is 1.
 Shapes: B batch, L tokens, N heads, D head dim, P tokens per tile, Pp padded tile length.
@@ -20,6 +29,8 @@ Shapes: B batch, L tokens, N heads, D head dim, P tokens per tile, Pp padded til
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 
 import flax.struct
@@ -28,8 +39,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from fpsa_jax.attention.config import FPSAConfig
+from fpsa_jax.attention.mask import build_mask_info
 from fpsa_jax.attention.quant import channel_scales, finite_abs, tile_group_scales, to_e4m3
-from fpsa_jax.attention.tiling import from_tiles, slot_valid, tile_grid, tile_tokens, to_tiles
+from fpsa_jax.attention.tiling import slot_valid, tile_grid, tile_tokens, to_tiles
 
 
 def padded_tile_length(p: int, multiple: int) -> int:
@@ -38,33 +50,58 @@ def padded_tile_length(p: int, multiple: int) -> int:
 
 
 def to_kernel_layout(x: jax.Array, grid, tile, pp: int) -> jax.Array:
-    """[B, L, N, D] token order -> [B, N, n_tiles * Pp, D] tile major, padded slots zero."""
-    return _tiles_to_kernel_layout(to_tiles(x, grid, tile), pp)
+    """[B, L, N, D] token order -> [B, N, n_tiles * Pp, D] kernel layout (a gather by
+    `slot_tokens`), padded slots zero."""
+    if x.shape[1] != math.prod(grid):
+        raise ValueError(f"to_kernel_layout: L={x.shape[1]} != T*H*W={math.prod(grid)} for {grid}")
+    table = slot_tokens(grid, tile, pp)
+    xk = jnp.take(x, jnp.asarray(np.maximum(table, 0)), axis=1)  # [B, Lp, N, D]
+    xk = jnp.where(jnp.asarray(table >= 0)[None, :, None, None], xk, jnp.zeros((), x.dtype))
+    return jnp.einsum("blnd->bnld", xk)
 
 
 def from_kernel_layout(x: jax.Array, grid, tile, pp: int) -> jax.Array:
-    """Inverse of `to_kernel_layout`: [B, N, Lp, D] -> [B, L, N, D], padded slots dropped."""
-    b, n, _, d = x.shape
-    n_tiles, p = math.prod(tile_grid(grid, tile)), math.prod(tile)
-    x = x.reshape(b, n, n_tiles, pp, d)[:, :, :, :p]
-    return from_tiles(jnp.einsum("bnupd->bupnd", x), grid, tile)
+    """Inverse of `to_kernel_layout`: [B, N, Lp, D] -> [B, L, N, D] (a gather by
+    `token_slots`), padded slots dropped."""
+    xt = jnp.take(x, jnp.asarray(token_slots(grid, tile, pp)), axis=2)  # [B, N, L, D]
+    return jnp.einsum("bnld->blnd", xt)
 
 
-def _tiles_to_kernel_layout(xt: jax.Array, pp: int) -> jax.Array:
-    """[B, n_tiles, P, N, D] -> [B, N, n_tiles * Pp, D], padding each tile with zero slots."""
-    b, n_tiles, p, n, d = xt.shape
-    xt = jnp.pad(xt, ((0, 0), (0, 0), (0, pp - p), (0, 0), (0, 0)))
-    return jnp.einsum("bupnd->bnupd", xt).reshape(b, n, n_tiles * pp, d)
+@functools.lru_cache(maxsize=256)
+def _slot_tokens(grid: tuple, tile: tuple, pp: int) -> np.ndarray:
+    tokens = tile_tokens(grid, tile)  # [n_tiles, P], row-major inside each tile, -1 padding
+    if pp < tokens.shape[1]:
+        raise ValueError(f"padded tile length {pp} < tile volume {tokens.shape[1]}")
+    # A stable sort on "is padding" moves the valid tokens first, each run in its own order.
+    order = np.argsort(tokens < 0, axis=1, kind="stable")
+    padded = np.full((tokens.shape[0], pp), -1, dtype=np.int32)
+    padded[:, : tokens.shape[1]] = np.take_along_axis(tokens, order, axis=1)
+    padded = padded.reshape(-1)
+    padded.flags.writeable = False  # cached: callers must not mutate it
+    return padded
 
 
 def slot_tokens(grid, tile, pp: int) -> np.ndarray:
-    """int32 [n_tiles * Pp]: the token each kernel slot holds, -1 for padding (`tiling.tile_tokens`
-    with every tile padded to Pp slots): the gather table of the Triton pre-pass and the scatter
-    table of the forward's token-order output."""
-    tokens = tile_tokens(tuple(grid), tuple(tile))
-    padded = np.full((tokens.shape[0], pp), -1, dtype=np.int32)
-    padded[:, : tokens.shape[1]] = tokens
-    return padded.reshape(-1)
+    """int32 [n_tiles * Pp] (read-only, cached): the token each kernel slot holds, -1 for padding;
+    valid first inside each tile (module docstring). The gather table of both pre-passes and
+    `to_kernel_layout`, and the scatter table of the token-order outputs."""
+    return _slot_tokens(tuple(int(g) for g in grid), tuple(int(t) for t in tile), int(pp))
+
+
+@functools.lru_cache(maxsize=256)
+def _token_slots(grid: tuple, tile: tuple, pp: int) -> np.ndarray:
+    table = _slot_tokens(grid, tile, pp)
+    slots = np.empty(math.prod(grid), np.int32)
+    real = np.nonzero(table >= 0)[0]
+    slots[table[real]] = real
+    slots.flags.writeable = False
+    return slots
+
+
+def token_slots(grid, tile, pp: int) -> np.ndarray:
+    """int32 [L] (read-only, cached): the kernel slot of each token, the inverse of
+    `slot_tokens` (the gather table of `from_kernel_layout`)."""
+    return _token_slots(tuple(int(g) for g in grid), tuple(int(t) for t in tile), int(pp))
 
 
 def padded_key_blocks(grid, tile, pp: int, block: int) -> np.ndarray:
@@ -76,6 +113,70 @@ def padded_key_blocks(grid, tile, pp: int, block: int) -> np.ndarray:
 def key_bias(grid, tile, pp: int) -> np.ndarray:
     """float32 [n_tiles * Pp]: 0 for slots holding a token, -inf for padding (host array)."""
     return np.where(slot_tokens(grid, tile, pp) >= 0, 0.0, -np.inf).astype(np.float32)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class KeyBlockList:
+    """Per query tile, the key blocks that hold at least one real token (read-only host arrays).
+
+    Key block b is the `block` consecutive key slots [b * block, (b + 1) * block) of the kernel
+    layout; it lies in key tile b // (Pp / block). With valid-first slots, the blocks this list
+    leaves out are exactly the all-padding ones at the end of edge tiles.
+
+    Attributes:
+      blocks: int32 [n_tiles, max_blocks]; row u lists, in increasing order, the absolute key
+        blocks of query tile u's key tiles (`MaskInfo.kv_tiles[u]`) that hold a real token,
+        padded at the end with -1.
+      count: int32 [n_tiles]; real entries of each row of `blocks`.
+      block: key slots per block.
+      padded_tile: Pp.
+    """
+
+    blocks: np.ndarray
+    count: np.ndarray
+    block: int
+    padded_tile: int
+
+    @property
+    def blocks_per_tile(self) -> int:
+        return self.padded_tile // self.block
+
+
+@functools.lru_cache(maxsize=256)
+def _key_block_list(grid, tile, window, pp: int, block: int) -> KeyBlockList:
+    if pp % block:
+        raise ValueError(f"padded tile length {pp} is not a multiple of the key block {block}")
+    kv_tiles = build_mask_info(grid, tile, window).kv_tiles  # [n_tiles, K]
+    kb = pp // block
+    live = (_slot_tokens(grid, tile, pp).reshape(-1, kb, block) >= 0).any(axis=2)  # [n_tiles, kb]
+    n_tiles = kv_tiles.shape[0]
+    candidates = (kv_tiles[:, :, None] * kb + np.arange(kb)).reshape(n_tiles, -1)
+    keep = live[kv_tiles].reshape(n_tiles, -1)
+    count = keep.sum(axis=1).astype(np.int32)
+    # kv_tiles rows are increasing, so candidates rows are too; a stable sort on "dropped" keeps
+    # the kept blocks first, in order.
+    order = np.argsort(~keep, axis=1, kind="stable")
+    blocks = np.take_along_axis(candidates, order, axis=1)[:, : int(count.max())]
+    blocks = np.where(np.arange(blocks.shape[1]) < count[:, None], blocks, -1).astype(np.int32)
+    for arr in (blocks, count):
+        arr.flags.writeable = False
+    return KeyBlockList(blocks=blocks, count=count, block=block, padded_tile=pp)
+
+
+def key_block_list(grid, tile, window, pp: int, block: int) -> KeyBlockList:
+    """The (cached) `KeyBlockList` of a token grid, tile, window (None = dense), padded tile
+    length Pp and key block: built once on the host from `MaskInfo.kv_tiles` and `slot_tokens`."""
+    grid = tuple(int(g) for g in grid)
+    tile = tuple(int(t) for t in tile)
+    window = None if window is None else tuple(int(w) for w in window)
+    return _key_block_list(grid, tile, window, int(pp), int(block))
+
+
+def live_query_blocks(grid, tile, pp: int, block: int) -> np.ndarray:
+    """bool [n_tiles, Pp / block]: whether each query block of `block` slots holds a real token
+    (valid first: exactly when its first slot does). Kernels that skip the rest read it off
+    key_bias at the block's first slot; this host copy is for counting and tests."""
+    return (slot_tokens(grid, tile, pp).reshape(-1, pp // block, block) >= 0).any(axis=2)
 
 
 @flax.struct.dataclass
@@ -197,13 +298,13 @@ def quantize_for_kernel(
 def _values_xla(x, scale, grid, tile, pp: int, *, mode: str, transposed: bool) -> jax.Array:
     """x [B, L, N, D] -> kernel-layout values [B, N, Lp, D] ([B, N, D, Lp] if transposed):
     E4M3 of x / scale per tile (mode "tile", scale [B, N, n_tiles]) or per channel ("channel",
-    scale [B, N, D]), or x itself ("none"). In XLA."""
-    xt = to_tiles(x, grid, tile)  # [B, n_tiles, P, N, D], padded slots zero
+    scale [B, N, D]), or x itself ("none"). In XLA: a gather by `slot_tokens`, as the Triton
+    pre-pass does."""
+    values = to_kernel_layout(x, grid, tile, pp)  # [B, N, Lp, D], padded slots zero
     if mode == "tile":
-        xt = to_e4m3(xt.astype(jnp.float32) / jnp.swapaxes(scale, 1, 2)[:, :, None, :, None])
+        values = to_e4m3(values.astype(jnp.float32) / jnp.repeat(scale, pp, axis=2)[..., None])
     elif mode == "channel":
-        xt = to_e4m3(xt.astype(jnp.float32) / scale[:, None, None])
-    values = _tiles_to_kernel_layout(xt, pp)
+        values = to_e4m3(values.astype(jnp.float32) / scale[:, :, None, :])
     return jnp.swapaxes(values, 2, 3) if transposed else values
 
 

@@ -4,7 +4,9 @@ Forward: the one pre-pass (`kernel_layout.quantize_for_kernel`: tile reorder, FP
 scales, V transposed; values written by the Triton pre-pass kernel where jax-triton is installed,
 else by XLA, the same bits either way) feeds `pallas_kernels.mosaic_fpsa_fwd`, the
 warp-specialized FP8 block-sparse kernel; its kernel-layout output goes back to token order with
-`kernel_layout.output_from_kernel`.
+`kernel_layout.output_from_kernel`. Unlike impl="triton" it still walks every key block of each
+query tile's key tiles (`MaskInfo.kv_tiles`), the all-padding blocks of edge tiles included
+(masked by key_bias; the kernel's docstring says what skipping them would take).
 
 Backward: the Triton bf16 block-sparse kernels (`triton.block_sparse_backward`) on this forward's
 residuals (operands, output, base-2 log-sum-exp), until a Mosaic backward beats them; so

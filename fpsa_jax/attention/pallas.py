@@ -2,8 +2,9 @@
 GPU, interpret mode elsewhere).
 
 The same pipeline as impl="triton": the one pre-pass (`kernel_layout.quantize_for_kernel`, its
-XLA writer), the same int32 tables (`MaskInfo.kv_tiles`, the slot table `slot_tokens` that sends
-each output row to its token) and the Triton forward's argument order
+XLA writer), the same int32 tables (`kernel_layout.key_block_list`: per query tile the key blocks
+holding a real token, so all-padding blocks are skipped as in the Triton kernel; the slot table
+`slot_tokens` that sends each output row to its token) and the Triton forward's argument order
 (`pallas_kernels.pallas_fpsa.fpsa_forward`), with 16-bit or float32 dots and the FP8 rounding of P
 done by a cast. It runs on CPU with `interpret=True`, which is how CI checks the kernel pipeline's
 index logic. Forward only.
@@ -24,8 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from fpsa_jax.attention.config import FPSAConfig, validate_grid
-from fpsa_jax.attention.kernel_layout import quantize_for_kernel, slot_tokens
-from fpsa_jax.attention.mask import build_mask_info
+from fpsa_jax.attention.kernel_layout import key_block_list, quantize_for_kernel, slot_tokens
 from pallas_kernels.pallas_fpsa import fpsa_forward
 
 # Tile of the one-axis token grid (1, 1, L) used for dense attention (config=None).
@@ -119,7 +119,6 @@ def pallas_attention(
     ),
 )
 def _pallas_attention(q, k, v, *, grid, config, scale, interpret, block_q, block_k, **launch):
-    info = build_mask_info(grid, config.tile, config.window)
     d = q.shape[-1]
     if not interpret and (d < 16 or d & (d - 1)):
         # The Triton lowering wants power-of-two dot dimensions >= 16: zero channels change no
@@ -127,6 +126,7 @@ def _pallas_attention(q, k, v, *, grid, config, scale, interpret, block_q, block
         pad = ((0, 0), (0, 0), (0, 0), (0, max(16, 1 << (d - 1).bit_length()) - d))
         q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
     ops = quantize_for_kernel(q, k, v, grid, config, block_n=max(block_q, block_k))
+    blocks = key_block_list(grid, config.tile, config.window, ops.padded_tile, block_k)
     o, _ = fpsa_forward(
         ops.q,
         ops.k,
@@ -135,7 +135,8 @@ def _pallas_attention(q, k, v, *, grid, config, scale, interpret, block_q, block
         ops.k_scale,
         ops.v_scale,
         ops.key_bias,
-        info.kv_tiles,
+        blocks.blocks,
+        blocks.count,
         padded_tile=ops.padded_tile,
         scale=scale,
         p_scale=config.scale if config.quant == "fp8" else 1.0,

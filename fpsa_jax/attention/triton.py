@@ -2,8 +2,9 @@
 
 Forward: the pre-pass (`kernel_layout.quantize_for_kernel` with the Triton pre-pass kernel: tile
 reorder, FP8 values, V transposed; the scales are small XLA reductions) feeds
-`pallas_kernels.triton_fpsa_fwd`, the FP8 block-sparse kernel, which writes its output straight
-back in token order.
+`pallas_kernels.triton_fpsa_fwd`, the FP8 block-sparse kernel, which walks each query tile's
+list of key blocks holding a real token (`kernel_layout.key_block_list`: with valid-first slots the
+all-padding blocks of edge tiles drop out) and writes its output straight back in token order.
 
 Backward (`jax.custom_vjp`): quantization is straight-through (DESIGN.md section 3), so the
 gradient is that of attention evaluated at the quantized Q_hat, K_hat, V_hat, with the forward's
@@ -13,7 +14,9 @@ where the forward was evaluated, so P rebuilt from the forward's lse sums to one
 and the residuals stay FP8 (half the memory of bf16 copies). P and dS go to the matmuls in bf16
 (the FP8 rounding of P is straight-through too). Two block-sparse kernels
 (`pallas_kernels.triton_fpsa_bwd`): dQ over the forward's key-tile list, dK/dV over the transposed
-list. Masked pairs get exactly zero gradient.
+list. Masked pairs get exactly zero gradient. The backward still walks every key block of the
+listed tiles (all-padding ones are masked by key_bias, at full cost): skipping them there too is
+left for later.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from fpsa_jax.attention.config import FPSAConfig
 from fpsa_jax.attention.device import require_hopper
 from fpsa_jax.attention.kernel_layout import (
     from_kernel_layout,
+    key_block_list,
     quantize_for_kernel,
     slot_tokens,
     to_kernel_layout,
@@ -59,8 +63,8 @@ def _check(dtype, d: int, config: FPSAConfig | None) -> None:
 
 def _forward(q, k, v, grid, config: FPSAConfig, scale: float):
     """(o [B, L, N, D], residuals for the backward)."""
-    info = build_mask_info(grid, config.tile, config.window)
     ops = quantize_for_kernel(q, k, v, grid, config, block_n=BLOCK_N, prepass="triton")
+    blocks = key_block_list(grid, config.tile, config.window, ops.padded_tile, BLOCK_N)
     o, lse = fpsa_forward(
         ops.q,
         ops.k,
@@ -69,7 +73,8 @@ def _forward(q, k, v, grid, config: FPSAConfig, scale: float):
         ops.k_scale,
         ops.v_scale,
         ops.key_bias,
-        info.kv_tiles,
+        blocks.blocks,
+        blocks.count,
         padded_tile=ops.padded_tile,
         scale=scale,
         p_scale=config.scale if config.quant == "fp8" else 1.0,

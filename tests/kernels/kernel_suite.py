@@ -8,12 +8,15 @@ argument order, so one suite checks them at two levels:
   for quant "none" (bf16 operands and output: 1e-2);
 - the kernel, on pre-passed operands: every output row and log-sum-exp written (padded rows too),
   padded slots never reaching real rows.
-Cases: odd grids, tiles that do not divide them, a window wider than the grid, B > 1, and P = 24,
-90 and 192 (one, two and three key blocks of 64).
+Cases: odd grids, tiles that do not divide them, a window wider than the grid, B > 1, P = 24,
+90 and 192 (one, two and three key blocks of 64), and a tile (2, 8, 8) on the grid (3, 5, 6) whose
+valid-first slots leave whole key and query blocks of 64 all padding (kernels that skip them must
+still give the same outputs and write every row).
 
-A subclass sets `impl`, `head_dim`, `kernel(ops, kv_tiles, scale, p_scale, out_dtype)` (the
-backend's forward on `KernelOperands`, returning (o [B, N, Lp, D], lse2 [B, N, Lp])) and, when the
-backend has a backward, `differentiable = True`.
+A subclass sets `impl`, `head_dim`, `kernel(ops, info, scale, p_scale, out_dtype)` (the backend's
+forward on `KernelOperands` with the case's `MaskInfo`, from which it takes the tables it reads,
+returning (o [B, N, Lp, D], lse2 [B, N, Lp])) and, when the backend has a backward,
+`differentiable = True`.
 """
 
 import math
@@ -33,8 +36,9 @@ CASES = [
     ((4, 9, 10), (3, 8, 8), (1, 1, 2), (1, 1, 1), (2, 2, 2), 1, 1),  # P 192: three key blocks
     ((2, 3, 7), (2, 2, 3), (4, 4, 4), (1, 1, 2), (1, 1, 1), 2, 1),  # window wider than the grid
     ((5, 7, 9), (3, 5, 6), None, (2, 1, 2), (1, 2, 1), 1, 1),  # P 90: two key blocks, dense
+    ((3, 5, 6), (2, 8, 8), (2, 1, 1), (1, 1, 1), (1, 1, 1), 2, 1),  # 60 and 30 of 128 slots real
 ]
-CASE_IDS = ["holes", "p192", "wide-window", "p90-dense"]
+CASE_IDS = ["holes", "p192", "wide-window", "p90-dense", "padding-blocks"]
 
 
 def random_qkv(shape, dtype, seed):
@@ -67,7 +71,7 @@ class KernelBehaviour:
     block_n: int = 64  # the operand layout's padding multiple for `kernel`
     cases = CASES
 
-    def kernel(self, ops, kv_tiles, scale, p_scale, out_dtype):
+    def kernel(self, ops, info, scale, p_scale, out_dtype):
         raise NotImplementedError
 
     def attention(self, q, k, v, grid, config, scale):
@@ -118,15 +122,36 @@ class KernelBehaviour:
         ops, info = self._operands(self._case(0), seed=3)
         for _ in range(3):  # free NaN buffers of the output's size for the allocator to reuse
             jnp.full(ops.q.shape, jnp.nan, jnp.float32).block_until_ready()
-        o, lse = self.kernel(ops, info.kv_tiles, 0.125, 448.0, jnp.float32)
+        o, lse = self.kernel(ops, info, 0.125, 448.0, jnp.float32)
         assert o.shape == ops.q.shape and lse.shape == ops.q.shape[:3]
         assert np.isfinite(np.asarray(o)).all() and np.isfinite(np.asarray(lse)).all()
+
+    def test_all_padding_blocks_write_zero_rows_or_finite_values(self):
+        """The padding-blocks case: every row and lse written (finite after a NaN poison) and
+        real rows equal to attention on the dequantized operands in float64."""
+        case = self._case(len(CASES) - 1)
+        ops, info = self._operands(case, seed=8)
+        pad = np.asarray(ops.key_bias).reshape(-1, 64) != 0
+        assert pad.all(axis=1).any()  # whole blocks of 64 are padding
+        for _ in range(3):
+            jnp.full(ops.q.shape, jnp.nan, jnp.float32).block_until_ready()
+        o, lse = self.kernel(ops, info, 0.125, 448.0, jnp.float32)
+        o, lse = np.asarray(o), np.asarray(lse)
+        assert np.isfinite(o).all() and np.isfinite(lse).all()
+        real = ~pad.reshape(-1)
+        q_hat, k_hat, v_hat = (
+            np.asarray(x, np.float64)[:, :, real] for x in ops.dequantized(jnp.float32)
+        )  # [B, N, L, D] in slot order; one key tile per query tile's window here: all keys
+        s = np.einsum("bnqd,bnkd->bnqk", q_hat, k_hat) * 0.125
+        p = np.exp(s - s.max(-1, keepdims=True))
+        want = np.einsum("bnqk,bnkd->bnqd", p / p.sum(-1, keepdims=True), v_hat)
+        assert rel_err(o[:, :, real], want) < 0.05  # P's E4M3 rounding: ~2%
 
     def test_padded_slots_never_reach_real_rows(self):
         """Padded slots hold zeros after the pre-pass; a kernel must not rely on it: E4M3's
         largest value (448) there changes no real row's output or log-sum-exp."""
         ops, info = self._operands(self._case(0), seed=4)
-        clean_o, clean_lse = self.kernel(ops, info.kv_tiles, 0.125, 448.0, jnp.float32)
+        clean_o, clean_lse = self.kernel(ops, info, 0.125, 448.0, jnp.float32)
         pad = np.asarray(ops.key_bias) != 0  # [Lp]
         assert pad.any()
         junk = jnp.asarray(448.0, ops.q.dtype)
@@ -136,7 +161,7 @@ class KernelBehaviour:
             k=jnp.where(rows, junk, ops.k),
             v_t=jnp.where(jnp.asarray(pad)[None, None, None, :], junk, ops.v_t),
         )
-        o, lse = self.kernel(poisoned, info.kv_tiles, 0.125, 448.0, jnp.float32)
+        o, lse = self.kernel(poisoned, info, 0.125, 448.0, jnp.float32)
         np.testing.assert_array_equal(np.asarray(o)[:, :, ~pad], np.asarray(clean_o)[:, :, ~pad])
         np.testing.assert_array_equal(
             np.asarray(lse)[:, :, ~pad], np.asarray(clean_lse)[:, :, ~pad]

@@ -37,11 +37,11 @@ class TestMosaicKernel(KernelBehaviour):
         )
         return jax.jit(fn)(q, k, v)
 
-    def kernel(self, ops, kv_tiles, scale, p_scale, out_dtype):
+    def kernel(self, ops, info, scale, p_scale, out_dtype):
         args = (ops.q, ops.k, ops.v_t, ops.q_scale, ops.k_scale, ops.v_scale, ops.key_bias)
         padded = padded_key_blocks(ops.grid, ops.tile, ops.padded_tile, mf.BLOCK_KV)
         fn = lambda *a: mf.fpsa_forward(
-            *a, kv_tiles, padded_tile=ops.padded_tile, scale=scale, p_scale=p_scale,
+            *a, info.kv_tiles, padded_tile=ops.padded_tile, scale=scale, p_scale=p_scale,
             out_dtype=out_dtype, padded_blocks=padded, interpret=not ON_GPU,
         )  # fmt: skip
         return jax.jit(fn)(*args)

@@ -29,6 +29,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fpsa_jax.attention import FPSAConfig
+from fpsa_jax.attention.kernel_layout import key_block_list
 from fpsa_jax.attention.mask import build_mask_info
 from fpsa_jax.attention.pallas import default_block, pallas_attention
 from fpsa_jax.attention.reference import quantize_qkv, reference_attention
@@ -118,11 +119,12 @@ class TestPallasKernel(KernelBehaviour):
 
     impl = "pallas"
 
-    def kernel(self, ops, kv_tiles, scale, p_scale, out_dtype):
+    def kernel(self, ops, info, scale, p_scale, out_dtype):
         args = (ops.q, ops.k, ops.v_t, ops.q_scale, ops.k_scale, ops.v_scale, ops.key_bias)
+        blocks = key_block_list(ops.grid, ops.tile, info.window, ops.padded_tile, 64)
         fn = lambda *a: pallas_fpsa.fpsa_forward(
-            *a, kv_tiles, padded_tile=ops.padded_tile, scale=scale, p_scale=p_scale,
-            out_dtype=out_dtype, block_q=64, block_k=64,
+            *a, blocks.blocks, blocks.count, padded_tile=ops.padded_tile, scale=scale,
+            p_scale=p_scale, out_dtype=out_dtype, block_q=64, block_k=64,
             interpret=jax.default_backend() != "gpu",
         )  # fmt: skip
         return jax.jit(fn)(*args)

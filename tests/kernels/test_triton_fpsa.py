@@ -36,6 +36,7 @@ from fpsa_jax.attention import FPSAConfig
 from fpsa_jax.attention.kernel_layout import (
     from_kernel_layout,
     kernel_scales,
+    key_block_list,
     output_from_kernel,
     quantize_for_kernel,
     slot_tokens,
@@ -56,12 +57,14 @@ from tests.kernels.kernel_suite import KernelBehaviour
 LOG2_E = 1.4426950408889634
 
 # (grid, tile, window, q_group, k_group, heads, head dim): odd grids, edge tiles with holes,
-# P = 24 (Pp 64), 90 (Pp 128: 2 key blocks), 192 (Pp 192: BLOCK_M 64, 3 query and key blocks).
+# P = 24 (Pp 64), 90 (Pp 128: 2 key blocks), 192 (Pp 192: BLOCK_M 64, 3 query and key blocks),
+# and tiles (2, 8, 8) on (3, 5, 6), 60 and 30 real slots of 128: all-padding key and query blocks.
 CASES = [
     ((3, 5, 6), (2, 3, 4), (1, 2, 1), (1, 1, 1), (1, 1, 1), 2, 32),
     ((5, 7, 9), (3, 5, 6), None, (2, 1, 2), (1, 2, 1), 1, 64),
     ((4, 9, 10), (3, 8, 8), (1, 1, 2), (1, 1, 1), (2, 2, 2), 2, 32),
     ((7, 6, 13), (2, 3, 4), (3, 1, 2), (1, 2, 3), (3, 1, 1), 1, 64),
+    ((3, 5, 6), (2, 8, 8), None, (1, 1, 1), (1, 1, 1), 1, 32),  # whole padding blocks (Pp 128)
 ]
 
 
@@ -76,9 +79,10 @@ def _rel(a, b):
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-def emulate(ops, kv_tiles, scale, p_scale, fp8):
-    """The kernel's algorithm in NumPy, block by block: raw output [B, N, Lp, D] float32 and
-    lse2 [B, N, Lp]."""
+def emulate(ops, blocks, scale, p_scale, fp8, block_m):
+    """The kernel's algorithm in NumPy, block by block over the key-block list `blocks`
+    (`KeyBlockList` at BLOCK_N): raw output [B, N, Lp, D] float32 and lse2 [B, N, Lp]; query
+    blocks of `block_m` rows that are all padding get zeros and lse2 0, as in the kernel."""
     q, k = (np.asarray(x).astype(np.float32) for x in (ops.q, ops.k))
     v = np.swapaxes(np.asarray(ops.v_t).astype(np.float32), 2, 3)  # [B, N, Lp, D]
     qs, ks, vs = (np.asarray(x) for x in (ops.q_scale, ops.k_scale, ops.v_scale))
@@ -91,22 +95,24 @@ def emulate(ops, kv_tiles, scale, p_scale, fp8):
         m = np.full(q.shape[:2] + (pp,), -1e30, np.float32)
         l_sum = np.zeros_like(m)
         acc = np.zeros(q.shape[:2] + (pp, q.shape[3]), np.float32)
-        for t in kv_tiles[u]:
-            for j in range(pp // bn):
-                cols = slice(t * pp + j * bn, t * pp + (j + 1) * bn)
-                pair = (qs[:, :, u] * ks[:, :, t] * np.float32(scale * LOG2_E))[..., None, None]
-                s = np.einsum("bnqd,bnkd->bnqk", q[:, :, rows], k[:, :, cols]) * pair + bias[cols]
-                m_new = np.maximum(m, s.max(-1))
-                alpha = np.exp2(m - m_new)
-                p = np.exp2(s - m_new[..., None])
-                l_sum = l_sum * alpha + p.sum(-1)
-                p = p * np.float32(p_scale)
-                if fp8:
-                    p = p.astype(ml_dtypes.float8_e4m3fn).astype(np.float32)
-                acc = acc * alpha[..., None] + np.einsum("bnqk,bnkd->bnqd", p, v[:, :, cols])
-                m = m_new
+        for block in blocks.blocks[u, : blocks.count[u]]:
+            t = block // (pp // bn)
+            cols = slice(block * bn, (block + 1) * bn)
+            pair = (qs[:, :, u] * ks[:, :, t] * np.float32(scale * LOG2_E))[..., None, None]
+            s = np.einsum("bnqd,bnkd->bnqk", q[:, :, rows], k[:, :, cols]) * pair + bias[cols]
+            m_new = np.maximum(m, s.max(-1))
+            alpha = np.exp2(m - m_new)
+            p = np.exp2(s - m_new[..., None])
+            l_sum = l_sum * alpha + p.sum(-1)
+            p = p * np.float32(p_scale)
+            if fp8:
+                p = p.astype(ml_dtypes.float8_e4m3fn).astype(np.float32)
+            acc = acc * alpha[..., None] + np.einsum("bnqk,bnkd->bnqd", p, v[:, :, cols])
+            m = m_new
         out[:, :, rows] = acc / (l_sum * np.float32(p_scale))[..., None] * vs[:, :, None, :]
         lse[:, :, rows] = m + np.log2(l_sum)
+    dead = np.repeat(~np.any(bias.reshape(-1, block_m) == 0, axis=1), block_m)  # [Lp]
+    out[:, :, dead], lse[:, :, dead] = 0.0, 0.0
     return out, lse
 
 
@@ -127,9 +133,9 @@ def test_prepass_matches_fpsa_quantization(case):
     # The kernel's inputs are exactly the reference's fake-quantized Q, K, V.
     for got, want in zip(ops.dequantize(), quantize_qkv(q, k, v, grid, config), strict=True):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-    # Padded slots hold zeros and are exactly the -inf key slots.
+    # Padded slots hold zeros, are exactly the -inf key slots, and come last in each tile.
     valid = np.zeros((n_tiles, ops.padded_tile), bool)
-    valid[:, :p] = slot_valid(grid, tile)
+    valid[:, :p] = np.sort(slot_valid(grid, tile), axis=1)[:, ::-1]
     valid = valid.reshape(-1)
     np.testing.assert_array_equal(np.asarray(ops.key_bias) == 0, valid)
     assert np.isneginf(np.asarray(ops.key_bias)[~valid]).all()
@@ -194,6 +200,10 @@ def _prepared(setup, case, seed):
     return config, (q, k, v), scale, info, ops, p_scale
 
 
+def _blocks(grid, config, ops):
+    return key_block_list(grid, config.tile, config.window, ops.padded_tile, tf.BLOCK_N)
+
+
 def _cotangent(case, seed):
     """A random dO [B, L, N, D] float32 for a case."""
     grid, *_, heads, d = case
@@ -247,18 +257,21 @@ def run_interpreted(path):
         launch = tf.default_launch(ops.padded_tile)
         table = slot_tokens(case[0], config.tile, ops.padded_tile)
         args = [as_torch(x) for x in (ops.q, ops.k, ops.v_t, ops.q_scale, ops.k_scale)]
-        args += [as_torch(x) for x in (ops.v_scale, ops.key_bias, info.kv_tiles, table)]
+        blocks = _blocks(case[0], config, ops)
+        args += [as_torch(x) for x in (ops.v_scale, ops.key_bias, blocks.blocks, blocks.count)]
+        args.append(as_torch(table))
         # Kernel layout, then token order (the same rows stored through the slot table).
         for suffix, tokens in (("o", None), ("o_tokens", math.prod(case[0]))):
             call = tf.kernel_meta(
                 ops.q.shape,
                 ops.padded_tile,
-                info.kv_count,
+                blocks.blocks.shape[1],
                 scale,
                 p_scale,
                 launch,
                 emulate_p,
                 tokens,
+                while_loop=True,
             )
             b, n, _, d = ops.q.shape
             out = poisoned(ops.q.shape if tokens is None else (b, tokens, n, d), torch.float16)
@@ -323,7 +336,8 @@ def test_interpreted_fp8_kernel_matches_emulation_and_reference(i, interpreted):
     config, (q, k, v), scale, info, ops, p_scale = _prepared(setup, case, seed)
     raw, lse = interpreted[f"{name}_o"], interpreted[f"{name}_lse"]
     assert np.isfinite(raw).all() and np.isfinite(lse).all()  # every element was written
-    want, want_lse = emulate(ops, info.kv_tiles, scale, p_scale, fp8=True)
+    block_m = tf.default_launch(ops.padded_tile).block_m
+    want, want_lse = emulate(ops, _blocks(case[0], config, ops), scale, p_scale, True, block_m)
     assert _rel(raw, want) < 2e-3
     np.testing.assert_allclose(lse, want_lse, rtol=1e-5, atol=1e-5)
     out = output_from_kernel(jnp.asarray(raw), ops)
@@ -411,11 +425,12 @@ class TestTritonKernel(KernelBehaviour):
     impl = "triton"
     differentiable = True
 
-    def kernel(self, ops, kv_tiles, scale, p_scale, out_dtype):
+    def kernel(self, ops, info, scale, p_scale, out_dtype):
         args = (ops.q, ops.k, ops.v_t, ops.q_scale, ops.k_scale, ops.v_scale, ops.key_bias)
+        blocks = key_block_list(ops.grid, ops.tile, info.window, ops.padded_tile, tf.BLOCK_N)
         fn = lambda *a: tf.fpsa_forward(
-            *a, kv_tiles, padded_tile=ops.padded_tile, scale=scale, p_scale=p_scale,
-            out_dtype=out_dtype,
+            *a, blocks.blocks, blocks.count, padded_tile=ops.padded_tile, scale=scale,
+            p_scale=p_scale, out_dtype=out_dtype,
         )  # fmt: skip
         return jax.jit(fn)(*args)
 
@@ -460,14 +475,15 @@ def test_fp8_kernel_writes_every_element_as_emulated(case):
     grid, tile, window, qg, kg, heads, d = case
     config = FPSAConfig(tile=tile, window=window, quant="fp8", q_group=qg, k_group=kg)
     q, k, v = _inputs(grid, heads, d, jnp.bfloat16, seed=4)
-    info = build_mask_info(grid, tile, window)
     ops = quantize_for_kernel(q, k, v, grid, config, block_n=tf.BLOCK_N)
     # Poison: free a NaN buffer of the output's size so the allocator likely hands it back.
     poison = jnp.full(ops.q.shape, jnp.nan, jnp.float32).block_until_ready()
     del poison
+    blocks = _blocks(grid, config, ops)
     raw, lse = tf.fpsa_forward(
         *(ops.q, ops.k, ops.v_t, ops.q_scale, ops.k_scale, ops.v_scale, ops.key_bias),
-        info.kv_tiles,
+        blocks.blocks,
+        blocks.count,
         padded_tile=ops.padded_tile,
         scale=0.15,
         p_scale=448.0,
@@ -476,7 +492,8 @@ def test_fp8_kernel_writes_every_element_as_emulated(case):
     raw, lse = np.asarray(raw), np.asarray(lse)
     assert np.isfinite(raw).all() and np.isfinite(lse).all()
     # Padded query rows too: all of [B, N, Lp, D] must equal the emulation.
-    want, want_lse = emulate(ops, info.kv_tiles, 0.15, 448.0, fp8=True)
+    block_m = tf.default_launch(ops.padded_tile).block_m
+    want, want_lse = emulate(ops, blocks, 0.15, 448.0, True, block_m)
     assert _rel(raw, want) < 1e-2
     np.testing.assert_allclose(lse, want_lse, rtol=1e-4, atol=1e-3)
 
@@ -494,9 +511,11 @@ def test_backward_kernels_write_every_element(case):
     ops = quantize_for_kernel(q, k, v, grid, config, block_n=tf.BLOCK_N)
     pp = ops.padded_tile
     operands = (ops.q, ops.k, ops.v_t, ops.q_scale, ops.k_scale, ops.v_scale, ops.key_bias)
+    blocks = _blocks(grid, config, ops)
     o, lse = tf.fpsa_forward(
         *operands,
-        info.kv_tiles,
+        blocks.blocks,
+        blocks.count,
         padded_tile=pp,
         scale=scale,
         p_scale=448.0,
@@ -603,10 +622,21 @@ def test_kernel_wrappers_reject_bad_tables_and_scales():
         tp.relayout(x, None, table, padded_tile=64, scale_mode="row")
     q = jnp.zeros((1, 2, 64, 32), jnp.bfloat16)
     scales = jnp.ones((1, 2, 1)), jnp.ones((1, 2, 1)), jnp.ones((1, 2, 32))
+    one = np.zeros((1,), np.int32)
     with pytest.raises(ValueError, match=r"slot_token must be \[Lp\]"):
         tf.fpsa_forward(
-            q, q, q, *scales, jnp.zeros(64), np.zeros((1, 1), np.int32), padded_tile=64,
+            q, q, q, *scales, jnp.zeros(64), np.zeros((1, 1), np.int32), one, padded_tile=64,
             scale=0.1, p_scale=1.0, out_dtype=jnp.bfloat16, slot_token=table[:10],
+        )  # fmt: skip
+    with pytest.raises(ValueError, match=r"key_blocks must be \[n_tiles=1, M\]"):
+        tf.fpsa_forward(
+            q, q, q, *scales, jnp.zeros(64), np.zeros((2, 1), np.int32), one, padded_tile=64,
+            scale=0.1, p_scale=1.0, out_dtype=jnp.bfloat16,
+        )  # fmt: skip
+    with pytest.raises(ValueError, match=r"block_count must be \[n_tiles=1\]"):
+        tf.fpsa_forward(
+            q, q, q, *scales, jnp.zeros(64), np.zeros((1, 1), np.int32), one[:0],
+            padded_tile=64, scale=0.1, p_scale=1.0, out_dtype=jnp.bfloat16,
         )  # fmt: skip
     with pytest.raises(ValueError, match="prepass must be one of"):
         quantize_for_kernel(
