@@ -200,7 +200,8 @@ def text_attention(q: Array, k: Array, v: Array, impl: TextAttentionImpl = "auto
     impl "xla": two einsums and a softmax (any backend; float32 inputs at HIGHEST precision).
     They write the [B, N, L, Lt] float32 scores to memory: at 14B/720p with the CFG pair that is
     12 GB per layer, 11 ms of the layer on an H200 (benchmarks/layer_profile.py).
-    "cudnn": cuDNN's flash attention (`jax.nn.dot_product_attention`), scores kept on chip.
+    "cudnn": cuDNN's flash attention (`jax.nn.dot_product_attention`), scores kept on chip; the
+    gradient by cuDNN where both lengths are multiples of 64, else by the einsums.
     "auto": cudnn on a GPU for bfloat16/float16 inputs with D a multiple of 8 up to 128 and no
     multi-device mesh in context (under a mesh the einsums shard as the tokens do), else xla.
     """
@@ -214,15 +215,43 @@ def text_attention(q: Array, k: Array, v: Array, impl: TextAttentionImpl = "auto
             f"{jax.default_backend()!r}; use 'xla' or 'auto'"
         )
     with jax.named_scope("cross_attention_core"):
-        if impl == "cudnn":
-            return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
-        dt = q.dtype
-        precision = jax.lax.Precision.HIGHEST if dt == _F32 else None
-        logits = jnp.einsum(
-            "blnd,bknd->bnlk", q, k, preferred_element_type=_F32, precision=precision
-        ) / math.sqrt(q.shape[-1])
-        probs = jax.nn.softmax(logits, axis=-1).astype(dt)
-        return jnp.einsum("bnlk,bknd->blnd", probs, v, precision=precision)
+        return _cudnn_text_attention(q, k, v) if impl == "cudnn" else _xla_text_attention(q, k, v)
+
+
+def _xla_text_attention(q: Array, k: Array, v: Array) -> Array:
+    dt = q.dtype
+    precision = jax.lax.Precision.HIGHEST if dt == _F32 else None
+    logits = jnp.einsum(
+        "blnd,bknd->bnlk", q, k, preferred_element_type=_F32, precision=precision
+    ) / math.sqrt(q.shape[-1])
+    probs = jax.nn.softmax(logits, axis=-1).astype(dt)
+    return jnp.einsum("bnlk,bknd->blnd", probs, v, precision=precision)
+
+
+def _cudnn_flash(q: Array, k: Array, v: Array) -> Array:
+    return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+
+
+@jax.custom_vjp
+def _cudnn_text_attention(q: Array, k: Array, v: Array) -> Array:
+    """cuDNN's forward. Its backward (JAX's cuDNN rule) only takes sequence lengths that are
+    multiples of 64 (Wan's 32,760 tokens at 480p are not), so the gradient is recomputed: by
+    cuDNN's own rule where the lengths allow, else by the XLA einsums (same formula)."""
+    return _cudnn_flash(q, k, v)
+
+
+def _cudnn_text_attention_fwd(q, k, v):
+    return _cudnn_flash(q, k, v), (q, k, v)
+
+
+def _cudnn_text_attention_bwd(residuals, g):
+    q, k, v = residuals
+    trainable = q.shape[1] % 64 == 0 and k.shape[1] % 64 == 0
+    _, pullback = jax.vjp(_cudnn_flash if trainable else _xla_text_attention, q, k, v)
+    return pullback(g)
+
+
+_cudnn_text_attention.defvjp(_cudnn_text_attention_fwd, _cudnn_text_attention_bwd)
 
 
 def _cudnn_text_attention_fits(q: Array) -> bool:
