@@ -76,6 +76,33 @@ def category(op: OpTime) -> str:
     return "elementwise / reduction"
 
 
+LINEAR = re.compile(r"(self_attn|cross_attn|ffn)/(?:\w+\.qkv/)?(q|k|v|o|fc1|fc2)/")
+
+
+def part(op: OpTime) -> str:
+    """The finer bucket of a block op for the accounting table: which linear a GEMM is, and which
+    step of the block an elementwise pass belongs to (by its module path)."""
+    cat, name = category(op), op.op_name
+    linear = LINEAR.search(name)
+    if cat != "GEMM" and cat != "elementwise / reduction":
+        return cat
+    if cat == "GEMM":
+        return f"GEMM {linear.group(1)}.{linear.group(2)}" if linear else "GEMM (other)"
+    if "norm_q" in name or "norm_k" in name:
+        return "q/k RMSNorm"
+    if re.search(r"\.qkv/(stack|mul|add|sub|concatenate)$", name):
+        return "RoPE (q, k)"
+    if linear:
+        return "linear inputs/outputs (casts, FP8 absmax + quantize, scales, bias)"
+    if "cross_attn_norm" in name:
+        return "cross-attention LayerNorm"
+    if "ffn/" in name:
+        return "GELU"
+    if re.search(r"blocks/(add|mul|sub)$", name):
+        return "residual adds (gates, modulation, LayerNorm fused in)"
+    return "other elementwise"
+
+
 def where(op_name: str) -> str:
     """The module path and primitive of an op_name, without the jit/transform wrappers."""
     parts = [
@@ -179,6 +206,13 @@ def profile(args) -> None:
     print(f"| **layer (kernel time)** | **{layer_ms:.2f}** | |")
     print(f"| outside the blocks, per forward | {outside:.2f} | |")
     print(f"| kernels with no HLO op name, per forward | {unnamed:.2f} | |")
+    parts = collections.defaultdict(float)
+    for op in ops:
+        if "blocks" in op.op_name:
+            parts[part(op)] += per_call_ms(op)
+    print("\n| per layer, by part | ms | share |\n|---|---|---|")
+    for name, ms in sorted(parts.items(), key=lambda kv: -kv[1]):
+        print(f"| {name} | {ms:.2f} | {ms / layer_ms:.1%} |")
     print("\n| top ops | ms / layer | launches / call | category | op | kernel |")
     print("|---|---|---|---|---|---|")
     block_ops = sorted((op for op in ops if "blocks" in op.op_name), key=lambda o: -o.ns)

@@ -71,6 +71,14 @@ def test_layer_profile_attributes_every_kernel_of_a_block_to_a_category():
     assert all(ms > 0 for ms in shares.values())
     layer = float(out.split("| **layer (kernel time)** | **")[1].split("**")[0])
     assert layer == pytest.approx(sum(shares.values()), abs=0.02)
+    parts = {}
+    for line in out.split("| per layer, by part | ms | share |")[1].split("\n\n")[0].splitlines():
+        cells = [c.strip() for c in line.split("|")[1:-1]]
+        if len(cells) == 3 and cells[2].endswith("%"):
+            parts[cells[0]] = float(cells[1])
+    # The finer table splits the same time: each GEMM by its linear, the rest by block step.
+    assert {"GEMM self_attn.q", "GEMM ffn.fc2", "GEMM cross_attn.o"} <= set(parts)
+    assert layer == pytest.approx(sum(parts.values()), abs=0.05)
     assert "fpsa_attention_xla" in out  # ops are named by their module path
 
 
