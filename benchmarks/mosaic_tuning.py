@@ -97,7 +97,7 @@ def kernel_calls(ops, info, scale, config, launches):
     for launch, table in variants:
         fn = jax.jit(
             lambda *a, launch=launch, table=table: mosaic_fpsa_fwd.fpsa_forward(
-                *a, info.kv_tiles, launch=launch, padded_blocks=table, **common
+                *a, blocks.blocks, blocks.count, launch=launch, padded_blocks=table, **common
             )
         )
         name = f"mosaic kernel {launch}" + (" bias every block" if table is None else "")

@@ -6,13 +6,16 @@ Arrays only: the same operands, int32 table and argument order as `triton_fpsa_f
 
 Layout: Q, K [B, N, Lp, D] and V^T [B, N, D, Lp], tile major, every tile padded from P to Pp slots
 (a multiple of 64); q_scale, k_scale float32 [B, N, n_tiles]; v_scale float32 [B, N, D];
-key_bias float32 [Lp] (0 real slot, -inf padding); kv_tiles int32 [n_tiles, K]; optionally
-padded_blocks int32 [Lp / 64], 1 for the key blocks that hold padding (only those read the bias).
+key_bias float32 [Lp] (0 real slot, -inf padding); key_blocks int32 [n_tiles, M] and block_count
+int32 [n_tiles] (`kernel_layout.key_block_list` with 64-slot blocks: per query tile, the key
+blocks holding a real token, -1 padded); optionally padded_blocks int32 [Lp / 64], 1 for the key
+blocks that hold padding (only those read the bias).
 
 One CTA computes one query tile of one (batch, head): grid (n_tiles, N, B), Pp / 64 consumer
 warpgroups of 64 query rows each (one wgmma M) and one producer warpgroup:
-- the producer (few registers) walks the tile's K key tiles, each in Pp / 64 key blocks of 64
-  slots, and TMA-copies K [64, D] and V^T [D, 64] of each block into a `stages`-deep SMEM ring,
+- the producer (few registers) walks the query tile's block_count key blocks of 64 slots (a
+  dynamic trip count: all-padding blocks at the end of edge tiles are not in the list) and
+  TMA-copies K [64, D] and V^T [D, 64] of each block into a `stages`-deep SMEM ring,
   each slot guarded by a "full" barrier (TMA arrival) and an "empty" one (every consumer arrives
   when it has read the slot);
 - each consumer runs the online softmax in base 2 over the same key blocks:
@@ -35,16 +38,12 @@ warpgroups of 64 query rows each (one wgmma M) and one producer warpgroup:
 The running max starts at a finite -1e30 so that a key block of padding only gives p = 0 and
 alpha = 1, never NaN. 16-bit operands run the same kernel with P cast to their dtype (p_scale 1).
 
-Slots are valid first inside each tile (`kernel_layout`), so the key blocks at the end of an edge
-tile may hold only padding. This kernel still reads `kv_tiles` and walks every key block of the
-listed tiles (those blocks cost full time; key_bias masks them, so the result is exact), and every
-consumer runs, all-padding query rows included. Skipping them as the Triton forward does would
-need: the key-block list of `kernel_layout.key_block_list` (int32 [n_tiles, M] + count) in place
-of kv_tiles; a dynamic step count in the producer (its static prologue of `stages` issues guarded
-by `j < count`, the refill and drain loops over traced bounds) and in the consumers' pipelined
-loop (count >= 1 always holds: a query tile's own tile has a real block); and a consumer whose
-64 rows are all padding must still wait on every "full" barrier and arrive on every "empty" one
-(their arrival count is static), or the barriers' arrival count must become the live consumers.
+Slots are valid first inside each tile (`kernel_layout`), so the padding of an edge tile fills
+whole key blocks at its end, and those blocks are not in key_blocks: like the Triton forward,
+this kernel computes only blocks holding a real token. Every consumer still runs every step,
+including one whose 64 query rows are all padding (the "empty" barriers count every consumer's
+arrival; skipping such a consumer would need the live-consumer count per tile as the arrival
+count).
 
 `interpret=True` runs the kernel in Mosaic GPU's interpreter (CPU): the CI tests use it. There the
 P.V product goes to a fresh accumulator that is then added (the interpreter cannot run an
@@ -179,7 +178,9 @@ def _fp8_operand_from_accumulator():
     return convert
 
 
-def check_operands(q, k, v_t, q_scale, k_scale, v_scale, key_bias, kv_tiles, padded_tile: int):
+def check_operands(
+    q, k, v_t, q_scale, k_scale, v_scale, key_bias, key_blocks, block_count, padded_tile: int
+):
     """Raises ValueError naming the operand whose shape or dtype the kernel cannot take."""
     if q.ndim != 4 or k.shape != q.shape:
         raise ValueError(f"q, k must be [B, N, Lp, D] alike, got {q.shape}, {k.shape}")
@@ -208,8 +209,15 @@ def check_operands(q, k, v_t, q_scale, k_scale, v_scale, key_bias, kv_tiles, pad
     ):
         if tuple(x.shape) != want:
             raise ValueError(f"{name} must have shape {want}, got {tuple(x.shape)}")
-    if np.ndim(kv_tiles) != 2 or np.shape(kv_tiles)[0] != n_tiles:
-        raise ValueError(f"kv_tiles must be [n_tiles={n_tiles}, K], got {np.shape(kv_tiles)}")
+    if np.ndim(key_blocks) != 2 or np.shape(key_blocks)[0] != n_tiles:
+        raise ValueError(f"key_blocks must be [n_tiles={n_tiles}, M], got {np.shape(key_blocks)}")
+    count = np.asarray(block_count)
+    if count.shape != (n_tiles,) or count.min() < 1 or count.max() > np.shape(key_blocks)[1]:
+        raise ValueError(
+            f"block_count must be [n_tiles={n_tiles}] with entries in 1..{np.shape(key_blocks)[1]} "
+            f"(a query tile's own tile always has a real block), got shape {count.shape}"
+            + (f", range {count.min()}..{count.max()}" if count.size else "")
+        )
 
 
 def _kernel_body(
@@ -220,7 +228,8 @@ def _kernel_body(
     ks_ref,
     vs_ref,
     bias_ref,
-    kv_ref,
+    blocks_ref,
+    count_ref,
     padded_ref,
     o_ref,
     lse_ref,
@@ -237,7 +246,6 @@ def _kernel_body(
     v_empty,
     *,
     padded_tile: int,
-    kv_count: int,
     qk_scale: float,
     p_scale: float,
     launch: MosaicLaunch,
@@ -245,7 +253,6 @@ def _kernel_body(
 ):
     consumers = padded_tile // BLOCK_Q
     key_blocks = padded_tile // BLOCK_KV
-    steps = kv_count * key_blocks
     stages = launch.stages
     fp8 = jnp.dtype(p_smem.dtype) == jnp.dtype(jnp.float8_e4m3fn)
     p_operand = _fp8_operand_from_accumulator() if launch.p_in_registers and fp8 else None
@@ -254,11 +261,12 @@ def _kernel_body(
     head = lax.axis_index("head")
     batch = lax.axis_index("batch")
     wg = lax.axis_index("wg")
+    steps = count_ref[u]  # >= 1: the query tile's own tile has a real block
 
     def key_columns(j):
-        """(key tile, first slot) of step j: block j % key_blocks of key tile j // key_blocks."""
-        key_tile = kv_ref[u, j // key_blocks]
-        return key_tile, key_tile * padded_tile + lax.rem(j, key_blocks) * BLOCK_KV
+        """(key tile, first slot) of step j: the j-th listed key block of this query tile."""
+        block = blocks_ref[u, j]
+        return block // key_blocks, block * BLOCK_KV
 
     @pl.when(wg < consumers)
     def _consumer():
@@ -406,10 +414,10 @@ def _kernel_body(
                 vt_ref.at[batch, head, :, keys], v_smem.at[slot], v_full.at[slot]
             )
 
-        for j in range(min(stages, steps)):
-            issue(j, j)
+        for j in range(stages):  # the first fills, each only where the tile has that many
+            pl.when(j < steps)(lambda j=j: issue(j, j))
 
-        @pl.loop(stages, steps)
+        @pl.loop(stages, jnp.maximum(steps, stages))
         def _refill(j):
             slot = lax.rem(j, stages)
             plgpu.barrier_wait(k_empty.at[slot])
@@ -418,7 +426,7 @@ def _kernel_body(
 
         # Observe the consumers' last releases too, so every barrier phase is waited for
         # (the interpreter checks it; on the GPU this only delays the producer's exit).
-        @pl.loop(max(steps - stages, 0), steps)
+        @pl.loop(jnp.maximum(steps - stages, 0), steps)
         def _drain(j):
             slot = lax.rem(j, stages)
             plgpu.barrier_wait(k_empty.at[slot])
@@ -433,7 +441,8 @@ def fpsa_forward(
     k_scale,
     v_scale,
     key_bias,
-    kv_tiles: np.ndarray,
+    key_blocks: np.ndarray,
+    block_count: np.ndarray,
     *,
     padded_tile: int,
     scale: float,
@@ -449,7 +458,8 @@ def fpsa_forward(
       q, k: [B, N, Lp, D] E4M3 (or bf16) values; v_t: [B, N, D, Lp].
       q_scale, k_scale: float32 [B, N, n_tiles]; v_scale: float32 [B, N, D].
       key_bias: float32 [Lp], 0 or -inf.
-      kv_tiles: host int32 [n_tiles, K], the key tiles of each query tile.
+      key_blocks: host int32 [n_tiles, M], block_count: host int32 [n_tiles]: the key blocks of
+        64 slots that each query tile reads (`kernel_layout.key_block_list`).
       padded_blocks: host int32 [Lp / 64], 1 for key blocks holding padding slots; None reads
         the key bias of every block.
       padded_tile: Pp (64, 128 or 192). scale: softmax scale. p_scale: P's static FP8 scale (1
@@ -460,7 +470,9 @@ def fpsa_forward(
     Returns:
       (o [B, N, Lp, D] in out_dtype, padded rows finite; lse2 float32 [B, N, Lp]).
     """
-    check_operands(q, k, v_t, q_scale, k_scale, v_scale, key_bias, kv_tiles, padded_tile)
+    check_operands(
+        q, k, v_t, q_scale, k_scale, v_scale, key_bias, key_blocks, block_count, padded_tile
+    )
     if p_scale <= 0:
         raise ValueError(f"P's static scale must be positive, got {p_scale}")
     b, n, lp, d = q.shape
@@ -477,17 +489,16 @@ def fpsa_forward(
     consumers = padded_tile // BLOCK_Q
     static = dict(
         padded_tile=padded_tile,
-        kv_count=int(np.shape(kv_tiles)[1]),
         qk_scale=float(scale) * LOG2_E,
         p_scale=float(p_scale),
         launch=launch,
         in_place_pv=not interpret,
     )
-    inputs = 8 + (padded_blocks is not None)
+    inputs = 9 + (padded_blocks is not None)
 
     def body(*refs):  # padded_ref is None when the table is not given
-        padded = refs[8] if padded_blocks is not None else None
-        _kernel_body(*refs[:8], padded, *refs[inputs:], **static)
+        padded = refs[9] if padded_blocks is not None else None
+        _kernel_body(*refs[:9], padded, *refs[inputs:], **static)
 
     scratch = (
         _smem((consumers, BLOCK_Q, d), q.dtype),  # Q rows of each consumer
@@ -517,7 +528,10 @@ def fpsa_forward(
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=plgpu.InterpretGPUParams() if interpret else None,
     )
-    tables = [jnp.asarray(np.ascontiguousarray(kv_tiles, dtype=np.int32))]
+    tables = [
+        jnp.asarray(np.ascontiguousarray(key_blocks, dtype=np.int32)),
+        jnp.asarray(np.ascontiguousarray(block_count, dtype=np.int32)),
+    ]
     if padded_blocks is not None:
         if np.shape(padded_blocks) != (lp // BLOCK_KV,):
             raise ValueError(

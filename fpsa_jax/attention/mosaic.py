@@ -4,9 +4,8 @@ Forward: the one pre-pass (`kernel_layout.quantize_for_kernel`: tile reorder, FP
 scales, V transposed; values written by the Triton pre-pass kernel where jax-triton is installed,
 else by XLA, the same bits either way) feeds `pallas_kernels.mosaic_fpsa_fwd`, the
 warp-specialized FP8 block-sparse kernel; its kernel-layout output goes back to token order with
-`kernel_layout.output_from_kernel`. Unlike impl="triton" it still walks every key block of each
-query tile's key tiles (`MaskInfo.kv_tiles`), the all-padding blocks of edge tiles included
-(masked by key_bias; the kernel's docstring says what skipping them would take).
+`kernel_layout.output_from_kernel`. Like impl="triton" it walks, per query tile, only the key
+blocks holding a real token (`kernel_layout.key_block_list`, 64-slot blocks).
 
 Backward: the Triton bf16 block-sparse kernels (`triton.block_sparse_backward`) on this forward's
 residuals (operands, output, base-2 log-sum-exp), until a Mosaic backward beats them; so
@@ -24,11 +23,11 @@ import jax.numpy as jnp
 from fpsa_jax.attention.config import FPSAConfig
 from fpsa_jax.attention.device import require_hopper
 from fpsa_jax.attention.kernel_layout import (
+    key_block_list,
     output_from_kernel,
     padded_key_blocks,
     quantize_for_kernel,
 )
-from fpsa_jax.attention.mask import build_mask_info
 from fpsa_jax.attention.triton import block_sparse_backward
 from pallas_kernels.mosaic_fpsa_fwd import (
     BLOCK_KV,
@@ -63,9 +62,9 @@ def check_supported(dtype, head_dim: int, config: FPSAConfig | None) -> None:
 
 def _forward(q, k, v, grid, config: FPSAConfig, scale: float, launch, interpret: bool):
     """(o [B, L, N, D], residuals for the backward)."""
-    info = build_mask_info(grid, config.tile, config.window)
     prepass = "xla" if interpret or not _has_jax_triton() else "triton"
     ops = quantize_for_kernel(q, k, v, grid, config, block_n=BLOCK_KV, prepass=prepass)
+    blocks = key_block_list(grid, config.tile, config.window, ops.padded_tile, BLOCK_KV)
     o, lse = fpsa_forward(
         ops.q,
         ops.k,
@@ -74,7 +73,8 @@ def _forward(q, k, v, grid, config: FPSAConfig, scale: float, launch, interpret:
         ops.k_scale,
         ops.v_scale,
         ops.key_bias,
-        info.kv_tiles,
+        blocks.blocks,
+        blocks.count,
         padded_tile=ops.padded_tile,
         scale=scale,
         p_scale=config.scale if config.quant == "fp8" else 1.0,

@@ -16,7 +16,12 @@ import pytest
 
 from fpsa_jax.attention import FPSAConfig, fpsa_attention
 from fpsa_jax.attention.api import resolve_impl
-from fpsa_jax.attention.kernel_layout import padded_key_blocks, quantize_for_kernel, slot_tokens
+from fpsa_jax.attention.kernel_layout import (
+    key_block_list,
+    padded_key_blocks,
+    quantize_for_kernel,
+    slot_tokens,
+)
 from fpsa_jax.attention.mosaic import mosaic_attention
 from pallas_kernels import mosaic_fpsa_fwd as mf
 from tests.kernels.kernel_suite import CASES, KernelBehaviour, config_of, rel_err
@@ -40,9 +45,10 @@ class TestMosaicKernel(KernelBehaviour):
     def kernel(self, ops, info, scale, p_scale, out_dtype):
         args = (ops.q, ops.k, ops.v_t, ops.q_scale, ops.k_scale, ops.v_scale, ops.key_bias)
         padded = padded_key_blocks(ops.grid, ops.tile, ops.padded_tile, mf.BLOCK_KV)
+        blocks = key_block_list(ops.grid, ops.tile, info.window, ops.padded_tile, mf.BLOCK_KV)
         fn = lambda *a: mf.fpsa_forward(
-            *a, info.kv_tiles, padded_tile=ops.padded_tile, scale=scale, p_scale=p_scale,
-            out_dtype=out_dtype, padded_blocks=padded, interpret=not ON_GPU,
+            *a, blocks.blocks, blocks.count, padded_tile=ops.padded_tile, scale=scale,
+            p_scale=p_scale, out_dtype=out_dtype, padded_blocks=padded, interpret=not ON_GPU,
         )  # fmt: skip
         return jax.jit(fn)(*args)
 
@@ -63,9 +69,11 @@ def _operands(quant="fp8", d=64, grid=(3, 8, 8), tile=(3, 8, 8)):
 
 def _forward(ops, **kwargs):
     args = (ops.q, ops.k, ops.v_t, ops.q_scale, ops.k_scale, ops.v_scale, ops.key_bias)
-    table = kwargs.pop("kv_tiles", np.zeros((ops.q.shape[2] // ops.padded_tile, 1), np.int32))
+    n_tiles = ops.q.shape[2] // ops.padded_tile
+    table = kwargs.pop("key_blocks", np.zeros((n_tiles, 1), np.int32))
+    count = kwargs.pop("block_count", np.ones((n_tiles,), np.int32))
     defaults = dict(padded_tile=ops.padded_tile, scale=0.1, p_scale=448.0, out_dtype=jnp.bfloat16)
-    return mf.fpsa_forward(*args, table, **{**defaults, **kwargs})
+    return mf.fpsa_forward(*args, table, count, **{**defaults, **kwargs})
 
 
 def test_kernel_rejects_operands_it_cannot_take():
@@ -81,8 +89,12 @@ def test_kernel_rejects_operands_it_cannot_take():
         _forward(_operands(grid=(4, 8, 8), tile=(4, 8, 8)))
     with pytest.raises(ValueError, match=r"k_scale must have shape \(1, 1, 1\)"):
         _forward(ops.replace(k_scale=jnp.ones((1, 1, 2))))
-    with pytest.raises(ValueError, match=r"kv_tiles must be \[n_tiles=1, K\]"):
-        _forward(ops, kv_tiles=np.zeros((2, 1), np.int32))
+    with pytest.raises(ValueError, match=r"key_blocks must be \[n_tiles=1, M\]"):
+        _forward(ops, key_blocks=np.zeros((2, 1), np.int32))
+    with pytest.raises(ValueError, match=r"block_count must be \[n_tiles=1\] with entries in 1..1"):
+        _forward(ops, block_count=np.zeros((1,), np.int32))
+    with pytest.raises(ValueError, match=r"block_count must be .* got shape \(2,\)"):
+        _forward(ops, block_count=np.ones((2,), np.int32))
     with pytest.raises(ValueError, match=r"padded_blocks must be \[Lp / 64\] = \[3\]"):
         _forward(ops, padded_blocks=np.zeros(2, np.int32))
     with pytest.raises(ValueError, match="static scale must be positive"):
