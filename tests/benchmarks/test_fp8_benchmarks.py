@@ -54,6 +54,16 @@ def test_dit_forward_times_bf16_and_fp8_linears_dense_and_fpsa_with_the_attentio
         assert attention > 0 and rest == pytest.approx(per_layer - attention, abs=0.11)
 
 
+def _share_rows(out: str, header: str) -> dict[str, float]:
+    """{name: ms} of the rows "| name | ms | share% |" of the table under `header`."""
+    rows = {}
+    for line in out.split(header)[1].split("\n\n")[0].splitlines():
+        cells = [c.strip() for c in line.split("|")[1:-1]]
+        if len(cells) == 3 and cells[2].endswith("%"):
+            rows[cells[0]] = float(cells[1])
+    return rows
+
+
 def test_layer_profile_attributes_every_kernel_of_a_block_to_a_category():
     result = run_benchmark(
         "layer_profile.py", "--case", "tiny-cpu", "--attention", "demo:0", "--linear_quant",
@@ -61,22 +71,14 @@ def test_layer_profile_attributes_every_kernel_of_a_block_to_a_category():
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     out = result.stdout
-    shares = {}
-    for line in out.split("| per layer | ms | share |")[1].split("| **layer")[0].splitlines():
-        cells = [c.strip() for c in line.split("|")[1:-1]]
-        if len(cells) == 3 and cells[2].endswith("%"):
-            shares[cells[0]] = float(cells[1])
+    shares = _share_rows(out, "| per layer | ms | share |")
     # The operator's and the cross-attention's named scopes are found; GEMMs by their dots.
     assert {"self-attention operator", "GEMM", "cross-attention core"} <= set(shares)
     assert all(ms > 0 for ms in shares.values())
     layer = float(out.split("| **layer (kernel time)** | **")[1].split("**")[0])
     assert layer == pytest.approx(sum(shares.values()), abs=0.02)
-    parts = {}
-    for line in out.split("| per layer, by part | ms | share |")[1].split("\n\n")[0].splitlines():
-        cells = [c.strip() for c in line.split("|")[1:-1]]
-        if len(cells) == 3 and cells[2].endswith("%"):
-            parts[cells[0]] = float(cells[1])
     # The finer table splits the same time: each GEMM by its linear, the rest by block step.
+    parts = _share_rows(out, "| per layer, by part | ms | share |")
     assert {"GEMM self_attn.q", "GEMM ffn.fc2", "GEMM cross_attn.o"} <= set(parts)
     assert layer == pytest.approx(sum(parts.values()), abs=0.05)
     assert "fpsa_attention_xla" in out  # ops are named by their module path
