@@ -8,7 +8,9 @@ head stay float32, as in the original (its residual stream is float32 after the 
 Self-attention goes through `fpsa_jax.attention.fpsa_attention`, given the token grid and a
 per-call `FPSAConfig` (None = dense), by way of `fpsa_jax.parallel.ulysses_attention`: under a
 mesh in context whose 'seq' axis is larger than one (`fpsa_jax.parallel.use_sharding`) it runs
-sequence-parallel (Ulysses), otherwise it is exactly `fpsa_attention`. Parameters carry logical
+sequence-parallel (Ulysses), otherwise it is exactly `fpsa_attention`. Cross-attention over the
+text rows is dense (`text_attention`: cuDNN's flash attention on a GPU, einsums elsewhere and
+under a multi-device mesh). Parameters carry logical
 axis names ('embed', 'heads', 'mlp', 'layers', ...) and activations logical constraints, so a mesh
 can shard them; both are no-ops without one. The blocks run under `nn.scan` (parameters stacked on
 a leading 'layers' axis) with the remat policy of `config.remat`.
