@@ -160,9 +160,9 @@ def fp8_matmul(x: QuantizedTensor, w: QuantizedTensor, impl: str) -> Array:
 
 # The GEMM's output dtype per impl. cuBLASLt accumulates in float32 either way; writing the sums
 # as bfloat16 (one rounding, 2^-9 relative, beside E4M3's 2^-4) halves the bytes the GEMM writes
-# and the scale pass reads: +4-18% per FP8 linear on an H200 (benchmarks/fp8_gemm.py, "(b) bf16
-# GEMM output, linear" against "(b) model, linear", RESULTS.md). "emulated" keeps the float32
-# sums: it is the reference the tests compare against.
+# and the scale pass reads: +4-19% per FP8 linear on an H200 (benchmarks/fp8_gemm.py: now "(b)
+# model, linear" against "(b) float32 GEMM output, linear"; RESULTS.md). "emulated" keeps the
+# float32 sums: it is the reference the tests compare against.
 GEMM_OUTPUT_DTYPES: dict[str, Any] = {"cublaslt": jnp.bfloat16, "emulated": jnp.float32}
 
 
