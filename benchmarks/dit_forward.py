@@ -85,8 +85,11 @@ def median_ms(fn, *args, repeats: int) -> tuple[float, float, float]:
 @dataclasses.dataclass(frozen=True)
 class Case:
     """One DiT forward ready to run: `forward(*args)`; the self-attention's grid, [B, L, N, D]
-    shape and config (None: dense)."""
+    shape, config (None: dense) and impl; the labels it was built from."""
 
+    name: str
+    attention: str  # "dense" or PRESET:PHASE
+    impl: Impl
     config: WanConfig
     forward: Callable
     args: tuple
@@ -126,23 +129,15 @@ def build_case(
     pt, ph, pw = config.patch_size
     grid = (f // pt, h // ph, w // pw)
     qkv_shape = (batch, math.prod(grid), config.num_heads, config.head_dim)
-    return Case(config, forward, (params, latents, timesteps, context), grid, qkv_shape, fpsa)
+    args = (params, latents, timesteps, context)
+    return Case(name, attention, impl, config, forward, args, grid, qkv_shape, fpsa)
 
 
-def run_case(
-    name: str,
-    repeats: int,
-    impl: Impl,
-    linear_quant: str = "none",
-    linear_impl: Fp8LinearImpl = "cublaslt",
-    batch: int = 1,
-    num_layers: int | None = None,
-    attention: str = "dense",
-) -> dict:
-    case = build_case(name, impl, linear_quant, linear_impl, batch, num_layers, attention)
+def run_case(case: Case, repeats: int) -> dict:
+    """Times the forward and the self-attention operator alone at the layer's shape."""
     config, params = case.config, case.args[0]
     compile_s, ms, min_ms = median_ms(case.forward, *case.args, repeats=repeats)
-    grid, fpsa, qkv_shape = case.grid, case.fpsa, case.qkv_shape
+    grid, fpsa, qkv_shape, impl = case.grid, case.fpsa, case.qkv_shape, case.impl
     q, k, v = (
         jax.random.normal(key, qkv_shape, jnp.bfloat16)
         for key in jax.random.split(jax.random.key(2), 3)
@@ -152,9 +147,9 @@ def run_case(
     stats = jax.devices()[0].memory_stats() or {}
     tokens = qkv_shape[1]
     return {
-        "case": name,
-        "linear_quant": linear_quant,
-        "batch": batch,
+        "case": case.name,
+        "linear_quant": config.linear_quant,
+        "batch": qkv_shape[0],
         "layers": config.num_layers,
         "param_gib": sum(x.nbytes for x in jax.tree.leaves(params)) / 2**30,
         "params": config.num_params(),
@@ -162,7 +157,7 @@ def run_case(
         "first_call_s": compile_s,
         "ms": ms,
         "min_ms": min_ms,
-        "attention": attention,
+        "attention": case.attention,
         "attention_ms": attention_ms,
         "rest_ms": ms / config.num_layers - attention_ms,
         "peak_gib": stats.get("peak_bytes_in_use", float("nan")) / 2**30,
@@ -209,14 +204,10 @@ def main():
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}")
     rows = [
         run_case(
-            name,
+            build_case(
+                name, args.impl, quant, args.linear_impl, args.batch, args.num_layers, attention
+            ),
             args.repeats,
-            args.impl,
-            quant,
-            args.linear_impl,
-            args.batch,
-            args.num_layers,
-            attention,
         )
         for name in args.cases
         for attention in args.attention

@@ -146,7 +146,16 @@ def main():
                 f"{1e3 * median:.0f} ms/step"
             )
         label = mode if quant == "none" else f"{mode} + FP8 linears"
-        rows.append((label, impl, runs[0]["total_s"], last["total_s"], phases, from_medians))
+        rows.append(
+            dict(
+                label=label,
+                impl=impl,
+                first_s=runs[0]["total_s"],
+                last_s=last["total_s"],
+                phases=phases,
+                from_medians_s=from_medians,
+            )
+        )
         print(
             f"{label}: runs {[round(r['total_s'], 1) for r in runs]} s; " + "; ".join(phases),
             flush=True,
@@ -166,13 +175,18 @@ def main():
         f"last run s | per phase |"
     )
     print("|---|---|---|---|---|")
-    for mode, impl, first, final, phases, _ in rows:
-        print(f"| {mode} | {impl} | {first:.1f} | {final:.1f} | {'; '.join(phases)} |")
-    # With one run per mode a run's total includes its compilation; the per-step medians do not.
-    for label, _, _, final, _, from_medians in rows[1:]:
+    for r in rows:
         print(
-            f"speed-up of {label} over {rows[0][0]}: {rows[0][5] / from_medians:.2f}x from the "
-            f"per-step medians, {rows[0][3] / final:.2f}x from the last runs' totals"
+            f"| {r['label']} | {r['impl']} | {r['first_s']:.1f} | {r['last_s']:.1f} | "
+            f"{'; '.join(r['phases'])} |"
+        )
+    # With one run per mode a run's total includes its compilation; the per-step medians do not.
+    base = rows[0] if rows else None
+    for r in rows[1:]:
+        print(
+            f"speed-up of {r['label']} over {base['label']}: "
+            f"{base['from_medians_s'] / r['from_medians_s']:.2f}x from the per-step medians, "
+            f"{base['last_s'] / r['last_s']:.2f}x from the last runs' totals"
         )
     print(
         f"VAE decode {tuple(latents.shape)} -> {tuple(video.shape)}: first {vae_times[0]:.1f} s"

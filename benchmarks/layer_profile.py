@@ -46,6 +46,7 @@ from fpsa_jax.config import LINEAR_QUANTS
 from fpsa_jax.model.fp8_linear import FP8_LINEAR_IMPLS, check_backend
 
 GEMM_KERNEL = re.compile(r"gemm|nvjet|xmma|cutlass|cublas|matmul|triton_gemm", re.I)
+WRAPPER = re.compile(r"^(jit|pjit|jvp|transpose|remat|checkpoint|while|body|cond|branch)\b")
 OP_NAME = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+) = .*?op_name="([^"]*)"', re.M)
 
 
@@ -105,17 +106,7 @@ def part(op: OpTime) -> str:
 
 def where(op_name: str) -> str:
     """The module path and primitive of an op_name, without the jit/transform wrappers."""
-    parts = [
-        p
-        for p in op_name.split("/")
-        if p
-        and not re.match(
-            r"^(jit|pjit|jvp|transpose|"
-            r"remat|checkpoint|while|body|"
-            r"cond|branch)\b",
-            p,
-        )
-    ]
+    parts = [p for p in op_name.split("/") if p and not WRAPPER.match(p)]
     return "/".join(parts[-5:])
 
 
