@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from fpsa_jax.attention import FPSAConfig, Impl
+from fpsa_jax.attention.cudnn import cudnn_attention
 from fpsa_jax.config import WanConfig
 from fpsa_jax.model.embeddings import apply_rope, fit_text_length, rope_tables, sinusoidal_embedding
 from fpsa_jax.model.fp8_linear import (
@@ -211,7 +212,7 @@ def text_attention(q: Array, k: Array, v: Array, impl: TextAttentionImpl = "auto
         raise ValueError(f"text attention impl must be auto, cudnn or xla, got {impl!r}")
     if impl == "auto":
         impl = "cudnn" if _cudnn_text_attention_fits(q) else "xla"
-    elif impl == "cudnn" and jax.default_backend() != "gpu":
+    elif impl == "cudnn" and jax.default_backend() != "gpu":  # text attention's own alternatives
         raise ValueError(
             f"text attention impl 'cudnn' needs an NVIDIA GPU, but the default JAX backend is "
             f"{jax.default_backend()!r}; use 'xla' or 'auto'"
@@ -231,7 +232,8 @@ def _xla_text_attention(q: Array, k: Array, v: Array) -> Array:
 
 
 def _cudnn_flash(q: Array, k: Array, v: Array) -> Array:
-    return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+    """Dense cuDNN attention (raises off a GPU or for non-16-bit inputs, naming the problem)."""
+    return cudnn_attention(q, k, v, grid=None, config=None, scale=None)
 
 
 @jax.custom_vjp
