@@ -238,6 +238,8 @@ def main(argv=None) -> None:
     for flag in ("batch", "num_layers", "calls", "top"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if args.trace_dir and Path(args.trace_dir).exists() and not Path(args.trace_dir).is_dir():
+        p.error(f"--trace_dir {args.trace_dir} exists and is not a folder")
     if args.linear_quant == "fp8":
         try:
             check_backend(args.linear_impl)

@@ -93,6 +93,7 @@ def test_layer_profile_attributes_every_kernel_of_a_block_to_a_category():
         ("dit_forward.py", ["--attention", "sparse"], "--attention takes dense or PRESET:PHASE"),
         ("dit_forward.py", ["--attention", "wan-720p:3"], "wan-720p has phases 0..2"),
         ("layer_profile.py", ["--calls", "0"], "--calls must be >= 1"),
+        ("layer_profile.py", ["--trace_dir", "README.md"], "exists and is not a folder"),
         ("layer_profile.py", ["--attention", "wan-480p:9"], "wan-480p has phases 0..2"),
         ("layer_profile.py", ["--linear_quant", "fp8"], "--linear_quant fp8: FP8 linears"),
         ("e2e.py", ["--linear_quant", "fp8"], "the backend is cpu"),
