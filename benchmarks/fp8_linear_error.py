@@ -8,7 +8,11 @@ and, reported as relative L2 errors (||fp8 - bf16|| / ||bf16||):
   stream   the residual stream after each block, FP8 model against bf16 model (the error so far,
            estimated on every s-th token, s = L // 4096)
   q ... o  each FP8 linear's output against the bf16 linear on the very same input (its own error,
-           along the FP8 model's trajectory), self- and cross-attention; fc1, fc2 the FFN's
+           along the FP8 model's trajectory), self- and cross-attention; fc1, fc2 the FFN's.
+           Where the input arrives already quantized (the LayerNorm-fed q, k, v, cross q, fc1, and
+           fc2 from fc1's GELU epilogue: `fp8_linear.quantize_normed_tokens`) the bf16 linear
+           sees the dequantized input, so those columns hold the weight and GEMM error only; the
+           activations' rounding shows in the stream and the output
   output   the DiT's output (velocity), FP8 model against bf16 model
 
     python benchmarks/fp8_linear_error.py --cases 1.3b-480p 14b-720p --num_layers 8   # a GPU
@@ -28,6 +32,7 @@ import numpy as np
 from dit_forward import CASES  # benchmarks/dit_forward.py (scripts run from their folder)
 
 from fpsa_jax.attention import IMPLS, Impl
+from fpsa_jax.attention.quant import QuantizedTensor
 from fpsa_jax.config import WanConfig
 from fpsa_jax.model.fp8_linear import FP8_LINEAR_IMPLS, Fp8Dense, Fp8LinearImpl, check_backend
 from fpsa_jax.model.random_weights import random_weights
@@ -67,8 +72,13 @@ def _interceptor(stride: int, linears: bool):
                 param_dtype=module.param_dtype,
                 precision=jax.lax.Precision.HIGHEST if f32 else None,
             )
-            ref = bf16.apply({"params": {"kernel": p["kernel"], "bias": p["bias"]}}, args[0])
-            module.sow("intermediates", "error_sums", _sums(out, ref))
+            x = args[0]
+            x = x.dequantize(module.dtype) if isinstance(x, QuantizedTensor) else x
+            ref = bf16.apply({"params": {"kernel": p["kernel"], "bias": p["bias"]}}, x)
+            y = out
+            if isinstance(out, QuantizedTensor):  # fc1 with its GELU epilogue
+                y, ref = out.dequantize(), jax.nn.gelu(ref.astype(jnp.float32), approximate=True)
+            module.sow("intermediates", "error_sums", _sums(y, ref))
         return out
 
     return intercept

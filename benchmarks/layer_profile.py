@@ -89,6 +89,8 @@ def part(op: OpTime) -> str:
         return cat
     if cat == "GEMM":
         return f"GEMM {linear.group(1)}.{linear.group(2)}" if linear else "GEMM (other)"
+    if "fp8_row_quant" in name:  # fpsa_jax.model.fp8_linear's Triton writer
+        return "FP8 row quantize (one pass with its LayerNorm / GELU)"
     if "norm_q" in name or "norm_k" in name:
         return "q/k RMSNorm"
     if re.search(r"\.qkv/(stack|mul|add|sub|concatenate)$", name):

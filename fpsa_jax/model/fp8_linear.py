@@ -25,6 +25,13 @@ Implementations (`Fp8LinearImpl`), same numbers up to the order of the float32 s
             (straight-through: the gradient of the identity); CPU tests, benchmarks/quality.py
             and training use it.
 
+Where the input comes from a LayerNorm (the blocks' modulated norms, the cross-attention's affine
+norm: `quantize_normed_tokens`) or from fc1 (GELU, `quantize_gelu_tokens`: Fp8Dense's epilogue
+"gelu_quantize"), the quantization includes its producer, and the next linear takes the
+QuantizedTensor. Who writes it (`QuantizeWriter`): the jnp definitions here ("xla") or one
+Triton pass per row (`pallas_kernels.triton_row_quant`), which "auto" picks for "cublaslt" on a
+GPU with jax-triton: 18.7 -> 11.9 ms of quantize passes per 14B/720p layer (RESULTS.md).
+
 Quantized tensors travel as `fpsa_jax.attention.quant.QuantizedTensor`: values float8_e4m3fn
 (cublaslt, and weights quantized at load) or float32 holding E4M3 values (emulated, quantized at
 the call); scales float32, [..., 1] per token for activations and [1, N] per channel for weights.
@@ -47,10 +54,17 @@ from fpsa_jax.attention.quant import (
     straight_through,
     to_e4m3,
 )
+from fpsa_jax.model.norms import layer_norm
 
 Array = jax.Array
 Fp8LinearImpl = Literal["cublaslt", "emulated"]
 FP8_LINEAR_IMPLS: tuple[str, ...] = get_args(Fp8LinearImpl)
+# Who writes a linear's quantized input (the values are the same up to float32 summation order):
+# "xla" the jnp definitions below (any backend; reductions and converts as separate XLA passes),
+# "triton" one pass per row fused with its producer (`pallas_kernels.triton_row_quant`; FP8
+# values for "cublaslt" on a GPU with jax-triton; no gradient), "auto" triton where it can run.
+QuantizeWriter = Literal["auto", "xla", "triton"]
+QUANTIZE_WRITERS: tuple[str, ...] = get_args(QuantizeWriter)
 # FP8 tensor cores: Ada (8.9), Hopper (9.0) and later.
 MIN_COMPUTE_CAPABILITY = (8, 9)
 # (module, linear) under the DiT's "blocks" of the matmuls that `linear_quant="fp8"` runs in FP8.
@@ -138,9 +152,88 @@ def quantize_weight(kernel: Array, impl: str = "cublaslt") -> QuantizedTensor:
     return _quantize(kernel, -2, impl, WEIGHT_LAYOUT)
 
 
-def quantize_tokens(x: Array, impl: str) -> QuantizedTensor:
+def quantize_tokens(x: Array, impl: str, *, writer: QuantizeWriter = "auto") -> QuantizedTensor:
     """x [..., K] -> values [..., K], scales float32 [..., 1] (one per token)."""
+    if _use_triton(writer, impl, x.shape[-1]):
+        return _triton_tokens(x, "none")
     return _quantize(x, -1, impl, TOKEN_LAYOUT)
+
+
+def quantize_normed_tokens(
+    x: Array, mul: Array, add: Array, eps: float, impl: str, *, writer: QuantizeWriter = "auto"
+) -> QuantizedTensor:
+    """`quantize_tokens(layer_norm(x, eps) * mul + add)`: a LayerNorm (+ modulation, or its own
+    affine) feeding FP8 linears, in one pass with writer "triton".
+
+    x [B, L, K] (the float32 residual stream); mul, add float32 broadcastable to [B, 1, K] (1 +
+    scale and shift of a block's modulation, or an affine LayerNorm's scale and bias).
+    """
+    if _use_triton(writer, impl, x.shape[-1]):
+        b, _, k = x.shape
+        mul, add = (jnp.broadcast_to(v, (b, 1, k)).reshape(b, k) for v in (mul, add))
+        return _triton_tokens(x, "layernorm", mul, add, eps=eps)
+    return _quantize(layer_norm(x, eps) * mul + add, -1, impl, TOKEN_LAYOUT)
+
+
+def quantize_gelu_tokens(
+    acc: Array,
+    x: QuantizedTensor,
+    w: QuantizedTensor,
+    bias: Array,
+    impl: str,
+    *,
+    writer: QuantizeWriter = "auto",
+) -> QuantizedTensor:
+    """fc1's FP8 GEMM sums -> fc2's quantized input: `quantize_tokens(gelu_tanh(acc * x.scales *
+    w.scales + bias))`, all in float32, in one pass with writer "triton".
+
+    acc [..., F]: `fp8_gemm(x, w)` (bfloat16 for "cublaslt"); x.scales [..., 1]; w.scales [1, F];
+    bias [F].
+    """
+    if _use_triton(writer, impl, acc.shape[-1]):
+        return _triton_tokens(acc, "gelu", x.scales, w.scales.reshape(-1), bias)
+    y = acc.astype(jnp.float32) * x.scales * w.scales + bias.astype(jnp.float32)
+    return _quantize(jax.nn.gelu(y, approximate=True), -1, impl, TOKEN_LAYOUT)
+
+
+def triton_quantize_support(impl: str, k: int) -> str | None:
+    """None when writer "triton" can write `impl`'s quantized rows of `k` values here, else a
+    phrase naming why not."""
+    from pallas_kernels import triton_row_quant
+
+    if impl != "cublaslt":
+        return f"impl {impl!r} quantizes in float32 with a straight-through gradient"
+    if jax.default_backend() != "gpu":
+        return f"the backend is {jax.default_backend()}"
+    if k > triton_row_quant.MAX_ROW:
+        return f"rows of {k} values exceed the kernel's {triton_row_quant.MAX_ROW}"
+    mesh = jax.sharding.get_abstract_mesh()
+    if not (mesh.empty or mesh.size == 1):
+        return "a multi-device mesh is in context (XLA shards the per-token reductions)"
+    try:
+        import jax_triton  # noqa: F401
+    except ImportError:
+        return "jax-triton is not installed"
+    return None
+
+
+def _use_triton(writer: str, impl: str, k: int) -> bool:
+    if writer not in QUANTIZE_WRITERS:
+        raise ValueError(f"unknown quantize writer {writer!r}; valid: {list(QUANTIZE_WRITERS)}")
+    if writer == "xla":
+        return False
+    why = triton_quantize_support(impl, k)
+    if writer == "triton" and why is not None:
+        raise ValueError(f"quantize writer 'triton' cannot run: {why}; writer 'xla' can")
+    return why is None
+
+
+def _triton_tokens(x: Array, prologue: str, *operands: Array, eps: float = 0.0) -> QuantizedTensor:
+    from pallas_kernels import triton_row_quant
+
+    with jax.named_scope("fp8_row_quant"):  # how benchmarks/layer_profile.py finds it
+        values, scales = triton_row_quant.quantize_rows(x, prologue, *operands, eps=eps)
+    return QuantizedTensor(values, scales, layout=TOKEN_LAYOUT)
 
 
 def fp8_matmul(x: QuantizedTensor, w: QuantizedTensor, impl: str) -> Array:
@@ -149,13 +242,17 @@ def fp8_matmul(x: QuantizedTensor, w: QuantizedTensor, impl: str) -> Array:
 
     Checks that `impl` can run here (`check_backend`), then computes `scaled_fp8_dot`.
     """
+    _check_operands(x, w, impl)
+    return scaled_fp8_dot(x, w, GEMM_OUTPUT_DTYPES[impl])
+
+
+def _check_operands(x: QuantizedTensor, w: QuantizedTensor, impl: str) -> None:
     check_backend(impl)
     if impl == "cublaslt" and (x.values.dtype != FP8 or w.values.dtype != FP8):
         raise ValueError(
             f"impl 'cublaslt' multiplies {jnp.dtype(FP8)} values, got {x.values.dtype} and "
             f"{w.values.dtype}"
         )
-    return scaled_fp8_dot(x, w, GEMM_OUTPUT_DTYPES[impl])
 
 
 # The GEMM's output dtype per impl. cuBLASLt accumulates in float32 either way; writing the sums
@@ -173,18 +270,32 @@ def scaled_fp8_dot(x: QuantizedTensor, w: QuantizedTensor, gemm_dtype=jnp.float3
     XLA's FP8 GEMM rewrite); float32 accumulation, the sums written in `gemm_dtype`; the scales
     multiply them in float32. Returns float32 [..., N].
     """
+    return fp8_gemm(x, w, gemm_dtype).astype(jnp.float32) * x.scales * w.scales
+
+
+def fp8_gemm(x: QuantizedTensor, w: QuantizedTensor, gemm_dtype=jnp.float32) -> Array:
+    """The E4M3 values' dot, x.values [..., K] @ w.values [K, N] -> [..., N] in `gemm_dtype`
+    (float32 accumulation), scales not applied: bfloat16 operands (a float8 operand converted
+    right at the dot, the pattern of XLA's FP8 GEMM rewrite)."""
     xv, wv = x.values, w.values
-    acc = jax.lax.dot_general(
+    return jax.lax.dot_general(
         xv.astype(jnp.bfloat16),
         wv.astype(jnp.bfloat16),
         (((xv.ndim - 1,), (0,)), ((), ())),
         preferred_element_type=gemm_dtype,
     )
-    return acc.astype(jnp.float32) * x.scales * w.scales
+
+
+Fp8Epilogue = Literal["linear", "gelu_quantize"]
 
 
 class Fp8Dense(nn.Module):
     """`nn.Dense` with the FP8 matmul above: x [..., K] -> [..., features] in `dtype`.
+
+    x is a float array (quantized per token here, `quantize_tokens`) or a `QuantizedTensor`
+    already quantized per token (`quantize_normed_tokens`, or another Fp8Dense's "gelu_quantize"
+    output). epilogue "linear" returns x @ W + b; "gelu_quantize" returns the next linear's input,
+    `quantize_gelu_tokens` of the GEMM (GELU(x @ W + b) quantized per token, as a QuantizedTensor).
 
     Parameters: kernel [K, features] and bias [features] as nn.Dense (initialised in
     `param_dtype`). A float kernel is quantized at every call; a float8_e4m3fn kernel (quantized
@@ -197,14 +308,20 @@ class Fp8Dense(nn.Module):
     param_dtype: Any
     impl: str
     kernel_init: Any = nn.initializers.xavier_uniform()
+    epilogue: Fp8Epilogue = "linear"
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array | QuantizedTensor) -> Array | QuantizedTensor:
         check_impl(self.impl)
+        if self.epilogue not in get_args(Fp8Epilogue):
+            raise ValueError(f"unknown epilogue {self.epilogue!r}; valid: {get_args(Fp8Epilogue)}")
+        if isinstance(x, QuantizedTensor) and x.layout != TOKEN_LAYOUT:
+            raise ValueError(f"Fp8Dense takes per-token scales ({TOKEN_LAYOUT}), got {x.layout}")
+        x_q = x if isinstance(x, QuantizedTensor) else quantize_tokens(x, self.impl)
         kernel = self.param(
             "kernel",
             nn.with_logical_partitioning(self.kernel_init, self.axes),
-            (x.shape[-1], self.features),
+            (x_q.values.shape[-1], self.features),
             self.param_dtype,
         )
         bias = self.param(
@@ -223,7 +340,11 @@ class Fp8Dense(nn.Module):
             w = QuantizedTensor(kernel, scale[None, :], layout=WEIGHT_LAYOUT)
         else:
             w = quantize_weight(kernel, self.impl)
-        y = fp8_matmul(quantize_tokens(x, self.impl), w, self.impl)
+        if self.epilogue == "gelu_quantize":
+            _check_operands(x_q, w, self.impl)
+            acc = fp8_gemm(x_q, w, GEMM_OUTPUT_DTYPES[self.impl])
+            return quantize_gelu_tokens(acc, x_q, w, bias, self.impl)
+        y = fp8_matmul(x_q, w, self.impl)
         return (y + bias.astype(jnp.float32)).astype(self.dtype)
 
 

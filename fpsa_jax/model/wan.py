@@ -17,7 +17,10 @@ a leading 'layers' axis) with the remat policy of `config.remat`.
 
 With `config.linear_quant == "fp8"` the block linears (`fp8_linear.BLOCK_LINEARS`) are `Fp8Dense`
 computed by `linear_impl`; their kernels are float (quantized at every call, as training needs) or
-FP8 with a `kernel_scale` (`fp8_linear.quantize_linear_weights`, at load).
+FP8 with a `kernel_scale` (`fp8_linear.quantize_linear_weights`, at load). There the LayerNorms
+that feed linears (and fc1's GELU) quantize their output per token in the same pass
+(`_normed_input`, `Fp8Dense(epilogue="gelu_quantize")`), so q/k/v, cross q, fc1 and fc2 receive
+a `QuantizedTensor`.
 """
 
 from __future__ import annotations
@@ -31,14 +34,17 @@ import jax.numpy as jnp
 
 from fpsa_jax.attention import FPSAConfig, Impl
 from fpsa_jax.attention.cudnn import cudnn_attention
+from fpsa_jax.attention.quant import QuantizedTensor
 from fpsa_jax.config import WanConfig
 from fpsa_jax.model.embeddings import apply_rope, fit_text_length, rope_tables, sinusoidal_embedding
 from fpsa_jax.model.fp8_linear import (
     Fp8Dense,
     Fp8LinearImpl,
     is_quantized,
+    quantize_normed_tokens,
     quantized_logical_axes,
 )
+from fpsa_jax.model.norms import layer_norm
 from fpsa_jax.parallel import ulysses_attention
 
 Array = jax.Array
@@ -85,22 +91,27 @@ def _block_dense(
     return _dense(features, axes, dt, pdt, name)
 
 
-def layer_norm(x: Array, eps: float) -> Array:
-    """LayerNorm without affine over the last axis, in float32 (two-pass variance)."""
-    x = x.astype(_F32)
-    mean = x.mean(-1, keepdims=True)
-    var = jnp.square(x - mean).mean(-1, keepdims=True)
-    return (x - mean) * jax.lax.rsqrt(var + eps)
+def _normed_input(
+    cfg: WanConfig, linear_impl: Fp8LinearImpl, x: Array, mul: Array, add: Array
+) -> Array | QuantizedTensor:
+    """layer_norm(x) * mul + add, the input of block linears: float32, or under FP8 linears
+    already quantized per token (one pass with the norm, `quantize_normed_tokens`)."""
+    if cfg.linear_quant == "fp8":
+        return quantize_normed_tokens(x, mul, add, cfg.eps, linear_impl)
+    return layer_norm(x, cfg.eps) * mul + add
 
 
 class AffineLayerNorm(nn.Module):
-    """LayerNorm with a learned scale and bias (the cross-attention norm); float32 out."""
+    """LayerNorm with a learned scale and bias (the cross-attention norm); float32 out, or with
+    `config` under FP8 linears its per-token quantization (`_normed_input`)."""
 
     eps: float
     param_dtype: Any
+    config: WanConfig | None = None
+    linear_impl: Fp8LinearImpl = "cublaslt"
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array) -> Array | QuantizedTensor:
         dim = x.shape[-1]
         scale = self.param(
             "scale",
@@ -114,6 +125,10 @@ class AffineLayerNorm(nn.Module):
             (dim,),
             self.param_dtype,
         )
+        if self.config is not None:
+            return _normed_input(
+                self.config, self.linear_impl, x, scale.astype(_F32), bias.astype(_F32)
+            )
         return layer_norm(x, self.eps) * scale.astype(_F32) + bias.astype(_F32)
 
 
@@ -150,10 +165,13 @@ class Attention(nn.Module):
     attention_impl: Impl = "auto"
     linear_impl: Fp8LinearImpl = "cublaslt"
 
-    def qkv(self, x: Array, context: Array | None = None) -> tuple[Array, Array, Array]:
+    def qkv(
+        self, x: Array | QuantizedTensor, context: Array | None = None
+    ) -> tuple[Array, Array, Array]:
         """The operator's inputs q, k, v [B, L (Lt for k, v), N, D] in config.dtype: projected,
         RMS-normed, and for self-attention rotated (RoPE). Its own method so that a Flax
-        interceptor can observe them (`fpsa_jax.sampling.attention_probe`)."""
+        interceptor can observe them (`fpsa_jax.sampling.attention_probe`). x may come quantized
+        per token (FP8 linears, `_normed_input`)."""
         cfg = self.config
         dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         n, d = cfg.num_heads, cfg.head_dim
@@ -165,7 +183,7 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             q = RMSNorm(cfg.eps, pdt, name="norm_q")(q)
             k = RMSNorm(cfg.eps, pdt, name="norm_k")(k)
-        b = x.shape[0]
+        b = q.shape[0]
         q = q.reshape(b, -1, n, d)
         k = k.reshape(b, -1, n, d)
         v = v.reshape(b, -1, n, d)
@@ -175,8 +193,9 @@ class Attention(nn.Module):
         return q.astype(dt), k.astype(dt), v.astype(dt)
 
     @nn.compact
-    def __call__(self, x: Array, context: Array | None = None) -> Array:
-        """x: [B, L, dim]; context: [B, Lt, dim] (cross-attention) or None. Returns [B, L, dim]."""
+    def __call__(self, x: Array | QuantizedTensor, context: Array | None = None) -> Array:
+        """x: [B, L, dim] (or quantized per token); context: [B, Lt, dim] (cross-attention) or
+        None. Returns [B, L, dim]."""
         cfg = self.config
         dt = jnp.dtype(cfg.dtype)
         n, d = cfg.num_heads, cfg.head_dim
@@ -189,7 +208,7 @@ class Attention(nn.Module):
             out = text_attention(q, k, v)
         out = nn.with_logical_constraint(out.astype(dt), ("batch", "length", "heads", "kv"))
         o = _block_dense(cfg, cfg.dim, ("heads", "embed"), self.linear_impl, "o")
-        return o(out.reshape(x.shape[0], -1, n * d))
+        return o(out.reshape(out.shape[0], -1, n * d))
 
 
 TextAttentionImpl = Literal["auto", "cudnn", "xla"]
@@ -279,9 +298,23 @@ class FeedForward(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         cfg = self.config
+        fc2 = _block_dense(cfg, cfg.dim, ("mlp", "embed"), self.linear_impl, "fc2")
+        if cfg.linear_quant == "fp8":  # GELU in fc1's epilogue, with fc2's quantize
+            dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+            fc1 = Fp8Dense(
+                cfg.ffn_dim,
+                ("embed", "mlp"),
+                dt,
+                pdt,
+                self.linear_impl,
+                epilogue="gelu_quantize",
+                name="fc1",
+            )
+            h = fc1(x)
+            values = nn.with_logical_constraint(h.values, ("batch", "length", "mlp"))
+            return fc2(h.replace(values=values))
         y = _block_dense(cfg, cfg.ffn_dim, ("embed", "mlp"), self.linear_impl, "fc1")(x)
         y = nn.with_logical_constraint(y, ("batch", "length", "mlp"))
-        fc2 = _block_dense(cfg, cfg.dim, ("mlp", "embed"), self.linear_impl, "fc2")
         return fc2(nn.gelu(y, approximate=True))
 
 
@@ -310,15 +343,18 @@ class WanBlock(nn.Module):
             mods[:, i : i + 1] for i in range(6)
         )
 
-        h = layer_norm(x, cfg.eps) * (1 + scale_sa) + shift_sa
         lin = self.linear_impl
+        h = _normed_input(cfg, lin, x, 1 + scale_sa, shift_sa)
         y = Attention(cfg, self.grid, self.attention, self.attention_impl, lin, name="self_attn")(h)
         x = x + y.astype(_F32) * gate_sa
 
-        h = AffineLayerNorm(cfg.eps, pdt, name="cross_attn_norm")(x) if cfg.cross_attn_norm else x
+        if cfg.cross_attn_norm:
+            h = AffineLayerNorm(cfg.eps, pdt, cfg, lin, name="cross_attn_norm")(x)
+        else:
+            h = x
         x = x + Attention(cfg, linear_impl=lin, name="cross_attn")(h, context).astype(_F32)
 
-        h = layer_norm(x, cfg.eps) * (1 + scale_ff) + shift_ff
+        h = _normed_input(cfg, lin, x, 1 + scale_ff, shift_ff)
         x = x + FeedForward(cfg, lin, name="ffn")(h).astype(_F32) * gate_ff
         return nn.with_logical_constraint(x, ("batch", "length", "embed")), None
 

@@ -1,0 +1,217 @@
+"""Per-row FP8 quantization of a linear's input, fused with the pass that produces it (Triton).
+
+Arrays only, like the other modules here: `fpsa_jax.model.fp8_linear` defines the values (its XLA
+functions are the reference) and decides when this kernel writes them.
+
+Each program owns one row of K values, walked in CHUNK-wide steps (4 warps): LayerNorm's mean and
+variance (one step each over the row), then the producer's absmax over the finite values, scale =
+absmax / 448 (1 for an all-zero row), then the producer again, times 1 / scale, saturated to +-448
+and cast to E4M3 (round to nearest even, Hopper's `cvt.rn.satfinite`). The input comes from DRAM
+once (the re-reads of a row hit L2) and 1 byte per value plus one float32 scale per row go out.
+XLA's version of the same work is two or three DRAM passes (a reduction for the absmax, one for
+LayerNorm's statistics, and the convert, each recomputing the producer). A first version held the
+whole row in registers: one row in flight per SM, ~1 TB/s (benchmarks/RESULTS.md).
+
+  prologue "none":       y = x
+  prologue "layernorm":  y = (x - mean) * rsqrt(var + eps) * mul[batch] + add[batch]
+                         (two-pass variance in float32; mul, add float32 [B, K], row r in batch
+                         r // rows_per_batch): LayerNorm + modulation, or an affine LayerNorm
+  prologue "gelu":       y = gelu_tanh((x * row_scale[r]) * col_scale + bias): the FP8 GEMM's
+                         bfloat16 sums x [M, K] dequantized (per-token and per-channel scales),
+                         plus the bias, through GELU (tanh form), i.e. FFN fc1's output as fc2's
+                         input
+
+x is [M, K] in float32, bfloat16 or float16; the values come out [M, K] in `out_dtype`
+(float8_e4m3fn; float32 for Triton's interpreter, whose fp8 cast is wrong), the scales float32
+[M].
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+PROLOGUES = {"none": 0, "layernorm": 1, "gelu": 2}
+MAX_ROW = 65536  # values of one row (its re-reads should stay in L2)
+CHUNK = 1024  # columns per step of a program (4 warps, 8 float32 values per thread)
+
+
+def make_kernel():
+    """Builds the Triton kernel (Triton is imported here, so importing this module needs none)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def row_quant_kernel(
+        x_ptr,  # [M, K]
+        a_ptr,  # layernorm: mul f32 [B, K]; gelu: row scales f32 [M]; none: unused
+        b_ptr,  # layernorm: add f32 [B, K]; gelu: column scales f32 [K]; none: unused
+        c_ptr,  # gelu: bias f32 [K]; otherwise unused
+        out_ptr,  # [M, K]
+        scale_ptr,  # f32 [M]
+        K: tl.constexpr,
+        ROWS_PER_BATCH: tl.constexpr,
+        EPS: tl.constexpr,
+        PROLOGUE: tl.constexpr,
+        CHUNK: tl.constexpr,
+    ):
+        # The row is walked in CHUNK-wide pieces, once per statistic (LayerNorm's mean and
+        # variance, the absmax) and once to write: small programs, many rows in flight per SM;
+        # the re-reads of a row (<= 64 KB) come from L2.
+        row = tl.program_id(0)
+        base = row.to(tl.int64) * K
+        batch = (row // ROWS_PER_BATCH).to(tl.int64)
+        cols = tl.arange(0, CHUNK)
+        mean = 0.0
+        rstd = 1.0
+        if PROLOGUE == 1:  # two-pass variance, as fpsa_jax.model.norms.layer_norm
+            total = tl.zeros([CHUNK], tl.float32)
+            for start in range(0, K, CHUNK):
+                inside = start + cols < K
+                x = tl.load(x_ptr + base + start + cols, mask=inside, other=0.0)
+                total += x.to(tl.float32)
+            mean = tl.math.div_rn(tl.sum(total, axis=0), K)
+            total = tl.zeros([CHUNK], tl.float32)
+            for start in range(0, K, CHUNK):
+                inside = start + cols < K
+                x = tl.load(x_ptr + base + start + cols, mask=inside, other=0.0)
+                centred = tl.where(inside, x.to(tl.float32) - mean, 0.0)
+                total += centred * centred
+            var = tl.math.div_rn(tl.sum(total, axis=0), K)
+            rstd = tl.math.div_rn(1.0, tl.sqrt_rn(var + EPS))
+
+        peak = tl.zeros([CHUNK], tl.float32)
+        scale = 1.0
+        inverse = 1.0
+        # Phase 0 finds the absmax, phase 1 writes; one body, unrolled twice at compile time.
+        for phase in tl.static_range(2):
+            if phase == 1:
+                absmax = tl.max(peak, axis=0)
+                scale = tl.where(absmax > 0.0, absmax / 448.0, 1.0)  # E4M3's largest finite
+                inverse = tl.math.div_rn(1.0, scale)
+            for start in range(0, K, CHUNK):
+                offs = start + cols
+                inside = offs < K
+                x = tl.load(x_ptr + base + offs, mask=inside, other=0.0).to(tl.float32)
+                if PROLOGUE == 1:
+                    mul = tl.load(a_ptr + batch * K + offs, mask=inside, other=0.0)
+                    add = tl.load(b_ptr + batch * K + offs, mask=inside, other=0.0)
+                    y = (x - mean) * rstd * mul + add
+                elif PROLOGUE == 2:
+                    row_scale = tl.load(a_ptr + row)
+                    col_scale = tl.load(b_ptr + offs, mask=inside, other=0.0)
+                    bias = tl.load(c_ptr + offs, mask=inside, other=0.0)
+                    u = x * row_scale * col_scale + bias
+                    # tanh(z) = 1 - 2 / (exp(2z) + 1): exact at both tails (exp -> inf gives 1,
+                    # -> 0 gives -1); near 0 its absolute error (~1e-7) is what 1 + tanh sees.
+                    z = 0.7978845608028654 * (u + 0.044715 * u * u * u)
+                    y = 0.5 * u * (2.0 - 2.0 / (tl.exp(2.0 * z) + 1.0))
+                else:
+                    y = x
+                if phase == 0:
+                    finite = inside & (y == y) & (tl.abs(y) < float("inf"))
+                    peak = tl.maximum(peak, tl.where(finite, tl.abs(y), 0.0))
+                else:
+                    # Saturate first: a value just above 448 (float32 round-off) or an inf must
+                    # not cast to NaN, E4M3's infinity. NaN stays NaN (min/max propagate it).
+                    q = tl.maximum(y * inverse, -448.0, propagate_nan=tl.PropagateNan.ALL)
+                    q = tl.minimum(q, 448.0, propagate_nan=tl.PropagateNan.ALL)
+                    tl.store(out_ptr + base + offs, q.to(out_ptr.dtype.element_ty), mask=inside)
+        tl.store(scale_ptr + row, scale)
+
+    return row_quant_kernel
+
+
+kernel = functools.cache(make_kernel)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(n - 1, 1).bit_length()
+
+
+def kernel_meta(
+    rows: int, k: int, prologue: str, *, rows_per_batch: int = 1, eps: float = 0.0, chunk=CHUNK
+):
+    """The kernel's constexpr arguments, grid and warp count for an [rows, k] input."""
+    if prologue not in PROLOGUES:
+        raise ValueError(f"prologue must be one of {list(PROLOGUES)}, got {prologue!r}")
+    if k > MAX_ROW:
+        raise ValueError(f"rows of {k} values exceed the kernel's {MAX_ROW}")
+    if rows < 1 or rows % rows_per_batch:
+        raise ValueError(f"{rows} rows do not split into batches of {rows_per_batch}")
+    meta = dict(
+        K=k,
+        ROWS_PER_BATCH=rows_per_batch,
+        EPS=float(eps),
+        PROLOGUE=PROLOGUES[prologue],
+        CHUNK=min(chunk, _next_pow2(k)),
+    )
+    num_warps = 4
+    return dict(meta=meta, grid=(rows,), num_warps=num_warps)
+
+
+def quantize_rows(
+    x: jax.Array,
+    prologue: str = "none",
+    a: jax.Array | None = None,
+    b: jax.Array | None = None,
+    c: jax.Array | None = None,
+    *,
+    eps: float = 0.0,
+    out_dtype=jnp.float8_e4m3fn,
+) -> tuple[jax.Array, jax.Array]:
+    """Runs the kernel through jax-triton.
+
+    Args:
+      x: [B, L, K] for "layernorm" (row r of batch r // L), any [..., K] otherwise.
+      prologue: "none", "layernorm" (a = mul, b = add: float32 [B, K]; eps) or "gelu" (a = row
+        scales [...] or [..., 1], b = column scales [K], c = bias [K]; float32).
+      out_dtype: float8_e4m3fn, or float32 (the saturated quotients before the cast).
+
+    Returns:
+      (values [..., K] in out_dtype, scales float32 [..., 1]).
+    """
+    *lead, k = x.shape
+    rows = 1
+    for n in lead:
+        rows *= n
+    operands = {"none": (), "layernorm": (a, b), "gelu": (a, b, c)}.get(prologue)
+    if operands is not None and any(op is None for op in operands):
+        raise ValueError(f"prologue {prologue!r} needs {len(operands)} operand arrays")
+    rows_per_batch = 1
+    if prologue == "layernorm":
+        if x.ndim != 3 or a.shape != (x.shape[0], k) or b.shape != (x.shape[0], k):
+            raise ValueError(
+                f"prologue 'layernorm' takes x [B, L, K] and mul, add [B, K]; got {x.shape}, "
+                f"{a.shape}, {b.shape}"
+            )
+        rows_per_batch = x.shape[1]
+    if prologue == "gelu" and (a.size != rows or b.shape != (k,) or c.shape != (k,)):
+        raise ValueError(
+            f"prologue 'gelu' takes row scales of {rows} values and column scales, bias [{k}]; "
+            f"got {a.shape}, {b.shape}, {c.shape}"
+        )
+    call = kernel_meta(rows, k, prologue, rows_per_batch=rows_per_batch, eps=eps)
+    unused = jnp.zeros((1,), jnp.float32)  # a placeholder pointer the kernel never reads
+    a, b, c = (unused if op is None else op.astype(jnp.float32).reshape(-1) for op in (a, b, c))
+    import jax_triton as jt  # after the checks: they need no GPU
+
+    values, scales = jt.triton_call(
+        x.reshape(rows, k),
+        a,
+        b,
+        c,
+        kernel=kernel(),
+        out_shape=(
+            jax.ShapeDtypeStruct((rows, k), out_dtype),
+            jax.ShapeDtypeStruct((rows,), jnp.float32),
+        ),
+        grid=call["grid"],
+        num_warps=call["num_warps"],
+        num_stages=1,
+        name=f"fp8_row_quant_{prologue}",
+        **call["meta"],
+    )
+    return values.reshape(*lead, k), scales.reshape(*lead, 1)
