@@ -21,10 +21,6 @@ reassociation, GPU exp2.approx flipping a few E4M3 roundings, and the output cas
 
 import functools
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -53,6 +49,7 @@ from pallas_kernels import triton_fpsa_bwd as tb
 from pallas_kernels import triton_fpsa_fwd as tf
 from pallas_kernels import triton_fpsa_prepass as tp
 from tests.kernels.kernel_suite import KernelBehaviour
+from tests.triton_interpreter import interpreted_results
 
 LOG2_E = 1.4426950408889634
 
@@ -315,18 +312,8 @@ def run_interpreted(path):
 
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory):
-    pytest.importorskip("torch")
-    pytest.importorskip("triton")
-    path = tmp_path_factory.mktemp("interp") / "raw.npz"
-    root = Path(__file__).resolve().parents[2]
-    env = dict(os.environ, TRITON_INTERPRET="1", JAX_PLATFORMS="cpu")
-    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
-    code = f"from tests.kernels.test_triton_fpsa import run_interpreted as r; r({str(path)!r})"
-    proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return dict(np.load(path))
+    tmp = tmp_path_factory.mktemp("interp")
+    return interpreted_results("tests.kernels.test_triton_fpsa", "run_interpreted", tmp)
 
 
 @pytest.mark.slow

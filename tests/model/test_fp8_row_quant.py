@@ -14,11 +14,6 @@ tensors) writing float32 quotients (the interpreter's float32 -> fp8 cast is wro
 `gpu`): the kernel's real E4M3 output through jax-triton against the XLA writer.
 """
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -34,6 +29,7 @@ from fpsa_jax.model.fp8_linear import (
     quantize_tokens,
     triton_quantize_support,
 )
+from tests.triton_interpreter import interpreted_results
 
 EPS = 1e-6
 TANH_C = np.sqrt(2 / np.pi)
@@ -209,18 +205,8 @@ def run_interpreted(path: str) -> None:
 
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory):
-    pytest.importorskip("torch")
-    pytest.importorskip("triton")
-    path = tmp_path_factory.mktemp("row_quant") / "raw.npz"
-    root = Path(__file__).resolve().parents[2]
-    env = dict(os.environ, TRITON_INTERPRET="1", JAX_PLATFORMS="cpu")
-    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
-    code = f"from tests.model.test_fp8_row_quant import run_interpreted as r; r({str(path)!r})"
-    proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return dict(np.load(path))
+    tmp = tmp_path_factory.mktemp("row_quant")
+    return interpreted_results("tests.model.test_fp8_row_quant", "run_interpreted", tmp)
 
 
 @pytest.mark.parametrize("i", range(3), ids=["layernorm", "gelu", "none"])
