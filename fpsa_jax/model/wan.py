@@ -82,12 +82,18 @@ def _dense(
 
 
 def _block_dense(
-    cfg: WanConfig, features: int, axes: tuple[str, str], linear_impl: Fp8LinearImpl, name: str
+    cfg: WanConfig,
+    features: int,
+    axes: tuple[str, str],
+    linear_impl: Fp8LinearImpl,
+    name: str,
+    fp8_epilogue: str = "linear",
 ) -> nn.Module:
-    """A block linear: FP8 under `cfg.linear_quant == "fp8"`, else nn.Dense in cfg.dtype."""
+    """A block linear: FP8 under `cfg.linear_quant == "fp8"` (with `fp8_epilogue`, see
+    `Fp8Dense`), else nn.Dense in cfg.dtype."""
     dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     if cfg.linear_quant == "fp8":
-        return Fp8Dense(features, axes, dt, pdt, linear_impl, name=name)
+        return Fp8Dense(features, axes, dt, pdt, linear_impl, epilogue=fp8_epilogue, name=name)
     return _dense(features, axes, dt, pdt, name)
 
 
@@ -300,15 +306,8 @@ class FeedForward(nn.Module):
         cfg = self.config
         fc2 = _block_dense(cfg, cfg.dim, ("mlp", "embed"), self.linear_impl, "fc2")
         if cfg.linear_quant == "fp8":  # GELU in fc1's epilogue, with fc2's quantize
-            dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-            fc1 = Fp8Dense(
-                cfg.ffn_dim,
-                ("embed", "mlp"),
-                dt,
-                pdt,
-                self.linear_impl,
-                epilogue="gelu_quantize",
-                name="fc1",
+            fc1 = _block_dense(
+                cfg, cfg.ffn_dim, ("embed", "mlp"), self.linear_impl, "fc1", "gelu_quantize"
             )
             h = fc1(x)
             values = nn.with_logical_constraint(h.values, ("batch", "length", "mlp"))
