@@ -91,6 +91,8 @@ def part(op: OpTime) -> str:
         return f"GEMM {linear.group(1)}.{linear.group(2)}" if linear else "GEMM (other)"
     if "fp8_row_quant" in name:  # fpsa_jax.model.fp8_linear's Triton writer
         return "FP8 row quantize (one pass with its LayerNorm / GELU)"
+    if "rms_norm_rope" in name:  # fpsa_jax.model.norms.rms_norm's Triton writer
+        return "q/k RMSNorm (+ RoPE) in one pass"
     if "norm_q" in name or "norm_k" in name:
         return "q/k RMSNorm"
     if re.search(r"\.qkv/(stack|mul|add|sub|concatenate)$", name):

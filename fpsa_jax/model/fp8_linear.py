@@ -54,17 +54,18 @@ from fpsa_jax.attention.quant import (
     straight_through,
     to_e4m3,
 )
+from fpsa_jax.model import triton_passes
 from fpsa_jax.model.norms import layer_norm
 
 Array = jax.Array
 Fp8LinearImpl = Literal["cublaslt", "emulated"]
 FP8_LINEAR_IMPLS: tuple[str, ...] = get_args(Fp8LinearImpl)
-# Who writes a linear's quantized input (the values are the same up to float32 summation order):
-# "xla" the jnp definitions below (any backend; reductions and converts as separate XLA passes),
-# "triton" one pass per row fused with its producer (`pallas_kernels.triton_row_quant`; FP8
-# values for "cublaslt" on a GPU with jax-triton; no gradient), "auto" triton where it can run.
-QuantizeWriter = Literal["auto", "xla", "triton"]
-QUANTIZE_WRITERS: tuple[str, ...] = get_args(QuantizeWriter)
+# Who writes a linear's quantized input (`triton_passes`; the values are the same up to float32
+# summation order): "xla" the jnp definitions below (any backend; reductions and converts as
+# separate XLA passes), "triton" one pass per row fused with its producer
+# (`pallas_kernels.triton_row_quant`; FP8 values for "cublaslt" on a GPU with jax-triton; no
+# gradient), "auto" triton where it can run.
+QuantizeWriter = triton_passes.Writer
 # FP8 tensor cores: Ada (8.9), Hopper (9.0) and later.
 MIN_COMPUTE_CAPABILITY = (8, 9)
 # (module, linear) under the DiT's "blocks" of the matmuls that `linear_quant="fp8"` runs in FP8.
@@ -203,29 +204,13 @@ def triton_quantize_support(impl: str, k: int) -> str | None:
 
     if impl != "cublaslt":
         return f"impl {impl!r} quantizes in float32 with a straight-through gradient"
-    if jax.default_backend() != "gpu":
-        return f"the backend is {jax.default_backend()}"
     if k > triton_row_quant.MAX_ROW:
         return f"rows of {k} values exceed the kernel's {triton_row_quant.MAX_ROW}"
-    mesh = jax.sharding.get_abstract_mesh()
-    if not (mesh.empty or mesh.size == 1):
-        return "a multi-device mesh is in context (XLA shards the per-token reductions)"
-    try:
-        import jax_triton  # noqa: F401
-    except ImportError:
-        return "jax-triton is not installed"
-    return None
+    return triton_passes.triton_support()
 
 
 def _use_triton(writer: str, impl: str, k: int) -> bool:
-    if writer not in QUANTIZE_WRITERS:
-        raise ValueError(f"unknown quantize writer {writer!r}; valid: {list(QUANTIZE_WRITERS)}")
-    if writer == "xla":
-        return False
-    why = triton_quantize_support(impl, k)
-    if writer == "triton" and why is not None:
-        raise ValueError(f"quantize writer 'triton' cannot run: {why}; writer 'xla' can")
-    return why is None
+    return triton_passes.use_triton(writer, triton_quantize_support(impl, k), "quantize")
 
 
 def _triton_tokens(x: Array, prologue: str, *operands: Array, eps: float = 0.0) -> QuantizedTensor:

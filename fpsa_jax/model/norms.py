@@ -1,15 +1,101 @@
-"""LayerNorm as the Wan DiT computes it (float32, two-pass variance), shared by the blocks, the head
-and the FP8 linears' fused norm-and-quantize (`fp8_linear.quantize_normed_tokens`)."""
+"""The Wan DiT's norms, as it computes them (float32 statistics).
+
+`layer_norm` is shared by the blocks, the head and the FP8 linears' fused norm-and-quantize
+(`fp8_linear.quantize_normed_tokens`); `rms_norm` is the q/k norm of the attention, with the
+self-attention's RoPE rotation after it, written by XLA or in one Triton pass per token
+(`triton_passes`, `pallas_kernels.triton_rms_rope`).
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from fpsa_jax.model import triton_passes
+from fpsa_jax.model.embeddings import apply_rope
 
-def layer_norm(x: jax.Array, eps: float) -> jax.Array:
+Array = jax.Array
+RopeTables = tuple[Any, Any]  # cos, sin: [L, D/2] float32 (embeddings.rope_tables)
+
+
+def layer_norm(x: Array, eps: float) -> Array:
     """LayerNorm without affine over the last axis, in float32 (two-pass variance)."""
     x = x.astype(jnp.float32)
     mean = x.mean(-1, keepdims=True)
     var = jnp.square(x - mean).mean(-1, keepdims=True)
     return (x - mean) * jax.lax.rsqrt(var + eps)
+
+
+def rms_norm(
+    x: Array,
+    scale: Array,
+    eps: float,
+    rope: RopeTables | None = None,
+    *,
+    head_dim: int | None = None,
+    out_dtype: Any = jnp.float32,
+    writer: triton_passes.Writer = "auto",
+) -> Array:
+    """Wan's RMSNorm over the last axis, optionally followed by RoPE, in `out_dtype`.
+
+        n = round_to(x.dtype, x * rsqrt(mean(x^2) + eps)) * scale          (float32)
+        with rope: each head's channel pairs (n[2i], n[2i+1]) rotated by the token's angles
+
+    The normalised value is rounded to x's dtype before the float32 weight, as in the original.
+
+    Args:
+      x: [..., DIM]; with rope [B, L, DIM], DIM = N * head_dim.
+      scale: [DIM], the learned weight.
+      rope: (cos, sin) [L, head_dim / 2] (`embeddings.rope_tables`), or None.
+      head_dim: D, needed with rope.
+      out_dtype: the result's dtype (RoPE and the weight run in float32 either way).
+      writer: "xla" the jnp functions, "triton" one pass per token
+        (`pallas_kernels.triton_rms_rope`; its gradient is the jnp functions'), "auto" triton
+        where it can run (`triton_passes.triton_support`).
+
+    Returns:
+      x's shape in out_dtype.
+    """
+    if rope is not None and (head_dim is None or x.ndim != 3):
+        raise ValueError(f"RoPE after the norm needs x [B, L, DIM] and head_dim, got {x.shape}")
+    definition = lambda x, scale: _rms_norm_xla(x, scale, eps, rope, head_dim, out_dtype)  # noqa: E731
+    if not triton_passes.use_triton(writer, _triton_support(x), "RMSNorm"):
+        return definition(x, scale)
+
+    from pallas_kernels import triton_rms_rope
+
+    cos, sin = rope if rope is not None else (None, None)
+
+    def kernel(x, scale):
+        return triton_rms_rope.rms_norm_rope(
+            x, scale, eps, cos, sin, head_dim=head_dim or 2, out_dtype=out_dtype
+        )
+
+    # The kernel has no gradient of its own: the backward differentiates the definition.
+    fused = jax.custom_vjp(kernel)
+    fused.defvjp(
+        lambda x, scale: (kernel(x, scale), (x, scale)),
+        lambda res, g: jax.vjp(definition, *res)[1](g),
+    )
+    with jax.named_scope("rms_norm_rope"):  # how benchmarks/layer_profile.py finds it
+        return fused(x, scale)
+
+
+def _triton_support(x: Array) -> str | None:
+    from pallas_kernels import triton_rms_rope
+
+    if x.shape[-1] > triton_rms_rope.MAX_ROW:
+        return f"rows of {x.shape[-1]} values exceed the kernel's {triton_rms_rope.MAX_ROW}"
+    return triton_passes.triton_support()
+
+
+def _rms_norm_xla(x, scale, eps, rope, head_dim, out_dtype):
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), -1, keepdims=True) + eps)
+    y = normed.astype(x.dtype).astype(jnp.float32) * scale.astype(jnp.float32)
+    if rope is not None:
+        b, length, dim = x.shape
+        y = apply_rope(y.reshape(b, length, dim // head_dim, head_dim), *rope).reshape(x.shape)
+    return y.astype(out_dtype)

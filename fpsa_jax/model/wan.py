@@ -44,7 +44,7 @@ from fpsa_jax.model.fp8_linear import (
     quantize_normed_tokens,
     quantized_logical_axes,
 )
-from fpsa_jax.model.norms import layer_norm
+from fpsa_jax.model.norms import RopeTables, layer_norm, rms_norm
 from fpsa_jax.parallel import ulysses_attention
 
 Array = jax.Array
@@ -139,23 +139,28 @@ class AffineLayerNorm(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """Wan's RMSNorm over the whole model dim: normalise in float32, back to x's dtype, times the
-    float32 weight (so the result is float32, as in the original)."""
+    """Wan's RMSNorm over the whole model dim (`norms.rms_norm`: normalise in float32, back to x's
+    dtype, times the float32 weight), optionally with the self-attention's RoPE after it; float32
+    out by default, as in the original."""
 
     eps: float
     param_dtype: Any
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
+    def __call__(
+        self,
+        x: Array,
+        rope: RopeTables | None = None,
+        head_dim: int | None = None,
+        out_dtype: Any = _F32,
+    ) -> Array:
         scale = self.param(
             "scale",
             nn.with_logical_partitioning(nn.initializers.ones, ("heads",)),
             (x.shape[-1],),
             self.param_dtype,
         )
-        x32 = x.astype(_F32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), -1, keepdims=True) + self.eps)
-        return normed.astype(x.dtype).astype(_F32) * scale.astype(_F32)
+        return rms_norm(x, scale, self.eps, rope, head_dim=head_dim, out_dtype=out_dtype)
 
 
 class Attention(nn.Module):
@@ -186,17 +191,15 @@ class Attention(nn.Module):
         q = _block_dense(cfg, cfg.dim, axes, self.linear_impl, "q")(x)
         k = _block_dense(cfg, cfg.dim, axes, self.linear_impl, "k")(kv_input)
         v = _block_dense(cfg, cfg.dim, axes, self.linear_impl, "v")(kv_input)
-        if cfg.qk_norm:
-            q = RMSNorm(cfg.eps, pdt, name="norm_q")(q)
-            k = RMSNorm(cfg.eps, pdt, name="norm_k")(k)
+        rope = rope_tables(self.grid, cfg.rope_dims) if self.grid is not None else None
         b = q.shape[0]
-        q = q.reshape(b, -1, n, d)
-        k = k.reshape(b, -1, n, d)
-        v = v.reshape(b, -1, n, d)
-        if self.grid is not None:
-            cos, sin = rope_tables(self.grid, cfg.rope_dims)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        return q.astype(dt), k.astype(dt), v.astype(dt)
+        if cfg.qk_norm:  # norm and RoPE in one pass per token where Triton can write it
+            q = RMSNorm(cfg.eps, pdt, name="norm_q")(q, rope, d, dt)
+            k = RMSNorm(cfg.eps, pdt, name="norm_k")(k, rope, d, dt)
+        elif rope is not None:
+            q, k = (apply_rope(t.reshape(b, -1, n, d), *rope) for t in (q, k))
+        q, k, v = (t.reshape(b, -1, n, d).astype(dt) for t in (q, k, v))
+        return q, k, v
 
     @nn.compact
     def __call__(self, x: Array | QuantizedTensor, context: Array | None = None) -> Array:
