@@ -35,6 +35,7 @@ from fpsa_jax.attention import IMPLS, Impl
 from fpsa_jax.attention.quant import QuantizedTensor
 from fpsa_jax.config import WanConfig
 from fpsa_jax.model.fp8_linear import FP8_LINEAR_IMPLS, Fp8Dense, Fp8LinearImpl, check_backend
+from fpsa_jax.model.pending_linear import PendingLinear
 from fpsa_jax.model.random_weights import random_weights
 from fpsa_jax.model.wan import WanBlock, WanModel, init_params
 
@@ -75,7 +76,7 @@ def _interceptor(stride: int, linears: bool):
             x = args[0]
             x = x.dequantize(module.dtype) if isinstance(x, QuantizedTensor) else x
             ref = bf16.apply({"params": {"kernel": p["kernel"], "bias": p["bias"]}}, x)
-            y = out
+            y = out.value() if isinstance(out, PendingLinear) else out  # q, k before their norm
             if isinstance(out, QuantizedTensor):  # fc1 with its GELU epilogue
                 y, ref = out.dequantize(), jax.nn.gelu(ref.astype(jnp.float32), approximate=True)
             module.sow("intermediates", "error_sums", _sums(y, ref))

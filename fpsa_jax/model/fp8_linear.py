@@ -56,6 +56,7 @@ from fpsa_jax.attention.quant import (
 )
 from fpsa_jax.model import triton_passes
 from fpsa_jax.model.norms import layer_norm
+from fpsa_jax.model.pending_linear import PendingLinear
 
 Array = jax.Array
 Fp8LinearImpl = Literal["cublaslt", "emulated"]
@@ -271,7 +272,7 @@ def fp8_gemm(x: QuantizedTensor, w: QuantizedTensor, gemm_dtype=jnp.float32) -> 
     )
 
 
-Fp8Epilogue = Literal["linear", "gelu_quantize"]
+Fp8Epilogue = Literal["linear", "gelu_quantize", "pending"]
 
 
 class Fp8Dense(nn.Module):
@@ -280,7 +281,9 @@ class Fp8Dense(nn.Module):
     x is a float array (quantized per token here, `quantize_tokens`) or a `QuantizedTensor`
     already quantized per token (`quantize_normed_tokens`, or another Fp8Dense's "gelu_quantize"
     output). epilogue "linear" returns x @ W + b; "gelu_quantize" returns the next linear's input,
-    `quantize_gelu_tokens` of the GEMM (GELU(x @ W + b) quantized per token, as a QuantizedTensor).
+    `quantize_gelu_tokens` of the GEMM (GELU(x @ W + b) quantized per token, as a QuantizedTensor);
+    "pending" returns x @ W + b as a `PendingLinear` (the GEMM's sums, scales and bias) for the
+    consumer to finish (the q/k RMSNorm, `norms.rms_norm`).
 
     Parameters: kernel [K, features] and bias [features] as nn.Dense (initialised in
     `param_dtype`). A float kernel is quantized at every call; a float8_e4m3fn kernel (quantized
@@ -329,6 +332,10 @@ class Fp8Dense(nn.Module):
             _check_operands(x_q, w, self.impl)
             acc = fp8_gemm(x_q, w, GEMM_OUTPUT_DTYPES[self.impl])
             return quantize_gelu_tokens(acc, x_q, w, bias, self.impl)
+        if self.epilogue == "pending":
+            _check_operands(x_q, w, self.impl)
+            acc = fp8_gemm(x_q, w, GEMM_OUTPUT_DTYPES[self.impl])
+            return PendingLinear(acc, bias.astype(jnp.float32), x_q.scales, w.scales, self.dtype)
         y = fp8_matmul(x_q, w, self.impl)
         return (y + bias.astype(jnp.float32)).astype(self.dtype)
 

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from fpsa_jax.model import triton_passes
 from fpsa_jax.model.embeddings import apply_rope
+from fpsa_jax.model.pending_linear import PendingLinear
 
 Array = jax.Array
 RopeTables = tuple[Any, Any]  # cos, sin: [L, D/2] float32 (embeddings.rope_tables)
@@ -29,7 +30,7 @@ def layer_norm(x: Array, eps: float) -> Array:
 
 
 def rms_norm(
-    x: Array,
+    x: Array | PendingLinear,
     scale: Array,
     eps: float,
     rope: RopeTables | None = None,
@@ -46,7 +47,8 @@ def rms_norm(
     The normalised value is rounded to x's dtype before the float32 weight, as in the original.
 
     Args:
-      x: [..., DIM]; with rope [B, L, DIM], DIM = N * head_dim.
+      x: [..., DIM]; with rope [B, L, DIM], DIM = N * head_dim. Or a linear's `PendingLinear`
+        output (x = its value()), whose epilogue the Triton pass then applies on the way in.
       scale: [DIM], the learned weight.
       rope: (cos, sin) [L, head_dim / 2] (`embeddings.rope_tables`), or None.
       head_dim: D, needed with rope.
@@ -58,36 +60,51 @@ def rms_norm(
     Returns:
       x's shape in out_dtype.
     """
-    if rope is not None and (head_dim is None or x.ndim != 3):
+    if rope is not None and (head_dim is None or len(x.shape) != 3):
         raise ValueError(f"RoPE after the norm needs x [B, L, DIM] and head_dim, got {x.shape}")
-    definition = lambda x, scale: _rms_norm_xla(x, scale, eps, rope, head_dim, out_dtype)  # noqa: E731
-    if not triton_passes.use_triton(writer, _triton_support(x), "RMSNorm"):
-        return definition(x, scale)
+    pending = x if isinstance(x, PendingLinear) else PendingLinear(x, None)
+    if not triton_passes.use_triton(writer, _triton_support(x.shape[-1]), "RMSNorm"):
+        return _rms_norm_xla(pending.value(), scale, eps, rope, head_dim, out_dtype)
+    if pending.bias is not None and pending.acc.dtype != jnp.dtype(pending.dtype):
+        # float32 sums of a bfloat16 linear (FP8 "emulated"): its rounding is XLA's to do
+        pending = PendingLinear(pending.value(), None)
 
     from pallas_kernels import triton_rms_rope
 
     cos, sin = rope if rope is not None else (None, None)
 
-    def kernel(x, scale):
+    def kernel(p, scale):
         return triton_rms_rope.rms_norm_rope(
-            x, scale, eps, cos, sin, head_dim=head_dim or 2, out_dtype=out_dtype
+            p.acc,
+            scale,
+            eps,
+            cos,
+            sin,
+            bias=p.bias,
+            row_scale=p.row_scale,
+            col_scale=p.col_scale,
+            head_dim=head_dim or 2,
+            out_dtype=out_dtype,
         )
+
+    def definition(p, scale):
+        return _rms_norm_xla(p.value(), scale, eps, rope, head_dim, out_dtype)
 
     # The kernel has no gradient of its own: the backward differentiates the definition.
     fused = jax.custom_vjp(kernel)
     fused.defvjp(
-        lambda x, scale: (kernel(x, scale), (x, scale)),
+        lambda p, scale: (kernel(p, scale), (p, scale)),
         lambda res, g: jax.vjp(definition, *res)[1](g),
     )
     with jax.named_scope("rms_norm_rope"):  # how benchmarks/layer_profile.py finds it
-        return fused(x, scale)
+        return fused(pending, scale)
 
 
-def _triton_support(x: Array) -> str | None:
+def _triton_support(dim: int) -> str | None:
     from pallas_kernels import triton_rms_rope
 
-    if x.shape[-1] > triton_rms_rope.MAX_ROW:
-        return f"rows of {x.shape[-1]} values exceed the kernel's {triton_rms_rope.MAX_ROW}"
+    if dim > triton_rms_rope.MAX_ROW:
+        return f"rows of {dim} values exceed the kernel's {triton_rms_rope.MAX_ROW}"
     return triton_passes.triton_support()
 
 

@@ -45,6 +45,7 @@ from fpsa_jax.model.fp8_linear import (
     quantized_logical_axes,
 )
 from fpsa_jax.model.norms import RopeTables, layer_norm, rms_norm
+from fpsa_jax.model.pending_linear import PendingDense, PendingLinear
 from fpsa_jax.parallel import ulysses_attention
 
 Array = jax.Array
@@ -60,6 +61,18 @@ _REMAT_POLICIES = {
 _XAVIER = nn.initializers.xavier_uniform()
 
 
+def _dense_options(axes: tuple[str | None, str | None], dtype: Any, param_dtype: Any, init=_XAVIER):
+    # float32 islands ask for full-precision dots (GPUs would otherwise use TF32).
+    precision = jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == _F32 else None
+    return dict(
+        dtype=dtype,
+        param_dtype=param_dtype,
+        precision=precision,
+        kernel_init=nn.with_logical_partitioning(init, axes),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes[1],)),
+    )
+
+
 def _dense(
     features: int,
     axes: tuple[str | None, str | None],
@@ -68,17 +81,7 @@ def _dense(
     name: str,
     init: Any = _XAVIER,
 ) -> nn.Dense:
-    # float32 islands ask for full-precision dots (GPUs would otherwise use TF32).
-    precision = jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == _F32 else None
-    return nn.Dense(
-        features,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        precision=precision,
-        name=name,
-        kernel_init=nn.with_logical_partitioning(init, axes),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes[1],)),
-    )
+    return nn.Dense(features, name=name, **_dense_options(axes, dtype, param_dtype, init))
 
 
 def _block_dense(
@@ -87,13 +90,16 @@ def _block_dense(
     axes: tuple[str, str],
     linear_impl: Fp8LinearImpl,
     name: str,
-    fp8_epilogue: str = "linear",
+    epilogue: str = "linear",
 ) -> nn.Module:
-    """A block linear: FP8 under `cfg.linear_quant == "fp8"` (with `fp8_epilogue`, see
-    `Fp8Dense`), else nn.Dense in cfg.dtype."""
+    """A block linear: FP8 under `cfg.linear_quant == "fp8"` (with `epilogue`, see `Fp8Dense`),
+    else nn.Dense in cfg.dtype (epilogue "pending": `PendingDense`, its output a
+    `PendingLinear`)."""
     dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     if cfg.linear_quant == "fp8":
-        return Fp8Dense(features, axes, dt, pdt, linear_impl, epilogue=fp8_epilogue, name=name)
+        return Fp8Dense(features, axes, dt, pdt, linear_impl, epilogue=epilogue, name=name)
+    if epilogue == "pending":
+        return PendingDense(features, name=name, **_dense_options(axes, dt, pdt))
     return _dense(features, axes, dt, pdt, name)
 
 
@@ -149,7 +155,7 @@ class RMSNorm(nn.Module):
     @nn.compact
     def __call__(
         self,
-        x: Array,
+        x: Array | PendingLinear,
         rope: RopeTables | None = None,
         head_dim: int | None = None,
         out_dtype: Any = _F32,
@@ -188,8 +194,11 @@ class Attention(nn.Module):
         n, d = cfg.num_heads, cfg.head_dim
         kv_input = x if context is None else context
         axes = ("embed", "heads")
-        q = _block_dense(cfg, cfg.dim, axes, self.linear_impl, "q")(x)
-        k = _block_dense(cfg, cfg.dim, axes, self.linear_impl, "k")(kv_input)
+        # Before a q/k norm the projections stay pending: the norm's pass applies their bias
+        # (and FP8 scales) on the way in (`PendingLinear`).
+        qk_epilogue = "pending" if cfg.qk_norm else "linear"
+        q = _block_dense(cfg, cfg.dim, axes, self.linear_impl, "q", qk_epilogue)(x)
+        k = _block_dense(cfg, cfg.dim, axes, self.linear_impl, "k", qk_epilogue)(kv_input)
         v = _block_dense(cfg, cfg.dim, axes, self.linear_impl, "v")(kv_input)
         rope = rope_tables(self.grid, cfg.rope_dims) if self.grid is not None else None
         b = q.shape[0]

@@ -14,6 +14,7 @@ intermediate rounding is the identity there); GPU (marker `gpu`): the kernel's b
 and its gradient through jax-triton against the XLA writer, at Wan's widths.
 """
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -21,7 +22,9 @@ import numpy as np
 import pytest
 
 from fpsa_jax.model.embeddings import rope_tables
+from fpsa_jax.model.fp8_linear import Fp8Dense
 from fpsa_jax.model.norms import rms_norm
+from fpsa_jax.model.pending_linear import PendingDense, PendingLinear
 from tests.triton_interpreter import interpreted_results
 
 EPS = 1e-6
@@ -122,6 +125,15 @@ def _interpreted_cases():
     return [("rope", x, scale, tables, 44), ("norm_only", y, scale2, None, 100)]
 
 
+def _affine_operands(rows, dim, seed):
+    """An FP8 linear's epilogue operands: bias [dim], row scales [rows], column scales [dim]."""
+    rng = np.random.default_rng(seed)
+    bias = rng.standard_normal(dim).astype(np.float32)
+    row_scale = np.exp(rng.standard_normal(rows) - 2).astype(np.float32)
+    col_scale = np.exp(rng.standard_normal(dim) - 2).astype(np.float32)
+    return bias, row_scale, col_scale
+
+
 def run_interpreted(path: str) -> None:
     """Runs the kernel under Triton's interpreter (TRITON_INTERPRET=1) on every case; saves the
     outputs to `path` (.npz). Called in a subprocess by the fixture below."""
@@ -140,8 +152,17 @@ def run_interpreted(path: str) -> None:
         out = torch.full((b * length, dim), float("nan"))
         args = [x.reshape(b * length, dim), scale, cos, sin]
         tensors = [torch.from_numpy(np.ascontiguousarray(a, np.float32)) for a in args]
+        unused = [np.zeros(1, np.float32)] * 3
+        tensors = [tensors[0], *(torch.from_numpy(u) for u in unused), *tensors[1:]]
         rr.kernel()[call["grid"]](*tensors, out, **call["meta"])
         results[name] = out.numpy().reshape(x.shape)
+        if rope:  # the same rows as an FP8 linear's sums with its scales and bias (AFFINE 2)
+            affine = _affine_operands(b * length, dim, seed=9)
+            call["meta"]["AFFINE"] = 2
+            out = torch.full((b * length, dim), float("nan"))
+            tensors[1:4] = [torch.from_numpy(a) for a in affine]
+            rr.kernel()[call["grid"]](*tensors, out, **call["meta"])
+            results["affine"] = out.numpy().reshape(x.shape)
     np.savez(path, **results)
 
 
@@ -158,6 +179,35 @@ def test_interpreted_kernel_writes_the_normed_rotated_rows(i, interpreted):
     assert not np.isnan(got).any()  # every value written
     want, step = _reference(x, scale, tables, head_dim, np.float32)
     _assert_close(got, want, step, np.float32, min_exact=0.0)
+
+
+def test_interpreted_kernel_applies_the_fp8_linears_epilogue_first(interpreted):
+    _, x, scale, tables, head_dim = _interpreted_cases()[0]
+    bias, row_scale, col_scale = _affine_operands(x.shape[0] * x.shape[1], x.shape[2], seed=9)
+    linear = x.astype(np.float64) * row_scale.reshape(x.shape[:2] + (1,)) * col_scale + bias
+    want, step = _reference(linear, scale, tables, head_dim, np.float32)
+    _assert_close(interpreted["affine"], want, 4 * step, np.float32, min_exact=0.0)
+
+
+def test_pending_linears_finish_exactly_as_the_linears_would():
+    rng = np.random.default_rng(10)
+    x = jnp.asarray(rng.standard_normal((2, 9, 24)), jnp.bfloat16)
+    dense = nn.Dense(16, dtype=jnp.bfloat16)
+    params = dense.init(jax.random.key(0), x)
+    params = jax.tree.map(lambda p: p + 0.1, params)  # a non-zero bias
+    pending = PendingDense(16, dtype=jnp.bfloat16).apply(params, x)
+    np.testing.assert_array_equal(
+        np.asarray(pending.value(), np.float32), np.asarray(dense.apply(params, x), np.float32)
+    )
+    fp8 = lambda e: Fp8Dense(16, (None, None), jnp.bfloat16, jnp.float32, "emulated", epilogue=e)  # noqa: E731
+    fp8_params = fp8("linear").init(jax.random.key(1), x)
+    fp8_params = jax.tree.map(lambda p: p + 0.1, fp8_params)
+    got = fp8("pending").apply(fp8_params, x)
+    assert isinstance(got, PendingLinear)
+    np.testing.assert_array_equal(
+        np.asarray(got.value(), np.float32),
+        np.asarray(fp8("linear").apply(fp8_params, x), np.float32),
+    )
 
 
 # -- the real kernel on a GPU ----------------------------------------------------------------
@@ -183,10 +233,34 @@ def test_gpu_kernel_equals_the_xla_writer_and_its_gradient(b, length, heads, rop
     (got, grad_t), (ref, grad_x) = run("triton"), run("xla")
     want, step = _reference(x, scale, tables, 128, BF16)
     _assert_close(got.astype(jnp.float32), want, step, BF16)
-    same = np.mean(np.asarray(got, np.float32) == np.asarray(ref, np.float32))
-    assert same >= 0.99
-    # The backward is the definition's VJP at the same inputs; the cotangents differ only where
-    # the two forwards rounded differently (<1% of values, by one bfloat16 step).
+    # XLA on a GPU may skip the intermediate rounding to bfloat16 inside its fusion (excess
+    # precision, measured: ~28% of values differ by that step), so its output is held to the
+    # bound only, not to exact agreement.
+    _assert_close(ref.astype(jnp.float32), want, step, BF16, min_exact=0.0)
+    # The backward is the definition's VJP at the same inputs; the cotangents differ only by
+    # the two forwards' rounding (one bfloat16 step of some values).
     for gt, gx in zip(grad_t, grad_x, strict=True):
         gt, gx = np.asarray(gt, np.float32), np.asarray(gx, np.float32)
         np.testing.assert_allclose(gt, gx, rtol=0.05, atol=0.05 * np.abs(gx).max())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fp8", [False, True], ids=["bias", "fp8_scales"])
+def test_gpu_kernel_finishes_a_pending_linear_on_the_way_in(fp8):
+    b, length, heads = 2, 701, 40
+    x, scale, tables = _case(b, length, heads, 128, seed=11)
+    bias, row_scale, col_scale = _affine_operands(b * length, heads * 128, seed=12)
+    acc = jnp.asarray(x)  # bfloat16 GEMM sums
+    if fp8:
+        rs, cs = row_scale.reshape(b, length, 1), col_scale.reshape(1, -1)
+        pending = PendingLinear(acc, jnp.asarray(bias), jnp.asarray(rs), jnp.asarray(cs), BF16)
+        linear = np.asarray(x, np.float64) * rs * cs + bias
+    else:
+        pending = PendingLinear(acc, jnp.asarray(bias, jnp.bfloat16), dtype=BF16)
+        linear = np.asarray(x, np.float64) + np.asarray(bias.astype(BF16), np.float64)
+    linear = linear.astype(BF16)  # the linear's output dtype
+    f = lambda p: rms_norm(p, jnp.asarray(scale), EPS, tables, head_dim=128, out_dtype=BF16)  # noqa: E731
+    got = jax.jit(f)(pending)
+    want, step = _reference(linear, scale, tables, 128, BF16)
+    # the linear's own bfloat16 rounding may also flip at a midpoint: two steps
+    _assert_close(got.astype(jnp.float32), want, 2 * step, BF16, min_exact=0.98)
