@@ -9,8 +9,9 @@
    relative L2 error of each (FP8: ~2% is P's rounding; bf16: ~0.3%).
 2. Timing, per shape: cuDNN bf16 and FP8 (dense), then for the full window and ~50/75/90% sparsity
    the Triton forward kernel and the Mosaic forward kernel on the same pre-passed operands (kernel
-   time only), the Mosaic kernel for each launch of `LAUNCHES` at the --sweep-windows sparsities,
-   and the whole `mosaic` and `triton` impls (pre-pass and output reorder included) at 90%.
+   time only, both storing token order; the Mosaic default also as kernel layout + XLA's reorder),
+   the Mosaic kernel for each launch of `LAUNCHES` at the --sweep-windows sparsities, and the
+   whole `mosaic` and `triton` impls (pre-pass included) at 90%.
    Medians of --iters synchronised runs after --warmup; speedup is against cuDNN bf16 in the same
    run; effective TFLOP/s counts 4 * B * N * L^2 * D * density.
 """
@@ -18,6 +19,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 
 import jax
@@ -29,17 +31,21 @@ from timing import median_seconds  # benchmarks/timing.py (scripts run from thei
 from fpsa_jax.attention import FPSAConfig, build_mask_info, fpsa_attention
 from fpsa_jax.attention.kernel_layout import (
     key_block_list,
+    output_from_kernel,
     padded_key_blocks,
     quantize_for_kernel,
+    slot_tokens,
 )
 from pallas_kernels import mosaic_fpsa_fwd, triton_fpsa_fwd
 
 Launch = mosaic_fpsa_fwd.MosaicLaunch
 LAUNCHES = (
     Launch(),
-    Launch(p_in_registers=True),
-    Launch(p_in_registers=True, pipeline=True),
-    Launch(p_in_registers=True, stages=6),
+    Launch(skip_padding_rows=True),
+    Launch(lazy_rescale=True, p_in_registers=True, skip_padding_rows=True),
+    Launch(pingpong=True, lazy_rescale=True, p_in_registers=True),
+    Launch(pingpong=True, lazy_rescale=True, p_in_registers=True, skip_padding_rows=True),
+    Launch(pingpong=True, lazy_rescale=True, skip_padding_rows=True),
 )
 
 
@@ -79,10 +85,11 @@ def check(shape) -> None:
 
 
 def kernel_calls(ops, info, scale, config, launches):
-    """{name: (fn, args)} for the Triton and Mosaic forward kernels on pre-passed operands; the
-    Mosaic kernel with the padded-block table (bias read only where a block holds padding), and
-    the default launch also without it."""
+    """{name: (fn, args)} for the Triton and Mosaic forward kernels on pre-passed operands, both
+    writing token order; the Mosaic kernel for each launch (padded-block table, token-order
+    store), and the default launch writing the kernel layout + XLA's reorder (the old form)."""
     padded = padded_key_blocks(ops.grid, ops.tile, ops.padded_tile, 64)
+    tokens = slot_tokens(ops.grid, ops.tile, ops.padded_tile)
     args = (ops.q, ops.k, ops.v_t, ops.q_scale, ops.k_scale, ops.v_scale, ops.key_bias)
     common = dict(
         padded_tile=ops.padded_tile,
@@ -91,18 +98,38 @@ def kernel_calls(ops, info, scale, config, launches):
         out_dtype=jnp.bfloat16,
     )
     blocks = key_block_list(ops.grid, ops.tile, info.window, ops.padded_tile, 64)
-    triton_fwd = lambda *a: triton_fpsa_fwd.fpsa_forward(*a, blocks.blocks, blocks.count, **common)
+    triton_fwd = lambda *a: triton_fpsa_fwd.fpsa_forward(
+        *a, blocks.blocks, blocks.count, slot_token=tokens, **common
+    )
     calls = {"triton kernel": (jax.jit(triton_fwd), args)}
-    variants = [(launch, padded) for launch in launches] + [(Launch(), None)]
-    for launch, table in variants:
+    for launch in launches:
         fn = jax.jit(
-            lambda *a, launch=launch, table=table: mosaic_fpsa_fwd.fpsa_forward(
-                *a, blocks.blocks, blocks.count, launch=launch, padded_blocks=table, **common
+            lambda *a, launch=launch: mosaic_fpsa_fwd.fpsa_forward(
+                *a, blocks.blocks, blocks.count, launch=launch, padded_blocks=padded,
+                slot_token=tokens, **common,
             )
+        )  # fmt: skip
+        calls[f"mosaic kernel {launch_name(launch)}"] = (fn, args)
+
+    def reordered(*a):
+        o, lse = mosaic_fpsa_fwd.fpsa_forward(
+            *a, blocks.blocks, blocks.count, padded_blocks=padded, **common
         )
-        name = f"mosaic kernel {launch}" + (" bias every block" if table is None else "")
-        calls[name] = (fn, args)
+        return output_from_kernel(o, ops), lse
+
+    calls["mosaic kernel default, kernel layout + XLA reorder"] = (jax.jit(reordered), args)
     return calls
+
+
+def launch_name(launch) -> str:
+    """The launch's fields that differ from the default (or 'default')."""
+    default = Launch()
+    changed = [
+        f"{f.name}={getattr(launch, f.name)}"
+        for f in dataclasses.fields(launch)
+        if getattr(launch, f.name) != getattr(default, f.name)
+    ]
+    return ", ".join(changed) or "default"
 
 
 def time_shape(shape, args) -> None:
@@ -179,7 +206,7 @@ def profile_once(shape) -> None:
     info = build_mask_info(shape.grid, TILE, config.window)
     ops = quantize_for_kernel(q, k, v, shape.grid, config, block_n=64, prepass="xla")
     fn, args = kernel_calls(ops, info, 1 / math.sqrt(128), config, (Launch(),))[
-        "mosaic kernel " + str(Launch())
+        "mosaic kernel default"
     ]
     jax.block_until_ready(fn(*args))
 

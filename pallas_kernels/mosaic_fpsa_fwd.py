@@ -32,18 +32,24 @@ warpgroups of 64 query rows each (one wgmma M) and one producer warpgroup:
   (their softmax is one-hot by then). P goes to the second wgmma through SMEM: Mosaic GPU has no
   register relayout from the f32 accumulator layout to the 8-bit operand layout. V^T makes V
   K-major, as FP8 wgmma needs.
-- the output leaves through SMEM by TMA in the kernel layout [B, N, Lp, D] (padded rows hold
-  finite values), lse2 float32 [B, N, Lp] for the backward.
+- the output leaves in token order [B, L, N, D], each row stored from registers at its token
+  (`slot_token`, padding rows skipped), or through SMEM by TMA in the kernel layout [B, N, Lp,
+  D] (padded rows hold finite values) without the table; lse2 float32 [B, N, Lp] for the
+  backward either way.
 
 The running max starts at a finite -1e30 so that a key block of padding only gives p = 0 and
 alpha = 1, never NaN. 16-bit operands run the same kernel with P cast to their dtype (p_scale 1).
 
 Slots are valid first inside each tile (`kernel_layout`), so the padding of an edge tile fills
 whole key blocks at its end, and those blocks are not in key_blocks: like the Triton forward,
-this kernel computes only blocks holding a real token. Every consumer still runs every step,
-including one whose 64 query rows are all padding (the "empty" barriers count every consumer's
-arrival; skipping such a consumer would need the live-consumer count per tile as the arrival
-count).
+this kernel computes only blocks holding a real token. A consumer whose 64 query rows are all
+padding (`MosaicLaunch.skip_padding_rows`) computes nothing but still waits on and releases every
+ring slot, since the "empty" barriers count every consumer's arrival.
+
+Schedules (`MosaicLaunch`): by default each consumer runs its steps on its own; `pingpong` makes
+the consumers take turns issuing their wgmmas (step j's Q.K^T with step j - 1's P.V), so that one
+consumer's softmax overlaps the others' products on the tensor cores; `lazy_rescale` skips the
+accumulator's multiplication by alpha in warps where no row's max moved.
 
 `interpret=True` runs the kernel in Mosaic GPU's interpreter (CPU): the CI tests use it. There the
 P.V product goes to a fresh accumulator that is then added (the interpreter cannot run an
@@ -60,7 +66,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax._src.lib.mlir import ir
-from jax._src.lib.mlir.dialects import arith, nvvm
+from jax._src.lib.mlir.dialects import arith, memref, nvvm, scf, vector
 from jax.experimental import pallas as pl
 from jax.experimental.mosaic import gpu as mgpu
 from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -92,6 +98,17 @@ class MosaicLaunch:
       p_in_registers: hand P to the P.V wgmma from registers (FP8 only): the accumulator layout
         is regrouped into the 8-bit operand layout with two warp shuffles per register, instead
         of a round trip through SMEM and an async-proxy fence. Not for the interpreter.
+      lazy_rescale: multiply the accumulator by alpha only in warps where some row's max moved
+        (alpha != 1); elsewhere the multiplication by 1 is skipped (same values). Not for the
+        interpreter.
+      pingpong: the consumer warpgroups take turns issuing their wgmmas (a ring of "turn"
+        barriers): each issues step j's Q.K^T and step j - 1's P.V back to back, passes the turn
+        on, then runs step j's softmax while the next consumer's products occupy the tensor
+        cores (FlashAttention-3's inter-warpgroup ping-pong). Excludes `pipeline`.
+      skip_padding_rows: a consumer whose 64 query rows are all padding (the end of an edge
+        tile) computes nothing; it only waits on and releases the ring's slots (and takes its
+        turns) so that the barrier counts stay static, and writes lse 0 (zero rows in the
+        kernel layout).
     """
 
     stages: int = 4
@@ -100,6 +117,9 @@ class MosaicLaunch:
     prefetch: bool = True
     pipeline: bool = False
     p_in_registers: bool = False
+    lazy_rescale: bool = False
+    pingpong: bool = False
+    skip_padding_rows: bool = False
 
 
 def smem_bytes(launch: MosaicLaunch, padded_tile: int, head_dim: int, dtype, out_dtype) -> int:
@@ -178,6 +198,77 @@ def _fp8_operand_from_accumulator():
     return convert
 
 
+def _registers_by_row(array) -> list[list[tuple]]:
+    """The registers of a WGMMA-layout array grouped by the row they hold: a list (one entry per
+    row this thread holds) of [(register, (row index, column index)), ...]."""
+    from_rows = array.layout.tiling.tile_dimension(0)  # which register-array dims pick the row
+    groups: dict[tuple, list] = {}
+    registers = np.ndindex(array.registers.shape)
+    for reg_idx, idx in zip(registers, array.layout.thread_idxs(array.shape), strict=True):
+        key = tuple(i for i, is_row in zip(reg_idx, from_rows, strict=True) if is_row)
+        groups.setdefault(key, []).append((array.registers[reg_idx], idx))
+    return list(groups.values())
+
+
+def _store_rows_by_token():
+    """A function of (out [64, D] in the WGMMA layout, o_rows: the [L, D] GMEM ref of one
+    (batch, head), tokens: int32 [64] GMEM ref, the token of each row or -1) that stores each row
+    at its token, straight from registers, and skips padding rows: the output leaves the kernel
+    in token order (no reorder pass after it). One token load and one branch per row a thread
+    holds (two), then its 4-byte register pairs."""
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.RefType(), plgpu.RefType()))
+    def store(_, out, o_rows, tokens):
+        index = ir.IndexType.get()
+        zero = arith.constant(ir.IntegerType.get_signless(32), 0)
+        for members in _registers_by_row(out):
+            row = members[0][1][0]
+            token = memref.load(tokens, [row])
+            branch = scf.IfOp(arith.cmpi(arith.CmpIPredicate.sge, token, zero))
+            with ir.InsertionPoint(branch.then_block):
+                at = arith.index_cast(index, token)
+                for register, (_, col) in members:
+                    vector.store(register, o_rows, [at, col])
+                scf.yield_([])
+
+    return store
+
+
+def _rescale_where_needed(head_dim: int):
+    """A function of (acc [64, D] float32, alpha broadcast to [64, D], both in the WGMMA layout)
+    returning acc * alpha, computed only in warps where some row's alpha is not 1 (a warp-wide
+    vote on the two rows each thread holds); other warps return acc as it is, which is the same
+    value (online softmax: alpha = 1 exactly when a row's max did not move)."""
+    acc_type = plgpu.ShapeDtypeStruct((BLOCK_Q, head_dim), jnp.float32, layout=plgpu.Layout.WGMMA)
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.Layout.WGMMA), return_type=acc_type)
+    def rescale(_, acc, alpha):
+        i1, i32 = ir.IntegerType.get_signless(1), ir.IntegerType.get_signless(32)
+        f32 = ir.F32Type.get()
+        one = arith.constant(f32, 1.0)
+        moved = arith.constant(i1, 0)
+        for members in _registers_by_row(alpha):
+            value = vector.extract(
+                members[0][0], dynamic_position=[], static_position=ir.DenseI64ArrayAttr.get([0])
+            )
+            moved = arith.ori(moved, arith.cmpf(arith.CmpFPredicate.UNE, value, one))
+        full = arith.constant(i32, -1)
+        moved = nvvm.vote_sync(full, moved, nvvm.VoteSyncKind.any, results=[i1])
+        registers = list(acc.registers.flat)
+        branch = scf.IfOp(moved, [r.type for r in registers], has_else=True)
+        with ir.InsertionPoint(branch.then_block):
+            pairs = zip(registers, alpha.registers.flat, strict=True)
+            scaled = [arith.mulf(r, a) for r, a in pairs]
+            scf.yield_(scaled)
+        with ir.InsertionPoint(branch.else_block):
+            scf.yield_(registers)
+        out = np.empty(acc.registers.shape, dtype=object)
+        out.flat[:] = list(branch.results)
+        return mgpu.FragmentedArray(_registers=out, _layout=acc.layout, _is_signed=None)
+
+    return rescale
+
+
 def check_operands(
     q, k, v_t, q_scale, k_scale, v_scale, key_bias, key_blocks, block_count, padded_tile: int
 ):
@@ -231,6 +322,7 @@ def _kernel_body(
     blocks_ref,
     count_ref,
     padded_ref,
+    tokens_ref,
     o_ref,
     lse_ref,
     q_smem,
@@ -244,6 +336,7 @@ def _kernel_body(
     v_full,
     k_empty,
     v_empty,
+    turn,
     *,
     padded_tile: int,
     qk_scale: float,
@@ -256,6 +349,7 @@ def _kernel_body(
     stages = launch.stages
     fp8 = jnp.dtype(p_smem.dtype) == jnp.dtype(jnp.float8_e4m3fn)
     p_operand = _fp8_operand_from_accumulator() if launch.p_in_registers and fp8 else None
+    rescale = _rescale_where_needed(q_smem.shape[-1]) if launch.lazy_rescale else None
     head_dim = q_smem.shape[-1]
     u = lax.axis_index("tile")
     head = lax.axis_index("head")
@@ -273,133 +367,237 @@ def _kernel_body(
         if launch.consumer_registers:
             plgpu.set_max_registers(launch.consumer_registers, action="increase")
         rows = pl.ds(u * padded_tile + wg * BLOCK_Q, BLOCK_Q)
-        plgpu.copy_gmem_to_smem(q_ref.at[batch, head, rows], q_smem.at[wg], q_ready.at[wg])
-        q_scale = qs_ref[batch, head, u] * qk_scale
+        pass_turn = lambda: plgpu.barrier_arrive(turn.at[lax.rem(wg + 1, consumers)])
 
-        def step_inputs(j):
-            """(score scale, key bias [BLOCK_KV]) of step j."""
-            key_tile, col = key_columns(j)
-            pair_scale = q_scale * ks_ref[batch, head, key_tile]
-            load = lambda: plgpu.load(
-                bias_ref.at[pl.ds(col, BLOCK_KV)], (), layout=_COL, optimized=False
-            )
-            if padded_ref is None:
-                return pair_scale, load()
-            zeros = lambda: plgpu.layout_cast(jnp.zeros((BLOCK_KV,), jnp.float32), _COL)
-            return pair_scale, lax.cond(padded_ref[col // BLOCK_KV] != 0, load, zeros)
+        def _attend():  # this consumer's 64 query rows hold a real token
+            plgpu.copy_gmem_to_smem(q_ref.at[batch, head, rows], q_smem.at[wg], q_ready.at[wg])
+            q_scale = qs_ref[batch, head, u] * qk_scale
 
-        def issue_scores(s_ref, j):
-            slot = lax.rem(j, stages)
-            plgpu.barrier_wait(k_full.at[slot])
-            plgpu.wgmma(s_ref, q_smem.at[wg], k_smem.at[slot].T)
+            def step_inputs(j):
+                """(score scale, key bias [BLOCK_KV]) of step j."""
+                key_tile, col = key_columns(j)
+                pair_scale = q_scale * ks_ref[batch, head, key_tile]
+                load = lambda: plgpu.load(
+                    bias_ref.at[pl.ds(col, BLOCK_KV)], (), layout=_COL, optimized=False
+                )
+                if padded_ref is None:
+                    return pair_scale, load()
+                zeros = lambda: plgpu.layout_cast(jnp.zeros((BLOCK_KV,), jnp.float32), _COL)
+                return pair_scale, lax.cond(padded_ref[col // BLOCK_KV] != 0, load, zeros)
 
-        def scores(j):
-            """Q.K^T of step j [BLOCK_Q, BLOCK_KV] float32, waited for; K's slot released."""
+            def issue_scores(s_ref, j):
+                slot = lax.rem(j, stages)
+                plgpu.barrier_wait(k_full.at[slot])
+                plgpu.wgmma(s_ref, q_smem.at[wg], k_smem.at[slot].T)
 
-            def run(s_ref):
-                issue_scores(s_ref, j)
-                return s_ref[...]
+            def scores(j):
+                """Q.K^T of step j [BLOCK_Q, BLOCK_KV] float32, waited for; K's slot released."""
 
-            s = pl.run_scoped(run, plgpu.ACC((BLOCK_Q, BLOCK_KV), jnp.float32))
-            plgpu.barrier_arrive(k_empty.at[lax.rem(j, stages)])
-            return s
+                def run(s_ref):
+                    issue_scores(s_ref, j)
+                    return s_ref[...]
 
-        def exponent_shift(m):
-            """c of the module docstring: what p' subtracts from the scores, per row."""
-            if p_scale == 1.0:
-                return m
-            return jnp.where(jnp.abs(m) < 2.0**20, m - math.log2(p_scale), m)
+                s = pl.run_scoped(run, plgpu.ACC((BLOCK_Q, BLOCK_KV), jnp.float32))
+                plgpu.barrier_arrive(k_empty.at[lax.rem(j, stages)])
+                return s
 
-        def softmax(s, inputs, acc, m_i, l_i):
-            """Online-softmax update with the scores of one step; P goes to this warpgroup's
-            SMEM slot. Returns the rescaled accumulator and the new row max and sum."""
-            pair_scale, bias = inputs
-            s = s * pair_scale + lax.broadcast_in_dim(bias, s.shape, [1])
-            m_new = jnp.maximum(m_i, s.max(axis=1))
-            shift = exponent_shift(m_new)
-            alpha = jnp.exp2(exponent_shift(m_i) - shift)
-            p = jnp.exp2(s - lax.broadcast_in_dim(shift, s.shape, [0]))  # p_scale * exp2(s - m)
-            l_i = l_i * alpha + p.sum(axis=1)
-            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-            if p_operand is not None:
-                return acc, m_new, l_i, p_operand(p)
-            p_smem[wg] = p.astype(p_smem.dtype)
-            plgpu.commit_smem()  # P's stores visible to the wgmma that reads them
-            return acc, m_new, l_i, p_smem.at[wg]
+            def exponent_shift(m):
+                """c of the module docstring: what p' subtracts from the scores, per row."""
+                if p_scale == 1.0:
+                    return m
+                return jnp.where(jnp.abs(m) < 2.0**20, m - math.log2(p_scale), m)
 
-        def weighted_values(acc, p, j):
-            """acc + P.V of step j (P in SMEM or registers), waited for (and every wgmma issued
-            before it); V's slot released."""
-            slot = lax.rem(j, stages)
-            plgpu.barrier_wait(v_full.at[slot])
-            if in_place_pv:
+            def softmax(s, inputs, acc, m_i, l_i):
+                """Online-softmax update with the scores of one step; P goes to this warpgroup's
+                SMEM slot. Returns the rescaled accumulator and the new row max and sum."""
+                pair_scale, bias = inputs
+                s = s * pair_scale + lax.broadcast_in_dim(bias, s.shape, [1])
+                m_new = jnp.maximum(m_i, s.max(axis=1))
+                shift = exponent_shift(m_new)
+                alpha = jnp.exp2(exponent_shift(m_i) - shift)
+                p = jnp.exp2(s - lax.broadcast_in_dim(shift, s.shape, [0]))  # p_scale * exp2(s - m)
+                l_i = l_i * alpha + p.sum(axis=1)
+                alpha = lax.broadcast_in_dim(alpha, acc.shape, [0])
+                acc = acc * alpha if rescale is None else rescale(acc, alpha)
+                if p_operand is not None:
+                    return acc, m_new, l_i, p_operand(p)
+                p_smem[wg] = p.astype(p_smem.dtype)
+                plgpu.commit_smem()  # P's stores visible to the wgmma that reads them
+                return acc, m_new, l_i, p_smem.at[wg]
 
-                def accumulate(acc_ref):
-                    plgpu.wgmma(acc_ref, p, v_smem.at[slot].T)
+            def weighted_values(acc, p, j, after_issue=lambda: None):
+                """acc + P.V of step j (P in SMEM or registers), waited for (and every wgmma issued
+                before it); V's slot released. after_issue() runs once the wgmma is issued."""
+                slot = lax.rem(j, stages)
+                plgpu.barrier_wait(v_full.at[slot])
+                if in_place_pv:
 
-                acc = pl.run_state(accumulate)(plgpu.ACC.init(acc))
+                    def accumulate(acc_ref):
+                        plgpu.wgmma(acc_ref, p, v_smem.at[slot].T)
+                        after_issue()
+
+                    acc = pl.run_state(accumulate)(plgpu.ACC.init(acc))
+                else:
+
+                    def product(pv_ref):
+                        plgpu.wgmma(pv_ref, p, v_smem.at[slot].T)
+                        after_issue()
+                        return pv_ref[...]
+
+                    acc = acc + pl.run_scoped(product, plgpu.ACC((BLOCK_Q, head_dim), jnp.float32))
+                plgpu.barrier_arrive(v_empty.at[slot])
+                return acc
+
+            m_i = plgpu.layout_cast(jnp.full((BLOCK_Q,), -1e30, jnp.float32), _ROW)
+            l_i = plgpu.layout_cast(jnp.zeros((BLOCK_Q,), jnp.float32), _ROW)
+            acc = plgpu.layout_cast(jnp.zeros((BLOCK_Q, head_dim), jnp.float32), plgpu.Layout.WGMMA)
+            plgpu.barrier_wait(q_ready.at[wg])
+
+            if launch.pingpong:
+                # Consumer wg issues its products only in its turn and hands the turn to the next
+                # one right after issuing, so one consumer's softmax overlaps the others' wgmmas.
+                # Step j issues Q.K^T of j and P.V of j - 1 together; the last P.V runs alone.
+
+                def first_scores(s_ref):
+                    issue_scores(s_ref, 0)
+                    pass_turn()
+                    return s_ref[...]
+
+                inputs = step_inputs(0)
+                plgpu.barrier_wait(turn.at[wg])
+                s = pl.run_scoped(first_scores, plgpu.ACC((BLOCK_Q, BLOCK_KV), jnp.float32))
+                plgpu.barrier_arrive(k_empty.at[0])
+                next_inputs = step_inputs(jnp.minimum(1, steps - 1))
+                acc, m_i, l_i, p = softmax(s, inputs, acc, m_i, l_i)
+                # P from registers is loop state; P in SMEM is this consumer's slot, not carried.
+                p_state = p if p_operand is not None else None
+                p_of = lambda p_state: p_state if p_operand is not None else p_smem.at[wg]
+
+                def step(j, carry):
+                    acc, m_i, l_i, p_state, inputs = carry
+                    p = p_of(p_state)
+                    # Loaded early: off the critical path.
+                    next_inputs = step_inputs(jnp.minimum(j + 1, steps - 1))
+
+                    def products(s_ref):
+                        plgpu.barrier_wait(turn.at[wg])
+                        issue_scores(s_ref, j)
+                        acc_ = weighted_values(acc, p, j - 1, after_issue=pass_turn)
+                        return acc_, s_ref[...]
+
+                    acc, s = pl.run_scoped(products, plgpu.ACC((BLOCK_Q, BLOCK_KV), jnp.float32))
+                    plgpu.barrier_arrive(k_empty.at[lax.rem(j, stages)])
+                    acc, m_i, l_i, p = softmax(s, inputs, acc, m_i, l_i)
+                    return acc, m_i, l_i, p if p_operand is not None else None, next_inputs
+
+                carry = (acc, m_i, l_i, p_state, next_inputs)
+                acc, m_i, l_i, p_state, _ = lax.fori_loop(1, steps, step, carry)
+                plgpu.barrier_wait(turn.at[wg])
+                acc = weighted_values(acc, p_of(p_state), steps - 1, after_issue=pass_turn)
+
+            elif launch.pipeline:
+                # Step j's softmax runs while step j + 1's scores are computed; the last step has no
+                # successor and runs on its own.
+                def step(j, carry):
+                    acc, m_i, l_i, s, inputs = carry
+                    next_inputs = step_inputs(j + 1)
+
+                    def overlapped(s_next_ref):
+                        issue_scores(s_next_ref, j + 1)
+                        acc_, m_, l_, p = softmax(s, inputs, acc, m_i, l_i)
+                        acc_ = weighted_values(acc_, p, j)
+                        return acc_, m_, l_, s_next_ref[...]
+
+                    acc, m_i, l_i, s = pl.run_scoped(
+                        overlapped, plgpu.ACC((BLOCK_Q, BLOCK_KV), jnp.float32)
+                    )
+                    plgpu.barrier_arrive(k_empty.at[lax.rem(j + 1, stages)])
+                    return acc, m_i, l_i, s, next_inputs
+
+                carry = (acc, m_i, l_i, scores(0), step_inputs(0))
+                acc, m_i, l_i, s, inputs = lax.fori_loop(0, steps - 1, step, carry)
+                acc, m_i, l_i, p = softmax(s, inputs, acc, m_i, l_i)
+                acc = weighted_values(acc, p, steps - 1)
             else:
 
-                def product(pv_ref):
-                    plgpu.wgmma(pv_ref, p, v_smem.at[slot].T)
-                    return pv_ref[...]
+                def step(j, carry):
+                    acc, m_i, l_i, inputs = carry
+                    s = scores(j)
+                    if launch.prefetch:
+                        next_inputs = step_inputs(jnp.minimum(j + 1, steps - 1))
+                    else:
+                        inputs = next_inputs = step_inputs(j)
+                    acc, m_i, l_i, p = softmax(s, inputs, acc, m_i, l_i)
+                    return weighted_values(acc, p, j), m_i, l_i, next_inputs
 
-                acc = acc + pl.run_scoped(product, plgpu.ACC((BLOCK_Q, head_dim), jnp.float32))
-            plgpu.barrier_arrive(v_empty.at[slot])
-            return acc
+                carry = (acc, m_i, l_i, step_inputs(0))
+                acc, m_i, l_i, _ = lax.fori_loop(0, steps, step, carry)
 
-        m_i = plgpu.layout_cast(jnp.full((BLOCK_Q,), -1e30, jnp.float32), _ROW)
-        l_i = plgpu.layout_cast(jnp.zeros((BLOCK_Q,), jnp.float32), _ROW)
-        acc = plgpu.layout_cast(jnp.zeros((BLOCK_Q, head_dim), jnp.float32), plgpu.Layout.WGMMA)
-        plgpu.barrier_wait(q_ready.at[wg])
+            v_scale = plgpu.load(vs_ref.at[batch, head], (), layout=_COL, optimized=False)
+            out = acc * lax.broadcast_in_dim(v_scale, acc.shape, [1])
+            out = out * lax.broadcast_in_dim(1.0 / l_i, acc.shape, [0])
+            lse_smem[wg] = exponent_shift(m_i) + jnp.log2(l_i)
+            if tokens_ref is None:  # kernel layout, by TMA through SMEM
+                o_smem[wg] = out.astype(o_smem.dtype)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(o_smem.at[wg], o_ref.at[batch, head, rows])
+            else:  # token order, from registers
+                plgpu.commit_smem()
+                store = _store_rows_by_token()
+                store(out.astype(o_ref.dtype), o_ref.at[batch, :, head], tokens_ref.at[rows])
+            plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[batch, head, rows])
+            plgpu.wait_smem_to_gmem(0)
 
-        if launch.pipeline:
-            # Step j's softmax runs while step j + 1's scores are computed; the last step has no
-            # successor and runs on its own.
-            def step(j, carry):
-                acc, m_i, l_i, s, inputs = carry
-                next_inputs = step_inputs(j + 1)
+        def _pace():
+            """A consumer whose rows are all padding computes nothing: it only keeps the ring's
+            barriers (and the turns) going, then writes lse 0 (and zero rows in the kernel
+            layout)."""
 
-                def overlapped(s_next_ref):
-                    issue_scores(s_next_ref, j + 1)
-                    acc_, m_, l_, p = softmax(s, inputs, acc, m_i, l_i)
-                    acc_ = weighted_values(acc_, p, j)
-                    return acc_, m_, l_, s_next_ref[...]
+            def release(j, full, empty):
+                plgpu.barrier_wait(full.at[lax.rem(j, stages)])
+                plgpu.barrier_arrive(empty.at[lax.rem(j, stages)])
 
-                acc, m_i, l_i, s = pl.run_scoped(
-                    overlapped, plgpu.ACC((BLOCK_Q, BLOCK_KV), jnp.float32)
-                )
-                plgpu.barrier_arrive(k_empty.at[lax.rem(j + 1, stages)])
-                return acc, m_i, l_i, s, next_inputs
+            if launch.pingpong:  # steps + 1 turns, V one step behind K, as in _attend
 
-            carry = (acc, m_i, l_i, scores(0), step_inputs(0))
-            acc, m_i, l_i, s, inputs = lax.fori_loop(0, steps - 1, step, carry)
-            acc, m_i, l_i, p = softmax(s, inputs, acc, m_i, l_i)
-            acc = weighted_values(acc, p, steps - 1)
+                @pl.loop(0, steps + 1)
+                def _turn(j):
+                    plgpu.barrier_wait(turn.at[wg])
+                    pl.when(j < steps)(lambda: release(j, k_full, k_empty))
+                    pl.when(j > 0)(lambda: release(j - 1, v_full, v_empty))
+                    pass_turn()
+
+            else:
+
+                @pl.loop(0, steps)
+                def _step(j):
+                    release(j, k_full, k_empty)
+                    release(j, v_full, v_empty)
+
+            lse_smem[wg] = plgpu.layout_cast(jnp.zeros((BLOCK_Q,), jnp.float32), _ROW)
+            if tokens_ref is None:
+                zeros = jnp.zeros((BLOCK_Q, q_smem.shape[-1]), jnp.float32)
+                o_smem[wg] = plgpu.layout_cast(zeros, plgpu.Layout.WGMMA).astype(o_smem.dtype)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(o_smem.at[wg], o_ref.at[batch, head, rows])
+            else:
+                plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[batch, head, rows])
+            plgpu.wait_smem_to_gmem(0)
+
+        if launch.pingpong:
+            plgpu.barrier_arrive(turn.at[0], predicate=wg == consumers - 1)  # the first turn
+        if launch.skip_padding_rows:
+            # Slots are valid first: a consumer's rows are all padding iff its first one is.
+            live = bias_ref[u * padded_tile + wg * BLOCK_Q] == 0
+            pl.when(live)(_attend)
+            pl.when(jnp.logical_not(live))(_pace)
         else:
+            _attend()
+        if launch.pingpong:
 
-            def step(j, carry):
-                acc, m_i, l_i, inputs = carry
-                s = scores(j)
-                if launch.prefetch:
-                    next_inputs = step_inputs(jnp.minimum(j + 1, steps - 1))
-                else:
-                    inputs = next_inputs = step_inputs(j)
-                acc, m_i, l_i, p = softmax(s, inputs, acc, m_i, l_i)
-                return weighted_values(acc, p, j), m_i, l_i, next_inputs
-
-            carry = (acc, m_i, l_i, step_inputs(0))
-            acc, m_i, l_i, _ = lax.fori_loop(0, steps, step, carry)
-
-        v_scale = plgpu.load(vs_ref.at[batch, head], (), layout=_COL, optimized=False)
-        out = acc * lax.broadcast_in_dim(v_scale, acc.shape, [1])
-        out = out * lax.broadcast_in_dim(1.0 / l_i, acc.shape, [0])
-        o_smem[wg] = out.astype(o_smem.dtype)
-        lse_smem[wg] = exponent_shift(m_i) + jnp.log2(l_i)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_smem.at[wg], o_ref.at[batch, head, rows])
-        plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[batch, head, rows])
-        plgpu.wait_smem_to_gmem(0)
+            @pl.when(wg == 0)
+            def _last_turn():  # the last consumer's final hand-over, so every phase is waited
+                plgpu.barrier_wait(turn.at[0])
 
     @pl.when(wg == consumers)
     def _producer():
@@ -449,6 +647,7 @@ def fpsa_forward(
     p_scale: float,
     out_dtype,
     padded_blocks: np.ndarray | None = None,
+    slot_token: np.ndarray | None = None,
     launch: MosaicLaunch | None = None,
     interpret: bool = False,
 ):
@@ -462,13 +661,17 @@ def fpsa_forward(
         64 slots that each query tile reads (`kernel_layout.key_block_list`).
       padded_blocks: host int32 [Lp / 64], 1 for key blocks holding padding slots; None reads
         the key bias of every block.
+      slot_token: host int32 [Lp], the token of each slot or -1 (`kernel_layout.slot_tokens`):
+        when given, o is stored in token order [B, L, N, D] straight from registers (GPU only);
+        None stores the kernel layout.
       padded_tile: Pp (64, 128 or 192). scale: softmax scale. p_scale: P's static FP8 scale (1
         for bf16 operands).
       launch: pipeline depth and registers (default: `default_launch`).
       interpret: run in Mosaic GPU's interpreter (any backend; slow).
 
     Returns:
-      (o [B, N, Lp, D] in out_dtype, padded rows finite; lse2 float32 [B, N, Lp]).
+      (o in out_dtype: [B, L, N, D] with slot_token, else [B, N, Lp, D] with padded rows
+      finite; lse2 float32 [B, N, Lp]).
     """
     check_operands(
         q, k, v_t, q_scale, k_scale, v_scale, key_bias, key_blocks, block_count, padded_tile
@@ -479,6 +682,20 @@ def fpsa_forward(
     launch = launch or default_launch(padded_tile, d, q.dtype, out_dtype)
     if launch.stages < 2:
         raise ValueError(f"MosaicLaunch.stages must be >= 2, got {launch.stages}")
+    if launch.pingpong and launch.pipeline:
+        raise ValueError("MosaicLaunch: pingpong and pipeline are two schedules; pick one")
+    if interpret and (launch.lazy_rescale or launch.p_in_registers or slot_token is not None):
+        raise ValueError(
+            "lazy_rescale, p_in_registers and the token-order store (slot_token) are inline "
+            "Mosaic GPU code, which the interpreter cannot run"
+        )
+    if slot_token is not None:
+        slot_token = np.asarray(slot_token)
+        if slot_token.shape != (lp,):
+            raise ValueError(f"slot_token must be [Lp] = [{lp}], got {slot_token.shape}")
+        length = int(slot_token.max()) + 1
+        if np.count_nonzero(slot_token >= 0) != length:
+            raise ValueError("slot_token must hold each token 0..L-1 exactly once")
     need = smem_bytes(launch, padded_tile, d, q.dtype, out_dtype)
     if need > SMEM_BYTES:
         raise ValueError(
@@ -494,11 +711,13 @@ def fpsa_forward(
         launch=launch,
         in_place_pv=not interpret,
     )
-    inputs = 9 + (padded_blocks is not None)
+    has_padded, has_tokens = padded_blocks is not None, slot_token is not None
+    inputs = 9 + has_padded + has_tokens
 
-    def body(*refs):  # padded_ref is None when the table is not given
-        padded = refs[9] if padded_blocks is not None else None
-        _kernel_body(*refs[:9], padded, *refs[inputs:], **static)
+    def body(*refs):  # padded_ref / tokens_ref are None when their table is not given
+        padded = refs[9] if has_padded else None
+        tokens = refs[9 + has_padded] if has_tokens else None
+        _kernel_body(*refs[:9], padded, tokens, *refs[inputs:], **static)
 
     scratch = (
         _smem((consumers, BLOCK_Q, d), q.dtype),  # Q rows of each consumer
@@ -512,11 +731,13 @@ def fpsa_forward(
         plgpu.Barrier(num_barriers=launch.stages),  # V slot full
         plgpu.Barrier(num_arrivals=consumers, num_barriers=launch.stages),  # K slot empty
         plgpu.Barrier(num_arrivals=consumers, num_barriers=launch.stages),  # V slot empty
+        plgpu.Barrier(num_barriers=consumers),  # each consumer's turn (pingpong)
     )
+    o_shape = (b, length, n, d) if has_tokens else (b, n, lp, d)
     kernel = plgpu.kernel(
         body,
         out_type=(
-            jax.ShapeDtypeStruct((b, n, lp, d), out_dtype),
+            jax.ShapeDtypeStruct(o_shape, out_dtype),
             jax.ShapeDtypeStruct((b, n, lp), jnp.float32),
         ),
         scratch_types=scratch,
@@ -539,4 +760,6 @@ def fpsa_forward(
                 f"{np.shape(padded_blocks)}"
             )
         tables.append(jnp.asarray(np.ascontiguousarray(padded_blocks, dtype=np.int32)))
+    if has_tokens:
+        tables.append(jnp.asarray(np.ascontiguousarray(slot_token, dtype=np.int32)))
     return kernel(q, k, v_t, q_scale, k_scale, v_scale, key_bias, *tables)

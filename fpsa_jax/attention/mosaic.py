@@ -3,9 +3,10 @@
 Forward: the one pre-pass (`kernel_layout.quantize_for_kernel`: tile reorder, FP8 values and
 scales, V transposed; values written by the Triton pre-pass kernel where jax-triton is installed,
 else by XLA, the same bits either way) feeds `pallas_kernels.mosaic_fpsa_fwd`, the
-warp-specialized FP8 block-sparse kernel; its kernel-layout output goes back to token order with
-`kernel_layout.output_from_kernel`. Like impl="triton" it walks, per query tile, only the key
-blocks holding a real token (`kernel_layout.key_block_list`, 64-slot blocks).
+warp-specialized FP8 block-sparse kernel. Like impl="triton" it walks, per query tile, only the key
+blocks holding a real token (`kernel_layout.key_block_list`, 64-slot blocks). On the GPU the
+kernel stores its output in token order itself (the `slot_tokens` table); in the interpreter it
+writes the kernel layout and `kernel_layout.output_from_kernel` reorders it.
 
 Backward: the Triton bf16 block-sparse kernels (`triton.block_sparse_backward`) on this forward's
 residuals (operands, output, base-2 log-sum-exp), until a Mosaic backward beats them; so
@@ -27,6 +28,7 @@ from fpsa_jax.attention.kernel_layout import (
     output_from_kernel,
     padded_key_blocks,
     quantize_for_kernel,
+    slot_tokens,
 )
 from fpsa_jax.attention.triton import block_sparse_backward
 from pallas_kernels.mosaic_fpsa_fwd import (
@@ -80,10 +82,12 @@ def _forward(q, k, v, grid, config: FPSAConfig, scale: float, launch, interpret:
         p_scale=config.scale if config.quant == "fp8" else 1.0,
         out_dtype=q.dtype,
         padded_blocks=padded_key_blocks(grid, config.tile, ops.padded_tile, BLOCK_KV),
+        slot_token=None if interpret else slot_tokens(grid, config.tile, ops.padded_tile),
         launch=launch,
         interpret=interpret,
     )
-    o = output_from_kernel(o, ops)
+    if interpret:  # the interpreter cannot run the token-order store: reorder after it
+        o = output_from_kernel(o, ops)
     return o, (ops, o, lse)
 
 

@@ -18,6 +18,7 @@ from fpsa_jax.attention import FPSAConfig, fpsa_attention
 from fpsa_jax.attention.api import resolve_impl
 from fpsa_jax.attention.kernel_layout import (
     key_block_list,
+    output_from_kernel,
     padded_key_blocks,
     quantize_for_kernel,
     slot_tokens,
@@ -103,6 +104,53 @@ def test_kernel_rejects_operands_it_cannot_take():
         _forward(ops, launch=mf.MosaicLaunch(stages=1))
     with pytest.raises(ValueError, match="bytes of SMEM .* use fewer stages"):
         _forward(_operands(quant="none", d=128), launch=mf.MosaicLaunch(stages=8))
+    with pytest.raises(ValueError, match="pingpong and pipeline are two schedules"):
+        _forward(ops, launch=mf.MosaicLaunch(pingpong=True, pipeline=True))
+    with pytest.raises(ValueError, match=r"slot_token must be \[Lp\] = \[192\]"):
+        _forward(ops, slot_token=np.arange(191, dtype=np.int32))
+    with pytest.raises(ValueError, match="each token 0..L-1 exactly once"):
+        _forward(ops, slot_token=np.zeros(192, np.int32))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(launch=mf.MosaicLaunch(lazy_rescale=True)),
+        dict(launch=mf.MosaicLaunch(p_in_registers=True)),
+        dict(slot_token=np.arange(192, dtype=np.int32)),
+    ],
+    ids=["lazy_rescale", "p_in_registers", "slot_token"],
+)
+def test_interpreter_refuses_inline_mosaic_code(options):
+    with pytest.raises(ValueError, match="the interpreter cannot run"):
+        _forward(_operands(), interpret=True, **options)
+
+
+@pytest.mark.parametrize(
+    "launch",
+    [
+        mf.MosaicLaunch(pingpong=True),
+        mf.MosaicLaunch(skip_padding_rows=True),
+        mf.MosaicLaunch(pingpong=True, skip_padding_rows=True),
+    ],
+    ids=["pingpong", "skip_padding_rows", "both"],
+)
+def test_schedules_compute_what_the_default_does_in_the_interpreter(launch):
+    """The turn ring only reorders when each consumer issues its products, and a consumer of
+    padding rows only paces the ring: same values, and the barriers (checked by the
+    interpreter) neither deadlock nor leave a phase unwaited. W = 10 leaves edge tiles of 48
+    real tokens, whose second and third consumers hold only padding."""
+    grid, config = (4, 9, 10), FPSAConfig(tile=(3, 8, 8), window=(1, 1, 1), quant="fp8")
+    keys = jax.random.split(jax.random.key(3), 3)
+    q, k, v = (jax.random.normal(kk, (1, math.prod(grid), 1, 64), jnp.bfloat16) for kk in keys)
+    run = lambda launch: jax.jit(
+        lambda q, k, v: mosaic_attention(
+            q, k, v, grid=grid, config=config, scale=0.125, launch=launch, interpret=True
+        )
+    )(q, k, v)
+    np.testing.assert_array_equal(
+        np.asarray(run(launch), np.float32), np.asarray(run(None), np.float32)
+    )
 
 
 def test_default_launch_fits_shared_memory():
@@ -146,6 +194,13 @@ def test_impl_rejects_inputs_before_touching_a_gpu(config, dtype, d, error, matc
         mf.MosaicLaunch(pipeline=True),
         mf.MosaicLaunch(p_in_registers=True),
         mf.MosaicLaunch(consumer_registers=None, producer_registers=None),
+        mf.MosaicLaunch(lazy_rescale=True),
+        mf.MosaicLaunch(pingpong=True),
+        mf.MosaicLaunch(pingpong=True, lazy_rescale=True, p_in_registers=True),
+        mf.MosaicLaunch(skip_padding_rows=True),
+        mf.MosaicLaunch(
+            pingpong=True, lazy_rescale=True, p_in_registers=True, skip_padding_rows=True
+        ),
     ],
 )
 def test_launch_options_compute_the_same_attention(launch):
@@ -161,6 +216,35 @@ def test_launch_options_compute_the_same_attention(launch):
         )
     )(q, k, v)
     assert rel_err(run(launch), run(None)) < 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quant", ["fp8", "none"])
+def test_token_order_store_writes_the_kernel_layout_reordered(quant):
+    """The kernel's token-order store (rows straight from registers to their token) against its
+    kernel-layout output reordered by XLA: bit for bit, at a grid with edge tiles (padding
+    rows skipped), B = 2, N = 3, into buffers the allocator just filled with NaN."""
+    grid, config = (4, 9, 10), FPSAConfig(tile=(3, 8, 8), window=(1, 1, 2), quant=quant)
+    keys = jax.random.split(jax.random.key(4), 3)
+    q, k, v = (jax.random.normal(kk, (2, math.prod(grid), 3, 128), jnp.bfloat16) for kk in keys)
+    ops = quantize_for_kernel(q, k, v, grid, config, block_n=mf.BLOCK_KV)
+    blocks = key_block_list(grid, config.tile, config.window, ops.padded_tile, mf.BLOCK_KV)
+    args = (ops.q, ops.k, ops.v_t, ops.q_scale, ops.k_scale, ops.v_scale, ops.key_bias)
+    run = lambda **kw: jax.jit(
+        lambda *a: mf.fpsa_forward(
+            *a, blocks.blocks, blocks.count, padded_tile=ops.padded_tile, scale=0.088,
+            p_scale=448.0 if quant == "fp8" else 1.0, out_dtype=jnp.bfloat16, **kw,
+        )
+    )(*args)  # fmt: skip
+    want_o, want_lse = run()
+    for _ in range(3):
+        jnp.full(q.shape, jnp.nan, jnp.bfloat16).block_until_ready()
+    o, lse = run(slot_token=slot_tokens(grid, config.tile, ops.padded_tile))
+    assert o.shape == q.shape
+    np.testing.assert_array_equal(
+        np.asarray(o, np.float32), np.asarray(output_from_kernel(want_o, ops), np.float32)
+    )
+    np.testing.assert_array_equal(np.asarray(lse), np.asarray(want_lse))
 
 
 @pytest.mark.gpu
