@@ -131,13 +131,21 @@ def smem_bytes(launch: MosaicLaunch, padded_tile: int, head_dim: int, dtype, out
     return rows * head_dim * (item + out_item) + ring + rows * BLOCK_KV * item + rows * 4
 
 
-def default_launch(padded_tile: int, head_dim: int, dtype, out_dtype) -> MosaicLaunch:
-    """Four ring slots where they fit in SMEM (FP8 at D = 128 does), else as many as fit."""
+def default_launch(
+    padded_tile: int, head_dim: int, dtype, out_dtype, *, interpret: bool = False
+) -> MosaicLaunch:
+    """The fastest measured schedule (benchmarks/RESULTS.md, session 12: ping-pong, lazy rescale,
+    P from registers, padding consumers skipped, at every density of both Wan shapes), with four
+    ring slots where they fit in SMEM (FP8 at D = 128 does), else as many as fit. The
+    interpreter gets the same schedule without the inline Mosaic GPU code it cannot run."""
+    tuned = dict(pingpong=True, skip_padding_rows=True)
+    if not interpret:
+        tuned.update(lazy_rescale=True, p_in_registers=True)
     for stages in (4, 3, 2):
-        launch = MosaicLaunch(stages=stages)
+        launch = MosaicLaunch(stages=stages, **tuned)
         if smem_bytes(launch, padded_tile, head_dim, dtype, out_dtype) <= SMEM_BYTES:
             return launch
-    return MosaicLaunch(stages=2)  # fpsa_forward reports that it does not fit
+    return MosaicLaunch(stages=2, **tuned)  # fpsa_forward reports that it does not fit
 
 
 def _smem(shape, dtype):
@@ -679,7 +687,7 @@ def fpsa_forward(
     if p_scale <= 0:
         raise ValueError(f"P's static scale must be positive, got {p_scale}")
     b, n, lp, d = q.shape
-    launch = launch or default_launch(padded_tile, d, q.dtype, out_dtype)
+    launch = launch or default_launch(padded_tile, d, q.dtype, out_dtype, interpret=interpret)
     if launch.stages < 2:
         raise ValueError(f"MosaicLaunch.stages must be >= 2, got {launch.stages}")
     if launch.pingpong and launch.pipeline:

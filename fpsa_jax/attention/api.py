@@ -55,9 +55,10 @@ def resolve_impl(impl: Impl, config: FPSAConfig | None, dtype, head_dim: int) ->
 
     "auto": FPSA configs go to the Triton kernels where they run (a Hopper GPU with jax-triton, a
     power-of-two head dim, >= 32 for FP8, FP8 or 16-bit inputs), else to "xla"; dense
-    (config=None) 16-bit attention on a GPU goes to cuDNN, and everything else to "xla". The
-    Mosaic forward is faster at every density at 720p and at 480p up to 75% sparsity, but not yet
-    at 480p 90% (its output reorder pass; benchmarks/RESULTS.md), so auto does not pick it yet.
+    (config=None) 16-bit attention on a GPU goes to cuDNN, and everything else to "xla". Since
+    session 12 the Mosaic forward is faster than Triton at every density of the benchmark table
+    (benchmarks/RESULTS.md); auto moves to it once the whole GPU suite and the end-to-end runs
+    have gone through it (the model's path would change under every GPU test), not before.
     """
     if check_impl(impl) != "auto":
         return impl
