@@ -29,9 +29,10 @@ warpgroups of 64 query rows each (one wgmma M) and one producer warpgroup:
   rides in the exponent at no cost per element. The guard keeps that exact where it matters:
   float32 holds m - log2(p_scale) to within 0.05 only while |m| < 2^20; beyond (inputs of size
   1e4 give |m| ~ 1e9, ulp 64) p' would overflow E4M3, so such rows round p' in (0, 1] instead
-  (their softmax is one-hot by then). P goes to the second wgmma through SMEM: Mosaic GPU has no
-  register relayout from the f32 accumulator layout to the 8-bit operand layout. V^T makes V
-  K-major, as FP8 wgmma needs.
+  (their softmax is one-hot by then). P goes to the second wgmma from registers (FP8 on the GPU,
+  `MosaicLaunch.p_in_registers`: two warp shuffles regroup the f32 accumulator layout into the
+  8-bit operand layout, which Mosaic GPU has no relayout for) or through SMEM (bf16, the
+  interpreter). V^T makes V K-major, as FP8 wgmma needs.
 - the output leaves in token order [B, L, N, D], each row stored from registers at its token
   (`slot_token`, padding rows skipped), or through SMEM by TMA in the kernel layout [B, N, Lp,
   D] (padded rows hold finite values) without the table; lse2 float32 [B, N, Lp] for the
