@@ -358,8 +358,8 @@ def _kernel_body(
     stages = launch.stages
     fp8 = jnp.dtype(p_smem.dtype) == jnp.dtype(jnp.float8_e4m3fn)
     p_operand = _fp8_operand_from_accumulator() if launch.p_in_registers and fp8 else None
-    rescale = _rescale_where_needed(q_smem.shape[-1]) if launch.lazy_rescale else None
     head_dim = q_smem.shape[-1]
+    rescale = _rescale_where_needed(head_dim) if launch.lazy_rescale else None
     u = lax.axis_index("tile")
     head = lax.axis_index("head")
     batch = lax.axis_index("batch")
@@ -377,6 +377,27 @@ def _kernel_body(
             plgpu.set_max_registers(launch.consumer_registers, action="increase")
         rows = pl.ds(u * padded_tile + wg * BLOCK_Q, BLOCK_Q)
         pass_turn = lambda: plgpu.barrier_arrive(turn.at[lax.rem(wg + 1, consumers)])
+
+        def write_rows(out, lse):
+            """Stores this consumer's output rows (out [BLOCK_Q, D] float32, WGMMA layout; None
+            for rows that are all padding: zeros in the kernel layout, nothing in token order)
+            in token order from registers, or by TMA through SMEM in the kernel layout, and
+            lse2 [BLOCK_Q]."""
+            lse_smem[wg] = lse
+            if tokens_ref is None:
+                if out is None:
+                    zeros = jnp.zeros((BLOCK_Q, head_dim), jnp.float32)
+                    out = plgpu.layout_cast(zeros, plgpu.Layout.WGMMA)
+                o_smem[wg] = out.astype(o_smem.dtype)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(o_smem.at[wg], o_ref.at[batch, head, rows])
+            else:
+                plgpu.commit_smem()
+                if out is not None:
+                    store = _store_rows_by_token()
+                    store(out.astype(o_ref.dtype), o_ref.at[batch, :, head], tokens_ref.at[rows])
+            plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[batch, head, rows])
+            plgpu.wait_smem_to_gmem(0)
 
         def _attend():  # this consumer's 64 query rows hold a real token
             plgpu.copy_gmem_to_smem(q_ref.at[batch, head, rows], q_smem.at[wg], q_ready.at[wg])
@@ -545,17 +566,7 @@ def _kernel_body(
             v_scale = plgpu.load(vs_ref.at[batch, head], (), layout=_COL, optimized=False)
             out = acc * lax.broadcast_in_dim(v_scale, acc.shape, [1])
             out = out * lax.broadcast_in_dim(1.0 / l_i, acc.shape, [0])
-            lse_smem[wg] = exponent_shift(m_i) + jnp.log2(l_i)
-            if tokens_ref is None:  # kernel layout, by TMA through SMEM
-                o_smem[wg] = out.astype(o_smem.dtype)
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(o_smem.at[wg], o_ref.at[batch, head, rows])
-            else:  # token order, from registers
-                plgpu.commit_smem()
-                store = _store_rows_by_token()
-                store(out.astype(o_ref.dtype), o_ref.at[batch, :, head], tokens_ref.at[rows])
-            plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[batch, head, rows])
-            plgpu.wait_smem_to_gmem(0)
+            write_rows(out, exponent_shift(m_i) + jnp.log2(l_i))
 
         def _pace():
             """A consumer whose rows are all padding computes nothing: it only keeps the ring's
@@ -582,16 +593,7 @@ def _kernel_body(
                     release(j, k_full, k_empty)
                     release(j, v_full, v_empty)
 
-            lse_smem[wg] = plgpu.layout_cast(jnp.zeros((BLOCK_Q,), jnp.float32), _ROW)
-            if tokens_ref is None:
-                zeros = jnp.zeros((BLOCK_Q, q_smem.shape[-1]), jnp.float32)
-                o_smem[wg] = plgpu.layout_cast(zeros, plgpu.Layout.WGMMA).astype(o_smem.dtype)
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(o_smem.at[wg], o_ref.at[batch, head, rows])
-            else:
-                plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[batch, head, rows])
-            plgpu.wait_smem_to_gmem(0)
+            write_rows(None, plgpu.layout_cast(jnp.zeros((BLOCK_Q,), jnp.float32), _ROW))
 
         if launch.pingpong:
             plgpu.barrier_arrive(turn.at[0], predicate=wg == consumers - 1)  # the first turn
