@@ -301,8 +301,8 @@ def _brief(c: WanConfig) -> str:
 def _convert(
     reader: TensorReader, original_to_file: dict[str, str], config: WanConfig, dtype: np.dtype
 ) -> dict[str, Any]:
-    """Builds the tree leaf by leaf: each stacked `blocks` leaf is allocated once in `dtype`
-    and filled layer by layer, so memory holds at most one leaf beyond the result."""
+    """Builds the tree leaf by leaf; each stacked `blocks` leaf goes to the device layer by
+    layer (`stack_layers`), so host memory holds a few layers beyond the result."""
     params: dict[str, Any] = {}
     for key, entry in K.top_level_entries(config).items():
         leaf = K.apply_transform(reader.read(original_to_file[key]), entry.transform)

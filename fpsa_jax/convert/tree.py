@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from fpsa_jax.convert.errors import CheckpointError, format_keys
@@ -49,13 +50,12 @@ def set_path(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
 def stack_layers(read_layer: Callable[[int], np.ndarray], num_layers: int, dtype) -> jax.Array:
     """[num_layers, ...] in `dtype` on the default device, from `read_layer(i)` one at a time.
 
-    The stacked leaf is allocated once and filled layer by layer (the cast rounds to nearest even,
-    as torch's .to()), so memory holds one leaf beyond the result, never the whole checkpoint.
+    Each layer is cast (rounding to nearest even, as torch's .to()) and copied to the device as
+    soon as it is read, and the stack is built there: host memory holds a few layers, never a
+    whole stacked leaf, let alone the checkpoint. (Stacking on the host would not bound it by one
+    leaf: `device_put` hands its host array back to Python only some time after the copy, so
+    finished leaves pile up behind the next.) The device holds the leaf twice, briefly.
     """
-    stacked = None
-    for i in range(num_layers):
-        layer = read_layer(i)
-        if stacked is None:
-            stacked = np.empty((num_layers, *layer.shape), dtype)
-        stacked[i] = layer
-    return jax.device_put(stacked)
+    return jnp.stack(
+        [jax.device_put(np.asarray(read_layer(i)).astype(dtype)) for i in range(num_layers)]
+    )

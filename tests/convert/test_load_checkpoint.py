@@ -157,11 +157,12 @@ def test_num_heads_comes_from_original_config_json(tmp_path, state):
 
 
 def test_conversion_streams_tensor_by_tensor(tmp_path):
-    """Host memory (numpy allocations) peaks near the largest stacked leaf, far below the
-    checkpoint size: nothing reads the whole file into memory."""
-    state = make_original_state_dict(dict(dim=256, ffn_dim=512, num_layers=8), seed=3)
+    """Host memory (numpy allocations) stays below one stacked leaf, a fifth of the checkpoint:
+    layers go to the device as they are read; nothing reads a whole leaf or file into memory.
+    (The first load also traces and compiles the stacking: ~4 MB here, counted in the peak.)"""
+    state = make_original_state_dict(dict(dim=256, ffn_dim=512, num_layers=16), seed=3)
     size = sum(v.nbytes for v in state.values())
-    largest_leaf = 8 * 256 * 512 * 4  # blocks.ffn.fc1.kernel in float32
+    largest_leaf = 16 * 256 * 512 * 4  # blocks.ffn.fc1.kernel in float32
     path = write_safetensors(tmp_path / "model.safetensors", state)
     del state
     tracemalloc.start()
@@ -170,4 +171,4 @@ def test_conversion_streams_tensor_by_tensor(tmp_path):
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert peak < 2 * largest_leaf < 0.35 * size
+    assert peak < largest_leaf < 0.2 * size
