@@ -19,7 +19,10 @@ whole row in registers: one row in flight per SM, ~1 TB/s (benchmarks/RESULTS.md
   prologue "gelu":       y = gelu_tanh((x * row_scale[r]) * col_scale + bias): the FP8 GEMM's
                          bfloat16 sums x [M, K] dequantized (per-token and per-channel scales),
                          plus the bias, through GELU (tanh form), i.e. FFN fc1's output as fc2's
-                         input
+                         input. Its absmax walk evaluates no GELU: GELU increases for u > -0.75
+                         and stays above -0.17005, so a row's absmax is GELU(max u) whenever that
+                         is >= GELU_FLOOR = 0.171 (the rows of a real FFN); only rows below that
+                         walk again through GELU (gelu_absmax "walk" always does, for timing).
 
 x is [M, K] in float32, bfloat16 or float16; the values come out [M, K] in `out_dtype`
 (float8_e4m3fn; float32 for Triton's interpreter, whose fp8 cast is wrong), the scales float32
@@ -34,6 +37,8 @@ import jax
 import jax.numpy as jnp
 
 PROLOGUES = {"none": 0, "layernorm": 1, "gelu": 2}
+GELU_ABSMAX = {"walk": 0, "from_max": 1}  # how the "gelu" prologue finds its absmax (docstring)
+GELU_FLOOR = 0.171  # above the tanh form's |min| = 0.170041 (at u = -0.7525), with margin
 MAX_ROW = 65536  # values of one row (its re-reads should stay in L2)
 CHUNK = 1024  # columns per step of a program (4 warps, 8 float32 values per thread)
 
@@ -42,6 +47,18 @@ def make_kernel():
     """Builds the Triton kernel (Triton is imported here, so importing this module needs none)."""
     import triton
     import triton.language as tl
+
+    # Module level: the kernel calls it by name, and Triton's interpreter looks names up in the
+    # module's globals (the compiler would find a closure too).
+    global gelu_tanh
+
+    @triton.jit
+    def gelu_tanh(u):
+        # 0.5 u (1 + tanh(z)) = u * sigmoid(2z) = u / (1 + exp(-2z)): one exp and one approximate
+        # division (2 ulp; the E4M3 rounding after it is 2^-4). Tails: exp -> inf gives -0,
+        # exp -> 0 gives u.
+        z = 0.7978845608028654 * (u + 0.044715 * u * u * u)
+        return tl.fdiv(u, 1.0 + tl.exp(-2.0 * z), ieee_rounding=False)
 
     @triton.jit
     def row_quant_kernel(
@@ -55,6 +72,8 @@ def make_kernel():
         ROWS_PER_BATCH: tl.constexpr,
         EPS: tl.constexpr,
         PROLOGUE: tl.constexpr,
+        GELU_ABSMAX: tl.constexpr,
+        GELU_FLOOR: tl.constexpr,
         CHUNK: tl.constexpr,
     ):
         # The row is walked in CHUNK-wide pieces, once per statistic (LayerNorm's mean and
@@ -83,43 +102,63 @@ def make_kernel():
             rstd = tl.math.div_rn(1.0, tl.sqrt_rn(var + EPS))
 
         peak = tl.zeros([CHUNK], tl.float32)
-        scale = 1.0
-        inverse = 1.0
-        # Phase 0 finds the absmax, phase 1 writes; one body, unrolled twice at compile time.
-        for phase in tl.static_range(2):
-            if phase == 1:
-                absmax = tl.max(peak, axis=0)
-                scale = tl.where(absmax > 0.0, absmax / 448.0, 1.0)  # E4M3's largest finite
-                inverse = tl.math.div_rn(1.0, scale)
+        walk = True  # whether the absmax walk runs (not once the absmax is known without it)
+        if PROLOGUE == 2 and GELU_ABSMAX == 1:
+            # max u over the finite u (exactly the u whose GELU is finite), per lane; GELU of
+            # each lane's max, so the row's largest is GELU(max u) (GELU is increasing there).
+            top = tl.full([CHUNK], float("-inf"), tl.float32)
+            row_scale = tl.load(a_ptr + row)
             for start in range(0, K, CHUNK):
                 offs = start + cols
                 inside = offs < K
                 x = tl.load(x_ptr + base + offs, mask=inside, other=0.0).to(tl.float32)
-                if PROLOGUE == 1:
-                    mul = tl.load(a_ptr + batch * K + offs, mask=inside, other=0.0)
-                    add = tl.load(b_ptr + batch * K + offs, mask=inside, other=0.0)
-                    y = (x - mean) * rstd * mul + add
-                elif PROLOGUE == 2:
-                    row_scale = tl.load(a_ptr + row)
-                    col_scale = tl.load(b_ptr + offs, mask=inside, other=0.0)
-                    bias = tl.load(c_ptr + offs, mask=inside, other=0.0)
-                    u = x * row_scale * col_scale + bias
-                    # 0.5 u (1 + tanh(z)) = u * sigmoid(2z) = u / (1 + exp(-2z)): one exp and one
-                    # approximate division (2 ulp; the E4M3 rounding after it is 2^-4). Tails:
-                    # exp -> inf gives -0, exp -> 0 gives u.
-                    z = 0.7978845608028654 * (u + 0.044715 * u * u * u)
-                    y = tl.fdiv(u, 1.0 + tl.exp(-2.0 * z), ieee_rounding=False)
-                else:
-                    y = x
-                if phase == 0:
-                    finite = inside & (y == y) & (tl.abs(y) < float("inf"))
-                    peak = tl.maximum(peak, tl.where(finite, tl.abs(y), 0.0))
-                else:
-                    # Saturate first: a value just above 448 (float32 round-off) or an inf must
-                    # not cast to NaN, E4M3's infinity. NaN stays NaN (min/max propagate it).
-                    q = tl.maximum(y * inverse, -448.0, propagate_nan=tl.PropagateNan.ALL)
-                    q = tl.minimum(q, 448.0, propagate_nan=tl.PropagateNan.ALL)
-                    tl.store(out_ptr + base + offs, q.to(out_ptr.dtype.element_ty), mask=inside)
+                col_scale = tl.load(b_ptr + offs, mask=inside, other=0.0)
+                bias = tl.load(c_ptr + offs, mask=inside, other=0.0)
+                u = x * row_scale * col_scale + bias
+                finite = inside & (u == u) & (tl.abs(u) < float("inf"))
+                top = tl.maximum(top, tl.where(finite, u, float("-inf")))
+            largest = tl.max(tl.where(top > float("-inf"), gelu_tanh(top), 0.0), axis=0)
+            known = largest >= GELU_FLOOR  # else a negative GELU may be the larger magnitude
+            peak += tl.where(known, largest, 0.0)
+            walk = ~known
+
+        scale = 1.0
+        inverse = 1.0
+        # Phase 0 finds the absmax, phase 1 writes; one body, unrolled twice at compile time.
+        # (A runtime `if` rather than a loop bound: the interpreter wants Python ints there.)
+        for phase in tl.static_range(2):
+            run = True
+            if phase == 0:
+                run = walk
+            else:
+                absmax = tl.max(peak, axis=0)
+                scale = tl.where(absmax > 0.0, absmax / 448.0, 1.0)  # E4M3's largest finite
+                inverse = tl.math.div_rn(1.0, scale)
+            if run:
+                for start in range(0, K, CHUNK):
+                    offs = start + cols
+                    inside = offs < K
+                    x = tl.load(x_ptr + base + offs, mask=inside, other=0.0).to(tl.float32)
+                    if PROLOGUE == 1:
+                        mul = tl.load(a_ptr + batch * K + offs, mask=inside, other=0.0)
+                        add = tl.load(b_ptr + batch * K + offs, mask=inside, other=0.0)
+                        y = (x - mean) * rstd * mul + add
+                    elif PROLOGUE == 2:
+                        row_scale = tl.load(a_ptr + row)
+                        col_scale = tl.load(b_ptr + offs, mask=inside, other=0.0)
+                        bias = tl.load(c_ptr + offs, mask=inside, other=0.0)
+                        y = gelu_tanh(x * row_scale * col_scale + bias)
+                    else:
+                        y = x
+                    if phase == 0:
+                        finite = inside & (y == y) & (tl.abs(y) < float("inf"))
+                        peak = tl.maximum(peak, tl.where(finite, tl.abs(y), 0.0))
+                    else:
+                        # Saturate first: a value just above 448 (float32 round-off) or an inf must
+                        # not cast to NaN, E4M3's infinity. NaN stays NaN (min/max propagate it).
+                        q = tl.maximum(y * inverse, -448.0, propagate_nan=tl.PropagateNan.ALL)
+                        q = tl.minimum(q, 448.0, propagate_nan=tl.PropagateNan.ALL)
+                        tl.store(out_ptr + base + offs, q.to(out_ptr.dtype.element_ty), mask=inside)
         tl.store(scale_ptr + row, scale)
 
     return row_quant_kernel
@@ -133,11 +172,20 @@ def _next_pow2(n: int) -> int:
 
 
 def kernel_meta(
-    rows: int, k: int, prologue: str, *, rows_per_batch: int = 1, eps: float = 0.0, chunk=CHUNK
+    rows: int,
+    k: int,
+    prologue: str,
+    *,
+    rows_per_batch: int = 1,
+    eps: float = 0.0,
+    gelu_absmax: str = "from_max",
+    chunk=CHUNK,
 ):
     """The kernel's constexpr arguments, grid and warp count for an [rows, k] input."""
     if prologue not in PROLOGUES:
         raise ValueError(f"prologue must be one of {list(PROLOGUES)}, got {prologue!r}")
+    if gelu_absmax not in GELU_ABSMAX:
+        raise ValueError(f"gelu_absmax must be one of {list(GELU_ABSMAX)}, got {gelu_absmax!r}")
     if k > MAX_ROW:
         raise ValueError(f"rows of {k} values exceed the kernel's {MAX_ROW}")
     if rows < 1 or rows % rows_per_batch:
@@ -147,6 +195,8 @@ def kernel_meta(
         ROWS_PER_BATCH=rows_per_batch,
         EPS=float(eps),
         PROLOGUE=PROLOGUES[prologue],
+        GELU_ABSMAX=GELU_ABSMAX[gelu_absmax],
+        GELU_FLOOR=GELU_FLOOR,
         CHUNK=min(chunk, _next_pow2(k)),
     )
     num_warps = 4
@@ -161,6 +211,7 @@ def quantize_rows(
     c: jax.Array | None = None,
     *,
     eps: float = 0.0,
+    gelu_absmax: str = "from_max",
     out_dtype=jnp.float8_e4m3fn,
 ) -> tuple[jax.Array, jax.Array]:
     """Runs the kernel through jax-triton.
@@ -169,6 +220,8 @@ def quantize_rows(
       x: [B, L, K] for "layernorm" (row r of batch r // L), any [..., K] otherwise.
       prologue: "none", "layernorm" (a = mul, b = add: float32 [B, K]; eps) or "gelu" (a = row
         scales [...] or [..., 1], b = column scales [K], c = bias [K]; float32).
+      gelu_absmax: "from_max" (the "gelu" absmax as GELU(max u) where that decides it) or
+        "walk" (GELU over the whole row): the same scales up to float32 round-off.
       out_dtype: float8_e4m3fn, or float32 (the saturated quotients before the cast).
 
     Returns:
@@ -194,7 +247,9 @@ def quantize_rows(
             f"prologue 'gelu' takes row scales of {rows} values and column scales, bias [{k}]; "
             f"got {a.shape}, {b.shape}, {c.shape}"
         )
-    call = kernel_meta(rows, k, prologue, rows_per_batch=rows_per_batch, eps=eps)
+    call = kernel_meta(
+        rows, k, prologue, rows_per_batch=rows_per_batch, eps=eps, gelu_absmax=gelu_absmax
+    )
     unused = jnp.zeros((1,), jnp.float32)  # a placeholder pointer the kernel never reads
     a, b, c = (unused if op is None else op.astype(jnp.float32).reshape(-1) for op in (a, b, c))
     import jax_triton as jt  # after the checks: they need no GPU

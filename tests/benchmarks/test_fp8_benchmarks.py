@@ -100,6 +100,8 @@ def test_layer_profile_attributes_every_kernel_of_a_block_to_a_category():
         ("e2e.py", ["--linear_quant", "fp16"], "invalid choice: 'fp16'"),
         ("fp8_linear_error.py", ["--cases", "tiny-cpu"], "the backend is cpu"),
         ("fp8_gemm.py", ["--shapes", "14b-huge"], "invalid choice: '14b-huge'"),
+        ("row_passes.py", [], "the backend is cpu"),
+        ("row_passes.py", ["--presets", "t2v-2b"], "invalid choice: 't2v-2b'"),
         ("quality.py", ["--linear_impl", "cublaslt"], "the backend is cpu"),
         ("quality.py", ["--rows", "FP8 everywhere"], "--rows: unknown ['FP8 everywhere']"),
     ],

@@ -162,20 +162,41 @@ def test_bad_writer_and_unavailable_triton_writer_are_refused():
 # -- the Triton kernel under the interpreter -------------------------------------------------
 
 
+def _gelu_rows_both_ways():
+    """GELU inputs whose absmax both ways of the kernel must find: rows whose largest GELU is a
+    positive u's (GELU(max u) decides), rows whose u all lie below 0.3 (|min GELU| = 0.17004 may be
+    the largest: the kernel walks again), an all-negative row, inf / NaN sums, an all-NaN row."""
+    acc, rs, cs, bias = _gelu_case(m=(2, 9), f=1000, seed=9)
+    u_scale = rs * cs  # [2, 9, 1] x [1, 1000]
+    rng = np.random.default_rng(10)
+    small = rng.uniform(-3.0, 0.25, (2, 9, 1000))  # u in [-3, 0.25]: GELU(max u) < 0.171
+    acc[0, :4] = ((small[0, :4] - bias) / u_scale[0, :4]).astype(np.float32)
+    acc[1, 0] = ((-0.75 - 0.01 * rng.random(1000) - bias) / u_scale[1, 0]).astype(np.float32)
+    acc[1, 1, 3], acc[1, 1, 8], acc[1, 2, 0] = np.inf, np.nan, -np.inf
+    acc[1, 3] = np.nan
+    return acc, rs, cs, bias
+
+
 def _interpreted_cases():
-    """(name, prologue, x [M, K] or [B, L, K], operands, reference y float64)."""
+    """(name, prologue, x [M, K] or [B, L, K], operands, reference y float64, kernel_meta
+    keywords)."""
     x, mul, add = _normed_case(b=2, length=13, k=300)
     x[1, 2, 5] = np.inf  # LayerNorm of a row with an inf: NaN everywhere in that row
-    cases = [("layernorm", "layernorm", x, (mul[:, 0], add[:, 0]), _np_layernorm(x, mul, add))]
+    cases = [("layernorm", "layernorm", x, (mul[:, 0], add[:, 0]), _np_layernorm(x, mul, add), {})]
     acc, rs, cs, bias = _gelu_case(m=(3, 7), f=1000)
-    cases.append(("gelu", "gelu", acc, (rs, cs[0], bias), _np_gelu_input(acc, rs, cs, bias)))
+    cases.append(("gelu", "gelu", acc, (rs, cs[0], bias), _np_gelu_input(acc, rs, cs, bias), {}))
+    acc, rs, cs, bias = _gelu_rows_both_ways()
+    y = _np_gelu_input(acc, rs, cs, bias)
+    for absmax in ("from_max", "walk"):
+        meta = dict(gelu_absmax=absmax)
+        cases.append((f"gelu_{absmax}", "gelu", acc, (rs, cs[0], bias), y, meta))
     rng = np.random.default_rng(5)
     plain = (rng.standard_normal((9, 77)) * np.exp(3 * rng.standard_normal((9, 1)))).astype(
         np.float32
     )
     plain[0] = 0.0  # all zero: scale 1
     plain[1, 4], plain[2, 6], plain[2, 7] = np.inf, np.nan, -np.inf
-    cases.append(("none", "none", plain, (), plain.astype(np.float64)))
+    cases.append(("none", "none", plain, (), plain.astype(np.float64), {}))
     return cases
 
 
@@ -187,11 +208,13 @@ def run_interpreted(path: str) -> None:
     from pallas_kernels import triton_row_quant as rq
 
     results = {}
-    for name, prologue, x, operands, _ in _interpreted_cases():
+    for name, prologue, x, operands, _, meta in _interpreted_cases():
         rows, k = int(np.prod(x.shape[:-1])), x.shape[-1]
         per_batch = x.shape[1] if prologue == "layernorm" else 1
         # 128-wide steps: rows of 300 and 1000 values take several, the last one partial.
-        call = rq.kernel_meta(rows, k, prologue, rows_per_batch=per_batch, eps=EPS, chunk=128)
+        call = rq.kernel_meta(
+            rows, k, prologue, rows_per_batch=per_batch, eps=EPS, chunk=128, **meta
+        )
         args = [np.asarray(o, np.float32).reshape(-1) for o in operands]
         args += [np.zeros(1, np.float32)] * (3 - len(args))
         values = torch.full((rows, k), float("nan"))
@@ -209,9 +232,11 @@ def interpreted(tmp_path_factory):
     return interpreted_results("tests.model.test_fp8_row_quant", "run_interpreted", tmp)
 
 
-@pytest.mark.parametrize("i", range(3), ids=["layernorm", "gelu", "none"])
+@pytest.mark.parametrize(
+    "i", range(5), ids=["layernorm", "gelu", "gelu_from_max", "gelu_walk", "none"]
+)
 def test_interpreted_row_kernel_writes_the_saturated_quotients_and_scales(i, interpreted):
-    name, _, _, _, y = _interpreted_cases()[i]
+    name, _, _, _, y, _ = _interpreted_cases()[i]
     quotients = interpreted[f"{name}_values"].astype(np.float64)
     scales = interpreted[f"{name}_scales"].astype(np.float64)
     np.testing.assert_allclose(scales, _np_scales(y), rtol=1e-5)

@@ -1,0 +1,94 @@
+"""Time the FP8 linears' fused input passes (`pallas_kernels.triton_row_quant`) at a DiT's shapes.
+
+    python benchmarks/row_passes.py [--presets t2v-14b-720p t2v-1.3b-480p] [--iters 20]
+
+Per preset, on random data shaped like one layer at B = 2 (the CFG pair): LayerNorm + modulation
+-> E4M3 (the q/k/v and fc1 inputs, K = dim), fc1's GEMM sums -> GELU -> E4M3 (fc2's input,
+K = ffn_dim) with each way of finding its absmax ("from_max", the default, and "walk"), and the
+plain quantize (the o input). Prints milliseconds (median of --iters synchronised calls after
+--warmup) and the effective bandwidth of the bytes each must move (input once, E4M3 values and
+scales out), and for the GELU pass the fraction of E4M3 values on which the two ways agree.
+Needs a GPU with jax-triton.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+from timing import median_seconds  # benchmarks/timing.py (scripts run from their folder)
+
+from pallas_kernels.triton_row_quant import GELU_ABSMAX, quantize_rows
+
+# (tokens per video, dim, ffn_dim) of each model at its resolution (REFERENCE.md).
+PRESETS = {
+    "t2v-14b-720p": (75600, 5120, 13824),
+    "t2v-1.3b-480p": (32760, 1536, 8960),
+}
+
+
+def cases(tokens: int, dim: int, ffn: int, key):
+    """name -> (fn, args, bytes moved) for one preset at B = 2."""
+    ks = jax.random.split(key, 6)
+    rows = 2 * tokens
+    normed_in = jax.random.normal(ks[0], (2, tokens, dim), jnp.bfloat16)
+    mul = 1 + 0.3 * jax.random.normal(ks[1], (2, dim), jnp.float32)
+    add = 0.1 * jax.random.normal(ks[2], (2, dim), jnp.float32)
+    # fc1's bfloat16 GEMM sums with FP8-like scales: u = sums * row * col + bias ~ N(0, ~1).
+    sums = (40 * jax.random.normal(ks[3], (rows, ffn), jnp.float32)).astype(jnp.bfloat16)
+    row_scale = jnp.full((rows,), 0.05, jnp.float32)
+    col_scale = jnp.exp(jax.random.normal(ks[4], (ffn,), jnp.float32) - 3.0)
+    bias = jax.random.normal(ks[5], (ffn,), jnp.float32)
+    out = lambda m, k: m * k + 4 * m  # noqa: E731 (E4M3 values + float32 scales)
+    found = {
+        "layernorm": (
+            jax.jit(lambda x, m, a: quantize_rows(x, "layernorm", m, a, eps=1e-6)),
+            (normed_in, mul, add),
+            2 * rows * dim + out(rows, dim),
+        ),
+        "none": (
+            jax.jit(lambda x: quantize_rows(x, "none")),
+            (normed_in,),
+            2 * rows * dim + out(rows, dim),
+        ),
+    }
+    for way in GELU_ABSMAX:
+        fn = jax.jit(lambda x, r, c, b, way=way: quantize_rows(x, "gelu", r, c, b, gelu_absmax=way))
+        found[f"gelu ({way})"] = (
+            fn,
+            (sums, row_scale, col_scale, bias),
+            2 * rows * ffn + out(rows, ffn),
+        )
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=list(PRESETS))
+    parser.add_argument("--iters", type=int, default=20, help="timed calls per pass (median)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed calls first")
+    args = parser.parse_args()
+    if jax.default_backend() != "gpu":
+        parser.error(f"it times Triton kernels on a GPU; the backend is {jax.default_backend()}")
+    print(f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}")
+    table = []
+    for preset in args.presets:
+        tokens, dim, ffn = PRESETS[preset]
+        found = cases(tokens, dim, ffn, jax.random.key(0))
+        for name, (fn, fn_args, moved) in found.items():
+            seconds = median_seconds(fn, fn_args, args.warmup, args.iters)
+            table.append((preset, name, seconds * 1e3, moved / seconds / 1e12))
+        bits = [
+            jax.lax.bitcast_convert_type(fn(*fn_args)[0], jnp.uint8)
+            for fn, fn_args, _ in (found[f"gelu ({way})"] for way in GELU_ABSMAX)
+        ]
+        agree = float(jnp.mean(bits[0] == bits[1]))
+        print(f"{preset}: GELU pass, E4M3 values equal between the two absmax ways: {agree:.6f}")
+    print("\n| preset | pass | ms | effective TB/s |\n|---|---|---|---|")
+    for preset, name, ms, tbs in table:
+        print(f"| {preset} | {name} | {ms:.3f} | {tbs:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
