@@ -1,7 +1,8 @@
 """The FPSA kernels' pre-pass as one Triton kernel: tile reorder, scale, FP8 cast, V transpose.
 
-Arrays only, like the other modules here: the caller computes the scales and the slot table
-(`fpsa_jax.attention.kernel_layout`), this kernel moves and casts the values.
+Arrays only, like the other modules here: the caller computes the slot table and, except for
+"tile_absmax", the scales (`fpsa_jax.attention.kernel_layout`); this kernel moves and casts the
+values.
 
 Each program copies BLOCK_P slots of one (batch, head): it gathers the slots' tokens from x
 [B, L, N, D] (token order; one D-long row per slot, 2 * D contiguous bytes for bf16), divides by
@@ -11,6 +12,11 @@ into [B, N, D, Lp] (V).
 Padded slots (table entry -1) are written as zeros, so the output needs no prior fill.
 
   scale_mode "tile":    scale [B, N, n_tiles], one per slot's tile (Q, K per tile group)
+  scale_mode "tile_absmax": the kernel finds the scales too, one per tile (Q, K when a group is
+                        one tile): each program walks a whole tile twice, its absmax first
+                        (finite |x| over the valid slots; scale = absmax * (1 / 448), 1 if
+                        zero), then the values (the second walk reads the tile from L2), and
+                        writes scales [B, N, n_tiles]. It spares XLA's reduction, a full read.
   scale_mode "channel": scale [B, N, D], one per channel (V)
   scale_mode "none":    values copied in x's dtype (16-bit operands, no quantization)
 
@@ -27,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-SCALE_MODES = {"none": 0, "tile": 1, "channel": 2}
+SCALE_MODES = {"none": 0, "tile": 1, "channel": 2, "tile_absmax": 3}
 BLOCK_P = 64  # slots per program; divides every padded tile length (a multiple of 64)
 
 
@@ -36,12 +42,40 @@ def make_kernel():
     import triton
     import triton.language as tl
 
+    # Module level: the kernel calls them by name, and Triton's interpreter looks names up in
+    # the module's globals (the compiler would find closures too).
+    global gather_slots, saturate, store_slots
+
+    @triton.jit
+    def gather_slots(x_ptr, slot_token_ptr, slots, offs_d, ROW: tl.constexpr):
+        """The D-rows of `slots` from x (this (batch, head)'s base), zeros for padding."""
+        token = tl.load(slot_token_ptr + slots)
+        valid = token >= 0
+        rows = tl.where(valid, token, 0) * ROW
+        return tl.load(x_ptr + rows[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
+
+    @triton.jit
+    def saturate(y):
+        # At E4M3's largest finite value: the cast of a value just above 448 (float32
+        # round-off) must not become NaN, which is what E4M3 has for infinity.
+        return tl.minimum(tl.maximum(y, -448.0), 448.0)
+
+    @triton.jit
+    def store_slots(out_ptr, slots, offs_d, y, LP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    TRANSPOSED: tl.constexpr):  # fmt: skip
+        y = y.to(out_ptr.dtype.element_ty)
+        if TRANSPOSED:
+            tl.store(out_ptr + offs_d[None, :] * LP + slots[:, None], y)
+        else:
+            tl.store(out_ptr + slots[:, None] * HEAD_DIM + offs_d[None, :], y)
+
     @triton.jit
     def fpsa_prepass_kernel(
         x_ptr,  # [B, L, N, D], token order
-        scale_ptr,  # f32 [B, N, n_tiles] ("tile"), [B, N, D] ("channel"), unused ("none")
+        scale_ptr,  # f32 [B, N, n_tiles] ("tile"), [B, N, D] ("channel"), unused otherwise
         slot_token_ptr,  # i32 [Lp]: the token of each slot, -1 for padding
         out_ptr,  # [B, N, Lp, D], or [B, N, D, Lp] when TRANSPOSED
+        tile_scale_ptr,  # "tile_absmax": f32 [B, N, n_tiles] out; otherwise unused
         SEQ: tl.constexpr,  # L
         N_HEADS: tl.constexpr,
         HEAD_DIM: tl.constexpr,
@@ -51,40 +85,46 @@ def make_kernel():
         TRANSPOSED: tl.constexpr,
         BLOCK_P: tl.constexpr,
     ):
-        pid = tl.program_id(0)
+        pid = tl.program_id(0)  # BLOCK_P slots; a whole tile for "tile_absmax"
         bh = tl.program_id(1)
         b = bh // N_HEADS
         head = bh % N_HEADS
-        slots = pid * BLOCK_P + tl.arange(0, BLOCK_P)
         offs_d = tl.arange(0, HEAD_DIM)
-        token = tl.load(slot_token_ptr + slots)
-        valid = token >= 0
-
         # int64 only on the per-(batch, head) bases; offsets inside stay int32 (L * N * D < 2^31).
         x_ptr += b.to(tl.int64) * SEQ * N_HEADS * HEAD_DIM + head * HEAD_DIM
-        rows = tl.where(valid, token, 0) * (N_HEADS * HEAD_DIM)
-        x = tl.load(x_ptr + rows[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
-
-        if SCALE_MODE == 0:
-            y = x
-        else:
-            if SCALE_MODE == 1:
-                # BLOCK_P divides PP, so every slot of this program sits in one tile.
-                scale = tl.load(scale_ptr + bh * (LP // PP) + (pid * BLOCK_P) // PP)
-                y = tl.math.div_rn(x.to(tl.float32), scale)
-            else:
-                scale = tl.load(scale_ptr + bh * HEAD_DIM + offs_d)
-                y = tl.math.div_rn(x.to(tl.float32), scale[None, :])
-            # Saturate at E4M3's largest finite value first: the cast of a value just above 448
-            # (float32 round-off) must not become NaN, which is what E4M3 has for infinity.
-            y = tl.minimum(tl.maximum(y, -448.0), 448.0)
-        y = y.to(out_ptr.dtype.element_ty)
-
         out_ptr += bh.to(tl.int64) * LP * HEAD_DIM
-        if TRANSPOSED:
-            tl.store(out_ptr + offs_d[None, :] * LP + slots[:, None], y)
+        row = N_HEADS * HEAD_DIM
+
+        if SCALE_MODE == 3:
+            first = pid * PP + tl.arange(0, BLOCK_P)
+            peak = tl.zeros([BLOCK_P, HEAD_DIM], tl.float32)
+            for start in range(0, PP, BLOCK_P):
+                x = gather_slots(x_ptr, slot_token_ptr, first + start, offs_d, row)
+                x = tl.abs(x.to(tl.float32))
+                peak = tl.maximum(peak, tl.where(x < float("inf"), x, 0.0))  # NaN, inf: 0
+            absmax = tl.max(tl.max(peak, axis=1), axis=0)
+            # absmax * float32(1 / 448): `quant.safe_scale`, bit for bit
+            scale = tl.where(absmax > 0.0, absmax * (1.0 / 448.0), 1.0)
+            tl.store(tile_scale_ptr + bh * (LP // PP) + pid, scale)
+            for start in range(0, PP, BLOCK_P):
+                x = gather_slots(x_ptr, slot_token_ptr, first + start, offs_d, row)
+                y = saturate(tl.math.div_rn(x.to(tl.float32), scale))
+                store_slots(out_ptr, first + start, offs_d, y, LP, HEAD_DIM, TRANSPOSED)
         else:
-            tl.store(out_ptr + slots[:, None] * HEAD_DIM + offs_d[None, :], y)
+            slots = pid * BLOCK_P + tl.arange(0, BLOCK_P)
+            x = gather_slots(x_ptr, slot_token_ptr, slots, offs_d, row)
+            if SCALE_MODE == 0:
+                y = x
+            else:
+                if SCALE_MODE == 1:
+                    # BLOCK_P divides PP, so every slot of this program sits in one tile.
+                    scale = tl.load(scale_ptr + bh * (LP // PP) + (pid * BLOCK_P) // PP)
+                    y = tl.math.div_rn(x.to(tl.float32), scale)
+                else:
+                    scale = tl.load(scale_ptr + bh * HEAD_DIM + offs_d)
+                    y = tl.math.div_rn(x.to(tl.float32), scale[None, :])
+                y = saturate(y)
+            store_slots(out_ptr, slots, offs_d, y, LP, HEAD_DIM, TRANSPOSED)
 
     return fpsa_prepass_kernel
 
@@ -114,7 +154,8 @@ def kernel_meta(x_shape, padded_tile: int, n_slots: int, scale_mode: str, transp
         TRANSPOSED=bool(transposed),
         BLOCK_P=BLOCK_P,
     )
-    return dict(meta=meta, grid=(n_slots // BLOCK_P, b * n_heads))
+    per_program = padded_tile if scale_mode == "tile_absmax" else BLOCK_P
+    return dict(meta=meta, grid=(n_slots // per_program, b * n_heads))
 
 
 def relayout(
@@ -127,7 +168,7 @@ def relayout(
     transposed: bool = False,
     out_dtype=jnp.float8_e4m3fn,
 ) -> jax.Array:
-    """Runs the pre-pass kernel through jax-triton.
+    """Runs the pre-pass kernel through jax-triton with given scales.
 
     Args:
       x: [B, L, N, D] in token order.
@@ -140,6 +181,30 @@ def relayout(
       [B, N, Lp, D] (or [B, N, D, Lp]) values: E4M3 of x / scale saturated to +-448, or x itself
       for "none"; padded slots zero.
     """
+    if scale_mode == "tile_absmax":
+        raise ValueError("scale_mode 'tile_absmax' finds its scales: use relayout_with_tile_scales")
+    return _launch(x, scale, slot_token, padded_tile, scale_mode, transposed, out_dtype)[0]
+
+
+def relayout_with_tile_scales(
+    x: jax.Array,
+    slot_token: np.ndarray,
+    *,
+    padded_tile: int,
+    transposed: bool = False,
+    out_dtype=jnp.float8_e4m3fn,
+) -> tuple[jax.Array, jax.Array]:
+    """The pre-pass kernel finding one scale per tile (scale_mode "tile_absmax"): `relayout` of x
+    with scale = `quant.tile_group_scales` at group (1, 1, 1), in one kernel.
+
+    Returns:
+      (values [B, N, Lp, D] (or [B, N, D, Lp]), scales float32 [B, N, n_tiles]).
+    """
+    return _launch(x, None, slot_token, padded_tile, "tile_absmax", transposed, out_dtype)
+
+
+def _launch(x, scale, slot_token, padded_tile, scale_mode, transposed, out_dtype):
+    """(values, tile scales or a placeholder) from the kernel, after checking the arguments."""
     if x.ndim != 4:
         raise ValueError(f"x must be [B, L, N, D], got shape {x.shape}")
     b, _, n_heads, d = x.shape
@@ -156,8 +221,11 @@ def relayout(
         )
     if scale_mode == "none":
         out_dtype = x.dtype
-        scale = jnp.zeros((1,), jnp.float32)  # a placeholder pointer; the kernel never reads it
+    placeholder = jnp.zeros((1,), jnp.float32)  # a pointer the kernel never touches
+    if scale is None:
+        scale = placeholder
     shape = (b, n_heads, d, n_slots) if transposed else (b, n_heads, n_slots, d)
+    tile_scales = (b, n_heads, n_slots // padded_tile) if scale_mode == "tile_absmax" else (1,)
     import jax_triton as jt  # after the checks: they need no GPU
 
     return jt.triton_call(
@@ -165,10 +233,13 @@ def relayout(
         scale.astype(jnp.float32),
         jnp.asarray(np.ascontiguousarray(slot_token, dtype=np.int32)),
         kernel=kernel(),
-        out_shape=jax.ShapeDtypeStruct(shape, out_dtype),
+        out_shape=(
+            jax.ShapeDtypeStruct(shape, out_dtype),
+            jax.ShapeDtypeStruct(tile_scales, jnp.float32),
+        ),
         grid=call["grid"],
         num_warps=4,
         num_stages=1,
-        name="fpsa_prepass",
+        name=f"fpsa_prepass_{scale_mode}",
         **call["meta"],
     )

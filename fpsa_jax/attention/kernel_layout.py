@@ -4,8 +4,11 @@ The pre-pass produces exactly the FP8 values and scales of `fpsa_jax.attention.q
 its scale functions), laid out for the kernels. The scales are small reductions in XLA; the
 values are written either by XLA (prepass="xla": one jit-fused gather + cast per tensor, the
 definition, runs anywhere) or by the Triton pre-pass kernel (prepass="triton",
-`pallas_kernels.triton_fpsa_prepass`: the same values, faster on the GPU). Both, and
-`to_kernel_layout` / `from_kernel_layout`, are driven by one table, `slot_tokens`.
+`pallas_kernels.triton_fpsa_prepass`: the same values, faster on the GPU). With
+prepass="triton_scales" that kernel also finds Q's and K's scales where a quantization group is
+one tile (the default), sparing XLA's reductions a full read of each (other groups: as
+"triton"); the same bits again. All of them, and `to_kernel_layout` / `from_kernel_layout`, are
+driven by one table, `slot_tokens`.
 
 The layout:
 
@@ -232,7 +235,7 @@ def _tile_scales(x, grid, tile, valid, group) -> jax.Array:
     )
 
 
-PREPASSES = ("xla", "triton")
+PREPASSES = ("xla", "triton", "triton_scales")
 
 
 def kernel_scales(q, k, v, grid, config: FPSAConfig):
@@ -264,8 +267,9 @@ def quantize_for_kernel(
       grid: (T, H, W).
       config: the operator; quant "fp8" (E4M3 values) or "none" (values keep q's dtype).
       block_n: the kernel's key block; the tile volume is padded to a multiple of it.
-      prepass: who writes the values: "xla" (anywhere; the definition) or "triton" (the pre-pass
-        kernel: a GPU with jax-triton, block_n a multiple of 64). Both give the same operands.
+      prepass: who writes the values: "xla" (anywhere; the definition), "triton" (the pre-pass
+        kernel: a GPU with jax-triton, block_n a multiple of 64) or "triton_scales" (that kernel
+        finding Q's and K's one-tile-group scales too). All give the same operands.
 
     Returns:
       `KernelOperands`.
@@ -274,13 +278,21 @@ def quantize_for_kernel(
         raise ValueError(f"prepass must be one of {PREPASSES}, got {prepass!r}")
     tile = config.tile
     pp = padded_tile_length(math.prod(tile), block_n)
-    scales = kernel_scales(q, k, v, grid, config)
-    write = _values_triton if prepass == "triton" else _values_xla
     fp8 = config.quant == "fp8"
-    q_vals, k_vals, v_t = (
-        write(x, s, grid, tile, pp, mode=mode if fp8 else "none", transposed=mode == "channel")
-        for x, s, mode in zip((q, k, v), scales, ("tile", "tile", "channel"), strict=True)
-    )
+    one_tile_groups = config.q_group == config.k_group == (1, 1, 1)
+    if prepass == "triton_scales" and fp8 and one_tile_groups:
+        q_vals, q_scale = _values_and_tile_scales_triton(q, grid, tile, pp)
+        k_vals, k_scale = _values_and_tile_scales_triton(k, grid, tile, pp)
+        v_scale = channel_scales(v).reshape(v.shape[0], *v.shape[2:])  # as kernel_scales
+        v_t = _values_triton(v, v_scale, grid, tile, pp, mode="channel", transposed=True)
+        scales = (q_scale, k_scale, v_scale)
+    else:
+        scales = kernel_scales(q, k, v, grid, config)
+        write = _values_xla if prepass == "xla" else _values_triton
+        q_vals, k_vals, v_t = (
+            write(x, s, grid, tile, pp, mode=mode if fp8 else "none", transposed=mode == "channel")
+            for x, s, mode in zip((q, k, v), scales, ("tile", "tile", "channel"), strict=True)
+        )
     return KernelOperands(
         q=q_vals,
         k=k_vals,
@@ -314,6 +326,15 @@ def _values_triton(x, scale, grid, tile, pp: int, *, mode: str, transposed: bool
 
     table = slot_tokens(grid, tile, pp)
     return relayout(x, scale, table, padded_tile=pp, scale_mode=mode, transposed=transposed)
+
+
+def _values_and_tile_scales_triton(x, grid, tile, pp: int) -> tuple[jax.Array, jax.Array]:
+    """(values [B, N, Lp, D], scales float32 [B, N, n_tiles]) of Q or K at one-tile groups, by
+    the Triton pre-pass kernel alone (`relayout_with_tile_scales`)."""
+    from pallas_kernels.triton_fpsa_prepass import relayout_with_tile_scales
+
+    values, scales = relayout_with_tile_scales(x, slot_tokens(grid, tile, pp), padded_tile=pp)
+    return values, jax.lax.stop_gradient(scales)
 
 
 def output_from_kernel(o: jax.Array, ops: KernelOperands) -> jax.Array:

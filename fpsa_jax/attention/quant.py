@@ -95,9 +95,17 @@ def finite_abs(x: jax.Array) -> jax.Array:
     return jnp.where(jnp.isfinite(x), jnp.abs(x), 0.0)
 
 
+E4M3_MAX_INVERSE = np.float32(1.0 / E4M3_MAX)
+
+
 def safe_scale(amax: jax.Array) -> jax.Array:
-    """absmax / 448, with 1 where the block is all zero (so 0 / s stays 0, never NaN)."""
-    return jnp.where(amax > 0, amax / E4M3_MAX, 1.0).astype(jnp.float32)
+    """absmax / 448, with 1 where the block is all zero (so 0 / s stays 0, never NaN).
+
+    Computed as absmax * float32(1 / 448), one rounding that every backend and kernel repeats
+    bit for bit: XLA turns a division by 448 into that product on the CPU but need not elsewhere.
+    """
+    amax = jnp.asarray(amax, jnp.float32)
+    return jnp.where(amax > 0, amax * E4M3_MAX_INVERSE, 1.0).astype(jnp.float32)
 
 
 def center_keys(k: jax.Array) -> jax.Array:

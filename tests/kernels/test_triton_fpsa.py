@@ -19,6 +19,7 @@ reassociation, GPU exp2.approx flipping a few E4M3 roundings, and the output cas
 (2e-3 in the interpreter, which is exact up to the fp16 output).
 """
 
+import dataclasses
 import functools
 import math
 
@@ -284,10 +285,19 @@ def run_interpreted(path):
             b, _, n, d = x.shape
             shape = (b, n, d, table.size) if label == "v" else (b, n, table.size, d)
             values = poisoned(shape, torch.float32 if mode != "none" else torch.float16)
+            placeholder = torch.zeros(1)
             tp.kernel()[pre["grid"]](
-                as_torch(x), as_torch(s), as_torch(table), values, **pre["meta"]
+                as_torch(x), as_torch(s), as_torch(table), values, placeholder, **pre["meta"]
             )
             results[f"{name}_prepass_{label}"] = values.float().numpy()
+            if mode == "tile":  # the kernel finding the tile scales itself
+                pre = tp.kernel_meta(x.shape, ops.padded_tile, table.size, "tile_absmax", False)
+                values, found = poisoned(shape, torch.float32), poisoned(s.shape, torch.float32)
+                tp.kernel()[pre["grid"]](
+                    as_torch(x), placeholder, as_torch(table), values, found, **pre["meta"]
+                )
+                results[f"{name}_prepass_{label}_absmax"] = values.numpy()
+                results[f"{name}_prepass_{label}_absmax_scales"] = found.numpy()
 
         # Backward on the dequantized values, dO in the kernel layout (padded rows zero).
         q_hat, k_hat, v_hat = (as_torch(x) for x in ops.dequantized(jnp.float16))
@@ -363,6 +373,26 @@ def test_interpreted_prepass_kernel_scales_and_lays_out_like_xla(i, interpreted)
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("i", range(len(INTERPRETED)))
+def test_interpreted_prepass_kernel_finds_the_one_tile_scales_of_xla(i, interpreted):
+    """scale_mode "tile_absmax": the scales `quant.tile_group_scales` gives at group (1, 1, 1),
+    bit for bit, and with them the same saturated quotients as the given-scale mode."""
+    name, setup, case, seed, _ = INTERPRETED[i]
+    config, qkv, _, _, ops, _ = _prepared(setup, case, seed)
+    if config.quant != "fp8":
+        pytest.skip("unquantized: no scales")
+    one_tile = dataclasses.replace(config, q_group=(1, 1, 1), k_group=(1, 1, 1))
+    grid, pp = case[0], ops.padded_tile
+    scales = kernel_scales(*qkv, grid, one_tile)
+    for label, x, s in zip("qk", qkv, scales, strict=False):
+        got = interpreted[f"{name}_prepass_{label}_absmax_scales"]
+        np.testing.assert_array_equal(got, np.asarray(s), err_msg=label)
+        want = np.asarray(to_kernel_layout(x, grid, config.tile, pp), np.float32)
+        want = np.clip(want / np.repeat(np.asarray(s), pp, axis=2)[..., None], -448.0, 448.0)
+        np.testing.assert_array_equal(interpreted[f"{name}_prepass_{label}_absmax"], want)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("i", range(len(CASES), len(INTERPRETED)))
 def test_interpreted_unquantized_kernel_matches_reference(i, interpreted):
     name, setup, case, seed, _ = INTERPRETED[i]
@@ -433,9 +463,10 @@ def _grads(fn, q, k, v, do):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("prepass", ["triton", "triton_scales"])
 @pytest.mark.parametrize("quant", ["none", "fp8"])
 @pytest.mark.parametrize("case", CASES)
-def test_triton_prepass_equals_the_xla_prepass(case, quant):
+def test_triton_prepass_equals_the_xla_prepass(case, quant, prepass):
     """Bit for bit, padded slots included (the poison is NaN): the same E4M3 values (hardware
     round-to-nearest-even cast vs `quant.to_e4m3`'s arithmetic) and the same scales."""
     grid, tile, window, qg, kg, heads, d = case
@@ -446,7 +477,7 @@ def test_triton_prepass_equals_the_xla_prepass(case, quant):
     for _ in range(3):
         jnp.full(want.q.shape, jnp.nan, jnp.float32).block_until_ready()
     got = jax.jit(
-        lambda q, k, v: quantize_for_kernel(q, k, v, grid, config, block_n=64, prepass="triton")
+        lambda q, k, v: quantize_for_kernel(q, k, v, grid, config, block_n=64, prepass=prepass)
     )(q, k, v)
     for field in ("q", "k", "v_t", "q_scale", "k_scale", "v_scale", "key_bias"):
         g, w = getattr(got, field), getattr(want, field)
@@ -607,6 +638,10 @@ def test_kernel_wrappers_reject_bad_tables_and_scales():
         tp.relayout(x, None, table[:32], padded_tile=64, scale_mode="none")
     with pytest.raises(ValueError, match="scale_mode must be"):
         tp.relayout(x, None, table, padded_tile=64, scale_mode="row")
+    with pytest.raises(ValueError, match="use relayout_with_tile_scales"):
+        tp.relayout(x, None, table, padded_tile=64, scale_mode="tile_absmax")
+    with pytest.raises(ValueError, match="1-D table"):
+        tp.relayout_with_tile_scales(x, table.reshape(1, 64), padded_tile=64)
     q = jnp.zeros((1, 2, 64, 32), jnp.bfloat16)
     scales = jnp.ones((1, 2, 1)), jnp.ones((1, 2, 1)), jnp.ones((1, 2, 32))
     one = np.zeros((1,), np.int32)
