@@ -4,8 +4,9 @@
 
 Times the forward kernel (`pallas_kernels.triton_fpsa_fwd`) and the two backward kernels
 (`pallas_kernels.triton_fpsa_bwd`) on pre-passed random operands, for each launch configuration, at
-the full window and at ~90% sparsity; also the pre-pass alone, XLA and Triton. Prints one table;
-the fastest launches become the defaults in the kernel modules (see benchmarks/RESULTS.md).
+the full window and at ~90% sparsity; also the pre-pass alone, by each of `PREPASSES`, and with
+--prepass-sweep the Triton pre-pass kernel alone per scale mode and `PrepassLaunch`. Prints one
+table; the fastest launches become the defaults in the kernel modules (see benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -21,7 +22,15 @@ from attention import FULL_SHAPES, TILE, pick_window
 from timing import median_seconds  # benchmarks/timing.py (scripts run from their folder)
 
 from fpsa_jax.attention import FPSAConfig, build_mask_info
-from fpsa_jax.attention.kernel_layout import PREPASSES, key_block_list, quantize_for_kernel
+from fpsa_jax.attention.kernel_layout import (
+    PREPASSES,
+    kernel_scales,
+    key_block_list,
+    padded_tile_length,
+    quantize_for_kernel,
+    slot_tokens,
+)
+from pallas_kernels import triton_fpsa_prepass as tp
 from pallas_kernels.triton_fpsa_bwd import BackwardLaunch, fpsa_backward
 from pallas_kernels.triton_fpsa_fwd import BLOCK_N, LaunchConfig, fpsa_forward
 
@@ -50,6 +59,11 @@ def main():
     parser.add_argument("--skip-backward", action="store_true")
     parser.add_argument("--tile", type=int, nargs=3, default=TILE, help="the 3D tile (tokens)")
     parser.add_argument("--windows", choices=["both", "sparse"], default="both")
+    parser.add_argument(
+        "--prepass-sweep",
+        action="store_true",
+        help="also time the Triton pre-pass kernel alone per scale mode and launch",
+    )
     a = parser.parse_args()
     shape = next(s for s in FULL_SHAPES if s.name == a.shape)
     length, heads, d = shape.tokens, shape.heads, shape.head_dim
@@ -61,6 +75,8 @@ def main():
     print(f"{'kernel':<8} {'window':<11} {'launch':<34} {'ms':>8} {'eff TF/s':>9}")
 
     tile = tuple(a.tile)
+    if a.prepass_sweep:
+        prepass_sweep(shape, tile, q, v, a)
     windows = [pick_window(shape.grid, tile, 0.9)]
     windows = windows if a.windows == "sparse" else [None, *windows]
     print(f"tile {tile}")
@@ -89,6 +105,33 @@ def main():
         for launch in backward_launches(ops.padded_tile):
             fn = jax.jit(backward_fn(info, ops.padded_tile, scale, launch))
             report("bwd", window, launch, fn, bwd_args, 2.5 * fwd_flops * density, a)
+
+
+def prepass_sweep(shape, tile, q, v, a):
+    """The Triton pre-pass kernel alone on Q (given tile scales; finding them) and V (channel
+    scales, transposed), for each `PrepassLaunch`: ms and the bytes it must move per second."""
+    config = FPSAConfig(tile=tile, quant="fp8")
+    pp = padded_tile_length(math.prod(tile), BLOCK_N)
+    table = slot_tokens(shape.grid, tile, pp)
+    q_scale, _, v_scale = jax.jit(lambda q, v: kernel_scales(q, q, v, shape.grid, config))(q, v)
+    moved = q.size * q.dtype.itemsize + table.size * q.shape[2] * q.shape[3]  # bf16 in, E4M3 out
+    modes = {
+        "tile": lambda x, launch: tp.relayout(
+            x, q_scale, table, padded_tile=pp, scale_mode="tile", launch=launch
+        ),
+        "tile_absmax": lambda x, launch: tp.relayout_with_tile_scales(
+            x, table, padded_tile=pp, launch=launch
+        ),
+        "channel": lambda x, launch: tp.relayout(
+            x, v_scale, table, padded_tile=pp, scale_mode="channel", transposed=True, launch=launch
+        ),
+    }
+    for (mode, fn), block_p, warps in itertools.product(modes.items(), (16, 32, 64), (4, 8)):
+        launch = tp.PrepassLaunch(block_p=block_p, num_warps=warps)
+        run = jax.jit(functools.partial(fn, launch=launch))
+        t = median_seconds(run, (v if mode == "channel" else q,), a.warmup, a.iters)
+        label = f"{mode} p{block_p} w{warps}"
+        print(f"{'prepass':<8} {'-':<11} {label:<34} {t * 1e3:>8.3f} {moved / t / 1e12:>6.2f} TB/s")
 
 
 def prepass_fn(q, k, v, *, grid, config, prepass):

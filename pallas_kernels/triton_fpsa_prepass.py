@@ -27,6 +27,7 @@ x in tile order through a six-axis transpose; this kernel's reads are whole D-ro
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -34,7 +35,26 @@ import jax.numpy as jnp
 import numpy as np
 
 SCALE_MODES = {"none": 0, "tile": 1, "channel": 2, "tile_absmax": 3}
-BLOCK_P = 64  # slots per program; divides every padded tile length (a multiple of 64)
+BLOCK_P = 64  # slots per program (per step for "tile_absmax"); divides every padded tile length
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepassLaunch:
+    """Launch parameters: slots per program (per step of "tile_absmax"; a power of two
+    dividing 64, so every padded tile length, a multiple of 64) and warps per program.
+
+    At block_p 64 and 4 warps each thread holds 64 values and their 64-bit addresses: 136-168
+    registers in sm_90 builds, so 3 programs per SM; 16 or 32 slots hold 36-72 (for timing).
+    """
+
+    block_p: int = BLOCK_P
+    num_warps: int = 4
+
+    def __post_init__(self):
+        if self.block_p not in (8, 16, 32, 64):
+            raise ValueError(f"block_p must be 8, 16, 32 or 64, got {self.block_p}")
+        if self.num_warps not in (1, 2, 4, 8):
+            raise ValueError(f"num_warps must be 1, 2, 4 or 8, got {self.num_warps}")
 
 
 def make_kernel():
@@ -132,8 +152,15 @@ def make_kernel():
 kernel = functools.cache(make_kernel)
 
 
-def kernel_meta(x_shape, padded_tile: int, n_slots: int, scale_mode: str, transposed: bool):
-    """The kernel's constexpr arguments and grid for x of `x_shape` [B, L, N, D]."""
+def kernel_meta(
+    x_shape,
+    padded_tile: int,
+    n_slots: int,
+    scale_mode: str,
+    transposed: bool,
+    launch: PrepassLaunch = PrepassLaunch(),
+):
+    """The kernel's constexpr arguments, grid and warp count for x of `x_shape` [B, L, N, D]."""
     b, length, n_heads, d = x_shape
     if scale_mode not in SCALE_MODES:
         raise ValueError(f"scale_mode must be one of {list(SCALE_MODES)}, got {scale_mode!r}")
@@ -152,10 +179,10 @@ def kernel_meta(x_shape, padded_tile: int, n_slots: int, scale_mode: str, transp
         PP=padded_tile,
         SCALE_MODE=SCALE_MODES[scale_mode],
         TRANSPOSED=bool(transposed),
-        BLOCK_P=BLOCK_P,
+        BLOCK_P=launch.block_p,
     )
-    per_program = padded_tile if scale_mode == "tile_absmax" else BLOCK_P
-    return dict(meta=meta, grid=(n_slots // per_program, b * n_heads))
+    per_program = padded_tile if scale_mode == "tile_absmax" else launch.block_p
+    return dict(meta=meta, grid=(n_slots // per_program, b * n_heads), num_warps=launch.num_warps)
 
 
 def relayout(
@@ -167,6 +194,7 @@ def relayout(
     scale_mode: str,
     transposed: bool = False,
     out_dtype=jnp.float8_e4m3fn,
+    launch: PrepassLaunch = PrepassLaunch(),
 ) -> jax.Array:
     """Runs the pre-pass kernel through jax-triton with given scales.
 
@@ -176,6 +204,7 @@ def relayout(
       slot_token: host int32 [Lp], the token held by each slot or -1 (Lp = n_tiles * Pp).
       padded_tile: Pp. scale_mode: "tile", "channel" or "none" (then out_dtype is x's dtype).
       transposed: write [B, N, D, Lp] instead of [B, N, Lp, D].
+      launch: `PrepassLaunch` (the values do not depend on it).
 
     Returns:
       [B, N, Lp, D] (or [B, N, D, Lp]) values: E4M3 of x / scale saturated to +-448, or x itself
@@ -183,7 +212,7 @@ def relayout(
     """
     if scale_mode == "tile_absmax":
         raise ValueError("scale_mode 'tile_absmax' finds its scales: use relayout_with_tile_scales")
-    return _launch(x, scale, slot_token, padded_tile, scale_mode, transposed, out_dtype)[0]
+    return _launch(x, scale, slot_token, padded_tile, scale_mode, transposed, out_dtype, launch)[0]
 
 
 def relayout_with_tile_scales(
@@ -193,6 +222,7 @@ def relayout_with_tile_scales(
     padded_tile: int,
     transposed: bool = False,
     out_dtype=jnp.float8_e4m3fn,
+    launch: PrepassLaunch = PrepassLaunch(),
 ) -> tuple[jax.Array, jax.Array]:
     """The pre-pass kernel finding one scale per tile (scale_mode "tile_absmax"): `relayout` of x
     with scale = `quant.tile_group_scales` at group (1, 1, 1), in one kernel.
@@ -200,10 +230,10 @@ def relayout_with_tile_scales(
     Returns:
       (values [B, N, Lp, D] (or [B, N, D, Lp]), scales float32 [B, N, n_tiles]).
     """
-    return _launch(x, None, slot_token, padded_tile, "tile_absmax", transposed, out_dtype)
+    return _launch(x, None, slot_token, padded_tile, "tile_absmax", transposed, out_dtype, launch)
 
 
-def _launch(x, scale, slot_token, padded_tile, scale_mode, transposed, out_dtype):
+def _launch(x, scale, slot_token, padded_tile, scale_mode, transposed, out_dtype, launch):
     """(values, tile scales or a placeholder) from the kernel, after checking the arguments."""
     if x.ndim != 4:
         raise ValueError(f"x must be [B, L, N, D], got shape {x.shape}")
@@ -212,7 +242,7 @@ def _launch(x, scale, slot_token, padded_tile, scale_mode, transposed, out_dtype
     if slot_token.ndim != 1:
         raise ValueError(f"slot_token must be a 1-D table [Lp], got shape {slot_token.shape}")
     n_slots = int(slot_token.shape[0])
-    call = kernel_meta(x.shape, padded_tile, n_slots, scale_mode, transposed)
+    call = kernel_meta(x.shape, padded_tile, n_slots, scale_mode, transposed, launch)
     want = {"tile": (b, n_heads, n_slots // padded_tile), "channel": (b, n_heads, d)}
     if scale_mode in want and (scale is None or tuple(scale.shape) != want[scale_mode]):
         got = None if scale is None else tuple(scale.shape)
@@ -238,7 +268,7 @@ def _launch(x, scale, slot_token, padded_tile, scale_mode, transposed, out_dtype
             jax.ShapeDtypeStruct(tile_scales, jnp.float32),
         ),
         grid=call["grid"],
-        num_warps=4,
+        num_warps=call["num_warps"],
         num_stages=1,
         name=f"fpsa_prepass_{scale_mode}",
         **call["meta"],

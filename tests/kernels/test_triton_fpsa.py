@@ -290,8 +290,11 @@ def run_interpreted(path):
                 as_torch(x), as_torch(s), as_torch(table), values, placeholder, **pre["meta"]
             )
             results[f"{name}_prepass_{label}"] = values.float().numpy()
-            if mode == "tile":  # the kernel finding the tile scales itself
-                pre = tp.kernel_meta(x.shape, ops.padded_tile, table.size, "tile_absmax", False)
+            if mode == "tile":  # the kernel finding the tile scales itself, 16 slots a step
+                small = tp.PrepassLaunch(block_p=16, num_warps=2)
+                pre = tp.kernel_meta(
+                    x.shape, ops.padded_tile, table.size, "tile_absmax", False, small
+                )
                 values, found = poisoned(shape, torch.float32), poisoned(s.shape, torch.float32)
                 tp.kernel()[pre["grid"]](
                     as_torch(x), placeholder, as_torch(table), values, found, **pre["meta"]
@@ -638,6 +641,8 @@ def test_kernel_wrappers_reject_bad_tables_and_scales():
         tp.relayout(x, None, table[:32], padded_tile=64, scale_mode="none")
     with pytest.raises(ValueError, match="scale_mode must be"):
         tp.relayout(x, None, table, padded_tile=64, scale_mode="row")
+    with pytest.raises(ValueError, match="block_p must be 8, 16, 32 or 64"):
+        tp.PrepassLaunch(block_p=48)
     with pytest.raises(ValueError, match="use relayout_with_tile_scales"):
         tp.relayout(x, None, table, padded_tile=64, scale_mode="tile_absmax")
     with pytest.raises(ValueError, match="1-D table"):
