@@ -1,14 +1,16 @@
-"""Time the FP8 linears' fused input passes (`pallas_kernels.triton_row_quant`) at a DiT's shapes.
+"""Time the DiT's fused per-token Triton passes at its shapes, each variant in one run.
 
     python benchmarks/row_passes.py [--presets t2v-14b-720p t2v-1.3b-480p] [--iters 20]
 
-Per preset, on random data shaped like one layer at B = 2 (the CFG pair): LayerNorm + modulation
--> E4M3 (the q/k/v and fc1 inputs, K = dim), fc1's GEMM sums -> GELU -> E4M3 (fc2's input,
-K = ffn_dim) with each way of finding its absmax ("from_max", the default, and "walk"), and the
-plain quantize (the o input). Prints milliseconds (median of --iters synchronised calls after
---warmup) and the effective bandwidth of the bytes each must move (input once, E4M3 values and
-scales out), and for the GELU pass the fraction of E4M3 values on which the two ways agree.
-Needs a GPU with jax-triton.
+Per preset, on random data shaped like one layer at B = 2 (the CFG pair):
+- `pallas_kernels.triton_row_quant`: LayerNorm + modulation -> E4M3 (the q/k/v and fc1 inputs,
+  K = dim), fc1's GEMM sums -> GELU -> E4M3 (fc2's input, K = ffn_dim) with each way of finding
+  its absmax ("from_max", the default, and "walk"), and the plain quantize (the o input);
+- `pallas_kernels.triton_rms_rope`: the FP8 q projection's GEMM sums -> epilogue -> RMSNorm ->
+  RoPE -> bf16, at 1, 2, 4 and 8 rows per program.
+Prints milliseconds (median of --iters synchronised calls after --warmup) and the effective
+bandwidth of the bytes each must move (input once, output once), and for the GELU pass the
+fraction of E4M3 values on which the two ways agree. Needs a GPU with jax-triton.
 """
 
 from __future__ import annotations
@@ -19,13 +21,16 @@ import jax
 import jax.numpy as jnp
 from timing import median_seconds  # benchmarks/timing.py (scripts run from their folder)
 
+from pallas_kernels.triton_rms_rope import rms_norm_rope
 from pallas_kernels.triton_row_quant import GELU_ABSMAX, quantize_rows
 
-# (tokens per video, dim, ffn_dim) of each model at its resolution (REFERENCE.md).
+# (tokens per video, dim, ffn_dim) of each model at its resolution (REFERENCE.md); head dim 128.
 PRESETS = {
     "t2v-14b-720p": (75600, 5120, 13824),
     "t2v-1.3b-480p": (32760, 1536, 8960),
 }
+HEAD_DIM = 128
+ROWS_PER_PROGRAM = (1, 2, 4, 8)
 
 
 def cases(tokens: int, dim: int, ffn: int, key):
@@ -59,6 +64,27 @@ def cases(tokens: int, dim: int, ffn: int, key):
             fn,
             (sums, row_scale, col_scale, bias),
             2 * rows * ffn + out(rows, ffn),
+        )
+    # The q projection's FP8 GEMM sums, its scales and bias, the norm's weight, RoPE's tables.
+    ks = jax.random.split(ks[5], 4)
+    q_sums = (40 * jax.random.normal(ks[0], (2, tokens, dim), jnp.float32)).astype(jnp.bfloat16)
+    q_bias = 0.1 * jax.random.normal(ks[1], (dim,), jnp.float32)
+    q_col = jnp.exp(jax.random.normal(ks[2], (dim,), jnp.float32) - 3.0)
+    q_row = jnp.full((2, tokens, 1), 0.05, jnp.float32)
+    weight = 1 + 0.1 * jax.random.normal(ks[3], (dim,), jnp.float32)
+    angles = jnp.arange(tokens, dtype=jnp.float32)[:, None] * jnp.linspace(0, 1, HEAD_DIM // 2)
+    tables = (jnp.cos(angles), jnp.sin(angles))
+    for per_program in ROWS_PER_PROGRAM:
+        fn = jax.jit(
+            lambda x, b, r, c, w, cos, sin, n=per_program: rms_norm_rope(
+                x, w, 1e-6, cos, sin, bias=b, row_scale=r, col_scale=c, head_dim=HEAD_DIM,
+                rows_per_program=n,
+            )
+        )  # fmt: skip
+        found[f"rms_norm_rope ({per_program} rows)"] = (
+            fn,
+            (q_sums, q_bias, q_row, q_col, weight, *tables),
+            4 * rows * dim,
         )
     return found
 
