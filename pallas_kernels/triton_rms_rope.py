@@ -59,51 +59,53 @@ def make_kernel():
         ROWS: tl.constexpr,
         CHUNK: tl.constexpr,
     ):
-        # ROWS rows per program, each taken as [CHUNK / 2, 2] channel pairs (contiguous in
-        # memory): RoPE rotates each pair, and split / join keep both halves in one thread. The
-        # per-channel operands (bias, column scales, the norm's weight) load once per step for
-        # all ROWS rows. Phase 0 sums the squares, phase 1 writes; one body, unrolled twice.
+        # ROWS rows per program, CHUNK channels of each per step, loaded and stored flat (16-byte
+        # accesses; the [CHUNK / 2, 2] pair layout that RoPE's split / join wants gave 4-byte ones
+        # and shared-memory shuffles in sm_90 builds): the reshape to pairs stays in registers.
+        # The per-channel operands (bias, column scales, the norm's weight) load once per step
+        # for all ROWS rows. Phase 0 sums the squares, phase 1 writes; one body, unrolled twice.
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         live = rows < M  # the last program may hold fewer rows
-        base = (tl.where(live, rows, 0).to(tl.int64) * DIM)[:, None, None]
+        base = (tl.where(live, rows, 0).to(tl.int64) * DIM)[:, None]
+        cols = tl.arange(0, CHUNK)
         pairs = tl.arange(0, CHUNK // 2)
-        two = tl.arange(0, 2)
         angle_row = ((rows % L).to(tl.int64) * HALF_D)[:, None]
-        total = tl.zeros([ROWS, CHUNK // 2, 2], tl.float32)
-        rstd = tl.full([ROWS, 1, 1], 1.0, tl.float32)
+        total = tl.zeros([ROWS, CHUNK], tl.float32)
+        rstd = tl.full([ROWS, 1], 1.0, tl.float32)
         for phase in tl.static_range(2):
             if phase == 1:
-                mean_square = tl.math.div_rn(tl.sum(tl.sum(total, axis=2), axis=1), DIM)
-                rstd = tl.math.div_rn(1.0, tl.sqrt_rn(mean_square + EPS))[:, None, None]
+                mean_square = tl.math.div_rn(tl.sum(total, axis=1), DIM)
+                rstd = tl.math.div_rn(1.0, tl.sqrt_rn(mean_square + EPS))[:, None]
             for start in range(0, DIM, CHUNK):
-                pair = start // 2 + pairs  # pair index within the row
-                offs = 2 * pair[:, None] + two[None, :]  # [CHUNK / 2, 2]
+                offs = start + cols
                 inside = offs < DIM
-                mask = live[:, None, None] & inside[None, :, :]
-                x = tl.load(x_ptr + base + offs[None, :, :], mask=mask, other=0.0)
+                mask = live[:, None] & inside[None, :]
+                x = tl.load(x_ptr + base + offs[None, :], mask=mask, other=0.0)
                 if AFFINE > 0:  # the linear's epilogue, rounded to its output dtype
                     b = tl.load(bias_ptr + offs, mask=inside, other=0.0).to(tl.float32)
                     y = x.to(tl.float32)
                     if AFFINE == 2:
                         cs = tl.load(col_scale_ptr + offs, mask=inside, other=0.0)
                         rs = tl.load(row_scale_ptr + rows, mask=live, other=0.0)
-                        y = y * rs[:, None, None] * cs[None, :, :]
-                    x = (y + b[None, :, :]).to(x_ptr.dtype.element_ty)
+                        y = y * rs[:, None] * cs[None, :]
+                    x = (y + b[None, :]).to(x_ptr.dtype.element_ty)
                 x = x.to(tl.float32)
                 if phase == 0:
                     total += x * x
                 else:
                     normed = (x * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
                     weight = tl.load(scale_ptr + offs, mask=inside, other=0.0)
-                    y = normed * weight[None, :, :]
+                    y = normed * weight[None, :]
                     if ROPE:
-                        re, im = tl.split(y)  # [ROWS, CHUNK / 2] each
+                        re, im = tl.split(tl.reshape(y, [ROWS, CHUNK // 2, 2]))
+                        pair = start // 2 + pairs  # pair index within the row
                         freq = (pair % HALF_D)[None, :]
                         on = live[:, None] & (pair < DIM // 2)[None, :]
                         cos = tl.load(cos_ptr + angle_row + freq, mask=on, other=1.0)
                         sin = tl.load(sin_ptr + angle_row + freq, mask=on, other=0.0)
-                        y = tl.join(re * cos - im * sin, re * sin + im * cos)
-                    out = out_ptr + base + offs[None, :, :]
+                        rotated = tl.join(re * cos - im * sin, re * sin + im * cos)
+                        y = tl.reshape(rotated, [ROWS, CHUNK])
+                    out = out_ptr + base + offs[None, :]
                     tl.store(out, y.to(out_ptr.dtype.element_ty), mask=mask)
 
     return rms_rope_kernel
