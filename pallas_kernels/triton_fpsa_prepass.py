@@ -43,8 +43,8 @@ class PrepassLaunch:
     """Launch parameters: slots per program (per step of "tile_absmax"; a power of two
     dividing 64, so every padded tile length, a multiple of 64) and warps per program.
 
-    At block_p 64 and 4 warps each thread holds 64 values and their 64-bit addresses: 136-168
-    registers in sm_90 builds, so 3 programs per SM; 16 or 32 slots hold 36-72 (for timing).
+    At block_p 64 and 4 warps each thread holds 64 values: 80-95 registers per thread in sm_90
+    builds (16-byte accesses), 6 programs per SM; 16 slots need 33-39 (for timing).
     """
 
     block_p: int = BLOCK_P
