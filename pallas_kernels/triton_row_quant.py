@@ -48,9 +48,17 @@ def make_kernel():
     import triton
     import triton.language as tl
 
-    # Module level: the kernel calls it by name, and Triton's interpreter looks names up in the
-    # module's globals (the compiler would find a closure too).
-    global gelu_tanh
+    # Module level: the kernel calls them by name, and Triton's interpreter looks names up in the
+    # module's globals (the compiler would find closures too).
+    global gelu_input, gelu_tanh
+
+    @triton.jit
+    def gelu_input(x_ptr, row_scale_ptr, col_scale_ptr, bias_ptr, base, row, offs, inside):
+        """u = sums * row scale * column scale + bias, float32: fc1's output, GELU's input."""
+        x = tl.load(x_ptr + base + offs, mask=inside, other=0.0).to(tl.float32)
+        col_scale = tl.load(col_scale_ptr + offs, mask=inside, other=0.0)
+        bias = tl.load(bias_ptr + offs, mask=inside, other=0.0)
+        return x * tl.load(row_scale_ptr + row) * col_scale + bias
 
     @triton.jit
     def gelu_tanh(u):
@@ -107,14 +115,10 @@ def make_kernel():
             # max u over the finite u (exactly the u whose GELU is finite), per lane; GELU of
             # each lane's max, so the row's largest is GELU(max u) (GELU is increasing there).
             top = tl.full([CHUNK], float("-inf"), tl.float32)
-            row_scale = tl.load(a_ptr + row)
             for start in range(0, K, CHUNK):
                 offs = start + cols
                 inside = offs < K
-                x = tl.load(x_ptr + base + offs, mask=inside, other=0.0).to(tl.float32)
-                col_scale = tl.load(b_ptr + offs, mask=inside, other=0.0)
-                bias = tl.load(c_ptr + offs, mask=inside, other=0.0)
-                u = x * row_scale * col_scale + bias
+                u = gelu_input(x_ptr, a_ptr, b_ptr, c_ptr, base, row, offs, inside)
                 finite = inside & (u == u) & (tl.abs(u) < float("inf"))
                 top = tl.maximum(top, tl.where(finite, u, float("-inf")))
             largest = tl.max(tl.where(top > float("-inf"), gelu_tanh(top), 0.0), axis=0)
@@ -138,18 +142,17 @@ def make_kernel():
                 for start in range(0, K, CHUNK):
                     offs = start + cols
                     inside = offs < K
-                    x = tl.load(x_ptr + base + offs, mask=inside, other=0.0).to(tl.float32)
-                    if PROLOGUE == 1:
-                        mul = tl.load(a_ptr + batch * K + offs, mask=inside, other=0.0)
-                        add = tl.load(b_ptr + batch * K + offs, mask=inside, other=0.0)
-                        y = (x - mean) * rstd * mul + add
-                    elif PROLOGUE == 2:
-                        row_scale = tl.load(a_ptr + row)
-                        col_scale = tl.load(b_ptr + offs, mask=inside, other=0.0)
-                        bias = tl.load(c_ptr + offs, mask=inside, other=0.0)
-                        y = gelu_tanh(x * row_scale * col_scale + bias)
+                    if PROLOGUE == 2:
+                        u = gelu_input(x_ptr, a_ptr, b_ptr, c_ptr, base, row, offs, inside)
+                        y = gelu_tanh(u)
                     else:
-                        y = x
+                        x = tl.load(x_ptr + base + offs, mask=inside, other=0.0).to(tl.float32)
+                        if PROLOGUE == 1:
+                            mul = tl.load(a_ptr + batch * K + offs, mask=inside, other=0.0)
+                            add = tl.load(b_ptr + batch * K + offs, mask=inside, other=0.0)
+                            y = (x - mean) * rstd * mul + add
+                        else:
+                            y = x
                     if phase == 0:
                         finite = inside & (y == y) & (tl.abs(y) < float("inf"))
                         peak = tl.maximum(peak, tl.where(finite, tl.abs(y), 0.0))

@@ -253,8 +253,12 @@ def kernel_scales(q, k, v, grid, config: FPSAConfig):
         .transpose(0, 2, 1)
         for x, group in ((q, config.q_group), (k, config.k_group))
     ]
-    # V: over all tokens, as quant.quantize_channels.
-    return qk[0], qk[1], channel_scales(v).reshape(b, n_heads, d)
+    return qk[0], qk[1], _channel_scales(v)
+
+
+def _channel_scales(v) -> jax.Array:
+    """V's scales float32 [B, N, D]: over all tokens, as quant.quantize_channels."""
+    return channel_scales(v).reshape(v.shape[0], *v.shape[2:])
 
 
 def quantize_for_kernel(
@@ -283,7 +287,7 @@ def quantize_for_kernel(
     if prepass == "triton_scales" and fp8 and one_tile_groups:
         q_vals, q_scale = _values_and_tile_scales_triton(q, grid, tile, pp)
         k_vals, k_scale = _values_and_tile_scales_triton(k, grid, tile, pp)
-        v_scale = channel_scales(v).reshape(v.shape[0], *v.shape[2:])  # as kernel_scales
+        v_scale = _channel_scales(v)
         v_t = _values_triton(v, v_scale, grid, tile, pp, mode="channel", transposed=True)
         scales = (q_scale, k_scale, v_scale)
     else:
