@@ -14,11 +14,13 @@ import numpy as np
 
 from fpsa_jax.attention.config import FPSAConfig, validate_grid
 from fpsa_jax.attention.cudnn import cudnn_attention, cudnn_fp8_attention
+from fpsa_jax.attention.mosaic import kernel_supports as mosaic_supports
 from fpsa_jax.attention.mosaic import mosaic_attention
 from fpsa_jax.attention.pallas import pallas_attention
 from fpsa_jax.attention.quant import center_keys
 from fpsa_jax.attention.reference import reference_attention
-from fpsa_jax.attention.triton import kernel_supports, triton_attention
+from fpsa_jax.attention.triton import kernel_supports as triton_supports
+from fpsa_jax.attention.triton import triton_attention
 from fpsa_jax.attention.xla import xla_attention
 
 Impl = Literal["auto", "reference", "xla", "cudnn", "cudnn_fp8", "triton", "mosaic", "pallas"]
@@ -53,17 +55,19 @@ def check_impl(impl: str) -> Impl:
 def resolve_impl(impl: Impl, config: FPSAConfig | None, dtype, head_dim: int) -> Impl:
     """The concrete implementation `impl` stands for (only "auto" is resolved).
 
-    "auto": FPSA configs go to the Triton kernels where they run (a Hopper GPU with jax-triton, a
-    power-of-two head dim, >= 32 for FP8, FP8 or 16-bit inputs), else to "xla"; dense
-    (config=None) 16-bit attention on a GPU goes to cuDNN, and everything else to "xla". Since
-    session 12 the Mosaic forward is faster than Triton at every density of the benchmark table
-    (benchmarks/RESULTS.md); auto moves to it once the whole GPU suite and the end-to-end runs
-    have gone through it (the model's path would change under every GPU test), not before.
+    "auto": FPSA configs go to the Mosaic GPU forward where both it and the Triton kernels run
+    these inputs (its backward, pre-pass and dequantize are Triton's: a Hopper GPU with
+    jax-triton, a power-of-two head dim, >= 32 for FP8, FP8 or 16-bit inputs), else to "triton"
+    where that runs, else to "xla". Mosaic is faster than Triton at every density of the benchmark
+    table (benchmarks/RESULTS.md, session 12). Dense (config=None) 16-bit attention on a
+    GPU goes to cuDNN, and everything else to "xla".
     """
     if check_impl(impl) != "auto":
         return impl
     if config is not None:
-        return "triton" if kernel_supports(dtype, head_dim, config) else "xla"
+        if not triton_supports(dtype, head_dim, config):
+            return "xla"
+        return "mosaic" if mosaic_supports(dtype, head_dim, config) else "triton"
     if (
         jax.default_backend() == "gpu"
         and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))

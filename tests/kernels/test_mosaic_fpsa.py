@@ -7,6 +7,7 @@ whenever JAX sees a GPU): the compiled kernel on all suite cases, its launch opt
 other, the backward, the Wan 480p shape and what impl="auto" picks.
 """
 
+import dataclasses
 import math
 
 import jax
@@ -278,12 +279,17 @@ def test_wan_480p_shape_forward_and_gradients_match_xla():
 
 
 @pytest.mark.gpu
-def test_auto_keeps_triton_until_mosaic_wins_at_every_density():
-    """Auto still resolves FPSA configs to triton (or xla where triton cannot run): mosaic wins
-    every row of the session-12 table, but the switch waits for the whole GPU suite through it
-    (api.resolve_impl's docstring)."""
+def test_auto_picks_mosaic_where_it_runs_then_triton_then_xla():
+    """Auto resolves FPSA configs to mosaic where both it and triton (its backward) run the
+    inputs, to triton where only triton does, else to xla."""
     fp8 = FPSAConfig(tile=(3, 8, 8), window=(1, 1, 2), quant="fp8")
-    assert resolve_impl("auto", fp8, jnp.bfloat16, 128) == "triton"
-    assert resolve_impl("auto", fp8, jnp.float32, 64) == "triton"  # FP8 takes any float input
+    bf16 = dataclasses.replace(fp8, quant="none")
+    wide = dataclasses.replace(fp8, tile=(4, 8, 8))  # 256 tokens: more than three consumers
+    assert resolve_impl("auto", fp8, jnp.bfloat16, 128) == "mosaic"
+    assert resolve_impl("auto", fp8, jnp.float32, 64) == "mosaic"  # FP8 takes any float input
+    assert resolve_impl("auto", bf16, jnp.bfloat16, 128) == "mosaic"
+    assert resolve_impl("auto", bf16, jnp.float16, 128) == "triton"  # mosaic's bf16 mode only
+    assert resolve_impl("auto", wide, jnp.bfloat16, 128) == "triton"
+    assert resolve_impl("auto", fp8, jnp.bfloat16, 32) == "triton"  # mosaic needs D in 64/128/256
     assert resolve_impl("auto", fp8, jnp.bfloat16, 48) == "xla"  # D not a power of two
     assert resolve_impl("auto", fp8, jnp.bfloat16, 16) == "xla"  # FP8 dots need D >= 32
