@@ -2,15 +2,14 @@
 
     python benchmarks/row_passes.py [--presets t2v-14b-720p t2v-1.3b-480p] [--iters 20]
 
-Per preset, on random data shaped like one layer at B = 2 (the CFG pair):
-- `pallas_kernels.triton_row_quant`: LayerNorm + modulation -> E4M3 (the q/k/v and fc1 inputs,
-  K = dim), fc1's GEMM sums -> GELU -> E4M3 (fc2's input, K = ffn_dim) with each way of finding
-  its absmax ("from_max", the default, and "walk"), and the plain quantize (the o input);
-- `pallas_kernels.triton_rms_rope`: the FP8 q projection's GEMM sums -> epilogue -> RMSNorm ->
-  RoPE -> bf16, at 1, 2, 4 and 8 rows per program.
-Prints milliseconds (median of --iters synchronised calls after --warmup) and the effective
-bandwidth of the bytes each must move (input once, output once), and for the GELU pass the
-fraction of E4M3 values on which the two ways agree. Needs a GPU with jax-triton.
+Per preset, on random data shaped like one layer at B = 2 (the CFG pair): LayerNorm + modulation
+-> E4M3 (the q/k/v and fc1 inputs, K = dim), fc1's GEMM sums -> GELU -> E4M3 (fc2's input,
+K = ffn_dim) with each way of finding its absmax ("from_max", the default, and "walk"), the plain
+quantize (the o input) (`pallas_kernels.triton_row_quant`); and the FP8 q projection's GEMM sums
+-> epilogue -> RMSNorm -> RoPE -> bf16 (`pallas_kernels.triton_rms_rope`). Prints milliseconds
+(median of --iters synchronised calls after --warmup) and the effective bandwidth of the bytes
+each must move (input once, output once), and for the GELU pass the fraction of E4M3 values on
+which the two ways agree. Needs a GPU with jax-triton.
 """
 
 from __future__ import annotations
@@ -30,7 +29,6 @@ PRESETS = {
     "t2v-1.3b-480p": (32760, 1536, 8960),
 }
 HEAD_DIM = 128
-ROWS_PER_PROGRAM = (1, 2, 4, 8)
 
 
 def cases(tokens: int, dim: int, ffn: int, key):
@@ -73,19 +71,15 @@ def cases(tokens: int, dim: int, ffn: int, key):
     q_row = jnp.full((2, tokens, 1), 0.05, jnp.float32)
     weight = 1 + 0.1 * jax.random.normal(ks[3], (dim,), jnp.float32)
     angles = jnp.arange(tokens, dtype=jnp.float32)[:, None] * jnp.linspace(0, 1, HEAD_DIM // 2)
-    tables = (jnp.cos(angles), jnp.sin(angles))
-    for per_program in ROWS_PER_PROGRAM:
-        fn = jax.jit(
-            lambda x, b, r, c, w, cos, sin, n=per_program: rms_norm_rope(
-                x, w, 1e-6, cos, sin, bias=b, row_scale=r, col_scale=c, head_dim=HEAD_DIM,
-                rows_per_program=n,
+    found["rms_norm_rope"] = (
+        jax.jit(
+            lambda x, b, r, c, w, cos, sin: rms_norm_rope(
+                x, w, 1e-6, cos, sin, bias=b, row_scale=r, col_scale=c, head_dim=HEAD_DIM
             )
-        )  # fmt: skip
-        found[f"rms_norm_rope ({per_program} rows)"] = (
-            fn,
-            (q_sums, q_bias, q_row, q_col, weight, *tables),
-            4 * rows * dim,
-        )
+        ),
+        (q_sums, q_bias, q_row, q_col, weight, jnp.cos(angles), jnp.sin(angles)),
+        4 * rows * dim,
+    )
     return found
 
 

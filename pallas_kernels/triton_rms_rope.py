@@ -3,9 +3,8 @@
 Arrays only, like the other modules here: `fpsa_jax.model.norms.rms_norm` defines the values (its
 jnp function is the reference) and decides when this kernel writes them.
 
-Each program owns ROWS tokens' rows x [DIM] (DIM = N * D, all heads; ROWS = 1 by default, more
-share each load of the per-channel operands), walked in CHUNK-wide steps (4 warps): first the
-mean of squares over each row, then, per step,
+Each program owns one token's row x [DIM] (DIM = N * D, all heads), walked in CHUNK-wide steps (4
+warps): first the mean of squares over the row, then, per step,
 
     AFFINE 1:  x = round_to_x_dtype(x + bias)                  (the float linear's bias add)
     AFFINE 2:  x = round_to_x_dtype(x * row_scale * col_scale + bias)   (the FP8 linear's)
@@ -49,64 +48,53 @@ def make_kernel():
         cos_ptr,  # f32 [L, HALF_D]
         sin_ptr,  # f32 [L, HALF_D]
         out_ptr,  # [M, DIM]
-        M: tl.constexpr,
         DIM: tl.constexpr,
         L: tl.constexpr,
         HALF_D: tl.constexpr,
         EPS: tl.constexpr,
         AFFINE: tl.constexpr,
         ROPE: tl.constexpr,
-        ROWS: tl.constexpr,
         CHUNK: tl.constexpr,
     ):
-        # ROWS rows per program, CHUNK channels of each per step, loaded and stored flat (16-byte
-        # accesses; the [CHUNK / 2, 2] pair layout that RoPE's split / join wants gave 4-byte ones
-        # and shared-memory shuffles in sm_90 builds): the reshape to pairs stays in registers.
-        # The per-channel operands (bias, column scales, the norm's weight) load once per step
-        # for all ROWS rows. Phase 0 sums the squares, phase 1 writes; one body, unrolled twice.
-        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-        live = rows < M  # the last program may hold fewer rows
-        base = (tl.where(live, rows, 0).to(tl.int64) * DIM)[:, None]
-        cols = tl.arange(0, CHUNK)
+        # The row is taken as [CHUNK / 2, 2] channel pairs (contiguous in memory): RoPE rotates
+        # each pair, and split / join keep both halves in one thread. Phase 0 sums the squares,
+        # phase 1 writes; one body, unrolled twice at compile time.
+        row = tl.program_id(0)
+        base = row.to(tl.int64) * DIM
         pairs = tl.arange(0, CHUNK // 2)
-        angle_row = ((rows % L).to(tl.int64) * HALF_D)[:, None]
-        total = tl.zeros([ROWS, CHUNK], tl.float32)
-        rstd = tl.full([ROWS, 1], 1.0, tl.float32)
+        two = tl.arange(0, 2)
+        angle_row = (row % L).to(tl.int64) * HALF_D
+        total = tl.zeros([CHUNK // 2, 2], tl.float32)
+        rstd = 1.0
         for phase in tl.static_range(2):
             if phase == 1:
-                mean_square = tl.math.div_rn(tl.sum(total, axis=1), DIM)
-                rstd = tl.math.div_rn(1.0, tl.sqrt_rn(mean_square + EPS))[:, None]
+                mean_square = tl.math.div_rn(tl.sum(tl.sum(total, axis=1), axis=0), DIM)
+                rstd = tl.math.div_rn(1.0, tl.sqrt_rn(mean_square + EPS))
             for start in range(0, DIM, CHUNK):
-                offs = start + cols
+                pair = start // 2 + pairs  # pair index within the row
+                offs = 2 * pair[:, None] + two[None, :]
                 inside = offs < DIM
-                mask = live[:, None] & inside[None, :]
-                x = tl.load(x_ptr + base + offs[None, :], mask=mask, other=0.0)
+                x = tl.load(x_ptr + base + offs, mask=inside, other=0.0)
                 if AFFINE > 0:  # the linear's epilogue, rounded to its output dtype
                     b = tl.load(bias_ptr + offs, mask=inside, other=0.0).to(tl.float32)
                     y = x.to(tl.float32)
                     if AFFINE == 2:
                         cs = tl.load(col_scale_ptr + offs, mask=inside, other=0.0)
-                        rs = tl.load(row_scale_ptr + rows, mask=live, other=0.0)
-                        y = y * rs[:, None] * cs[None, :]
-                    x = (y + b[None, :]).to(x_ptr.dtype.element_ty)
+                        y = y * tl.load(row_scale_ptr + row) * cs
+                    x = (y + b).to(x_ptr.dtype.element_ty)
                 x = x.to(tl.float32)
                 if phase == 0:
                     total += x * x
                 else:
                     normed = (x * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
-                    weight = tl.load(scale_ptr + offs, mask=inside, other=0.0)
-                    y = normed * weight[None, :]
+                    y = normed * tl.load(scale_ptr + offs, mask=inside, other=0.0)
                     if ROPE:
-                        re, im = tl.split(tl.reshape(y, [ROWS, CHUNK // 2, 2]))
-                        pair = start // 2 + pairs  # pair index within the row
-                        freq = (pair % HALF_D)[None, :]
-                        on = live[:, None] & (pair < DIM // 2)[None, :]
-                        cos = tl.load(cos_ptr + angle_row + freq, mask=on, other=1.0)
-                        sin = tl.load(sin_ptr + angle_row + freq, mask=on, other=0.0)
-                        rotated = tl.join(re * cos - im * sin, re * sin + im * cos)
-                        y = tl.reshape(rotated, [ROWS, CHUNK])
-                    out = out_ptr + base + offs[None, :]
-                    tl.store(out, y.to(out_ptr.dtype.element_ty), mask=mask)
+                        re, im = tl.split(y)
+                        freq = pair % HALF_D
+                        cos = tl.load(cos_ptr + angle_row + freq, mask=pair < DIM // 2, other=1.0)
+                        sin = tl.load(sin_ptr + angle_row + freq, mask=pair < DIM // 2, other=0.0)
+                        y = tl.join(re * cos - im * sin, re * sin + im * cos)
+                    tl.store(out_ptr + base + offs, y.to(out_ptr.dtype.element_ty), mask=inside)
 
     return rms_rope_kernel
 
@@ -127,12 +115,10 @@ def kernel_meta(
     eps: float,
     rope: bool,
     affine: int = 0,
-    rows_per_program: int = 1,
     chunk=CHUNK,
 ):
     """The kernel's constexpr arguments, grid and warp count for an [rows, dim] input whose row r
-    is token r % length of the angle tables; `rows_per_program` rows (a power of two) share each
-    program, and each step then covers chunk / rows_per_program channels of each."""
+    is token r % length of the angle tables."""
     if dim > MAX_ROW:
         raise ValueError(f"rows of {dim} values exceed the kernel's {MAX_ROW}")
     if dim % 2 or head_dim % 2 or dim % head_dim:
@@ -141,20 +127,16 @@ def kernel_meta(
         raise ValueError(f"affine must be 0 (none), 1 (bias) or 2 (scales and bias), got {affine}")
     if rows < 1 or length < 1:
         raise ValueError(f"need at least one row and one token, got {rows} and {length}")
-    if rows_per_program not in (1, 2, 4, 8):
-        raise ValueError(f"rows_per_program must be 1, 2, 4 or 8, got {rows_per_program}")
     meta = dict(
-        M=rows,
         DIM=dim,
         L=length,
         HALF_D=head_dim // 2,
         EPS=float(eps),
         AFFINE=int(affine),
         ROPE=bool(rope),
-        ROWS=rows_per_program,
-        CHUNK=max(2, min(chunk // rows_per_program, _next_pow2(dim))),
+        CHUNK=max(2, min(chunk, _next_pow2(dim))),
     )
-    return dict(meta=meta, grid=(-(-rows // rows_per_program),), num_warps=4)
+    return dict(meta=meta, grid=(rows,), num_warps=4)
 
 
 def rms_norm_rope(
@@ -169,7 +151,6 @@ def rms_norm_rope(
     col_scale: jax.Array | None = None,
     head_dim: int = 2,
     out_dtype=None,
-    rows_per_program: int = 1,
 ) -> jax.Array:
     """Runs the kernel through jax-triton.
 
@@ -181,7 +162,6 @@ def rms_norm_rope(
         col_scale [DIM] after scaling x (AFFINE 2).
       head_dim: D, the channels of one head (DIM = N * D); used with tables.
       out_dtype: the output dtype (default x's).
-      rows_per_program: rows sharing a program (1, 2, 4 or 8): the values do not depend on it.
 
     Returns:
       [..., DIM] in out_dtype.
@@ -215,7 +195,6 @@ def rms_norm_rope(
         eps=eps,
         rope=rope,
         affine=affine,
-        rows_per_program=rows_per_program,
     )
     unused = jnp.zeros((1,), jnp.float32)  # a placeholder pointer the kernel never reads
     cos, sin, row_scale, col_scale = (
