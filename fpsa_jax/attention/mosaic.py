@@ -64,7 +64,7 @@ def check_supported(dtype, head_dim: int, config: FPSAConfig | None) -> None:
 
 def _forward(q, k, v, grid, config: FPSAConfig, scale: float, launch, interpret: bool):
     """(o [B, L, N, D], residuals for the backward)."""
-    prepass = "xla" if interpret or not _has_jax_triton() else "triton"
+    prepass = "xla" if interpret or not _has_jax_triton() else "triton_scales"
     ops = quantize_for_kernel(q, k, v, grid, config, block_n=BLOCK_KV, prepass=prepass)
     blocks = key_block_list(grid, config.tile, config.window, ops.padded_tile, BLOCK_KV)
     o, lse = fpsa_forward(

@@ -63,7 +63,7 @@ def _check(dtype, d: int, config: FPSAConfig | None) -> None:
 
 def _forward(q, k, v, grid, config: FPSAConfig, scale: float):
     """(o [B, L, N, D], residuals for the backward)."""
-    ops = quantize_for_kernel(q, k, v, grid, config, block_n=BLOCK_N, prepass="triton")
+    ops = quantize_for_kernel(q, k, v, grid, config, block_n=BLOCK_N, prepass="triton_scales")
     blocks = key_block_list(grid, config.tile, config.window, ops.padded_tile, BLOCK_N)
     o, lse = fpsa_forward(
         ops.q,
