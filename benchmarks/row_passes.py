@@ -2,14 +2,15 @@
 
     python benchmarks/row_passes.py [--presets t2v-14b-720p t2v-1.3b-480p] [--iters 20]
 
-Per preset, on random data shaped like one layer at B = 2 (the CFG pair): LayerNorm + modulation
--> E4M3 (the q/k/v and fc1 inputs, K = dim), fc1's GEMM sums -> GELU -> E4M3 (fc2's input,
-K = ffn_dim) with each way of finding its absmax ("from_max", the default, and "walk"), the plain
-quantize (the o input) (`pallas_kernels.triton_row_quant`); and the FP8 q projection's GEMM sums
--> epilogue -> RMSNorm -> RoPE -> bf16 (`pallas_kernels.triton_rms_rope`). Prints milliseconds
-(median of --iters synchronised calls after --warmup) and the effective bandwidth of the bytes
-each must move (input once, output once), and for the GELU pass the fraction of E4M3 values on
-which the two ways agree. Needs a GPU with jax-triton.
+Per preset, on random data shaped like one layer at B = 2 (the CFG pair), the passes of
+`pallas_kernels.triton_row_quant`: LayerNorm + modulation -> E4M3 (the q/k/v and fc1 inputs,
+K = dim) at 1, 2 and 4 rows per program; fc1's GEMM sums -> GELU -> E4M3 (fc2's input,
+K = ffn_dim) with each way of finding its absmax ("from_max", the default, at 1, 2 and 4 rows per
+program, and "walk"); the plain quantize (the o input); and `pallas_kernels.triton_rms_rope`: the
+FP8 q projection's GEMM sums -> epilogue -> RMSNorm -> RoPE -> bf16. Prints milliseconds (median
+of --iters synchronised calls after --warmup) and the effective bandwidth of the bytes each must
+move (input once, output once), and for the GELU pass the fraction of E4M3 values on which the
+two ways agree. Needs a GPU with jax-triton.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ PRESETS = {
     "t2v-1.3b-480p": (32760, 1536, 8960),
 }
 HEAD_DIM = 128
+ROWS_PER_PROGRAM = (1, 2, 4)
 
 
 def cases(tokens: int, dim: int, ffn: int, key):
@@ -44,25 +46,34 @@ def cases(tokens: int, dim: int, ffn: int, key):
     col_scale = jnp.exp(jax.random.normal(ks[4], (ffn,), jnp.float32) - 3.0)
     bias = jax.random.normal(ks[5], (ffn,), jnp.float32)
     out = lambda m, k: m * k + 4 * m  # noqa: E731 (E4M3 values + float32 scales)
-    found = {
-        "layernorm": (
-            jax.jit(lambda x, m, a: quantize_rows(x, "layernorm", m, a, eps=1e-6)),
+    found = {}
+    for n in ROWS_PER_PROGRAM:  # " (1 rows)" etc.: rows walked together by one program
+        found[f"layernorm ({n} rows)"] = (
+            jax.jit(
+                lambda x, m, a, n=n: quantize_rows(
+                    x, "layernorm", m, a, eps=1e-6, rows_per_program=n
+                )
+            ),
             (normed_in, mul, add),
             2 * rows * dim + out(rows, dim),
-        ),
-        "none": (
-            jax.jit(lambda x: quantize_rows(x, "none")),
-            (normed_in,),
-            2 * rows * dim + out(rows, dim),
-        ),
-    }
-    for way in GELU_ABSMAX:
-        fn = jax.jit(lambda x, r, c, b, way=way: quantize_rows(x, "gelu", r, c, b, gelu_absmax=way))
-        found[f"gelu ({way})"] = (
-            fn,
-            (sums, row_scale, col_scale, bias),
-            2 * rows * ffn + out(rows, ffn),
         )
+    found["none"] = (
+        jax.jit(lambda x: quantize_rows(x, "none")),
+        (normed_in,),
+        2 * rows * dim + out(rows, dim),
+    )
+    for way in GELU_ABSMAX:
+        for n in ROWS_PER_PROGRAM if way == "from_max" else (1,):
+            fn = jax.jit(
+                lambda x, r, c, b, way=way, n=n: quantize_rows(
+                    x, "gelu", r, c, b, gelu_absmax=way, rows_per_program=n
+                )
+            )
+            found[f"gelu ({way}, {n} rows)"] = (
+                fn,
+                (sums, row_scale, col_scale, bias),
+                2 * rows * ffn + out(rows, ffn),
+            )
     # The q projection's FP8 GEMM sums, its scales and bias, the norm's weight, RoPE's tables.
     ks = jax.random.split(ks[5], 4)
     q_sums = (40 * jax.random.normal(ks[0], (2, tokens, dim), jnp.float32)).astype(jnp.bfloat16)
@@ -101,7 +112,7 @@ def main() -> None:
             table.append((preset, name, seconds * 1e3, moved / seconds / 1e12))
         bits = [
             jax.lax.bitcast_convert_type(fn(*fn_args)[0], jnp.uint8)
-            for fn, fn_args, _ in (found[f"gelu ({way})"] for way in GELU_ABSMAX)
+            for fn, fn_args, _ in (found[f"gelu ({way}, 1 rows)"] for way in GELU_ABSMAX)
         ]
         agree = float(jnp.mean(bits[0] == bits[1]))
         print(f"{preset}: GELU pass, E4M3 values equal between the two absmax ways: {agree:.6f}")

@@ -3,8 +3,9 @@
 Arrays only, like the other modules here: `fpsa_jax.model.fp8_linear` defines the values (its XLA
 functions are the reference) and decides when this kernel writes them.
 
-Each program owns one row of K values, walked in CHUNK-wide steps (4 warps): LayerNorm's mean and
-variance (one step each over the row), then the producer's absmax over the finite values, scale =
+Each program owns ROWS rows of K values (1 by default), walked in [ROWS, CHUNK] steps (4 warps),
+each per-column operand loaded once per step for all of them: LayerNorm's mean and
+variance (one walk each over the row), then the producer's absmax over the finite values, scale =
 absmax / 448 (1 for an all-zero row), then the producer again, times 1 / scale, saturated to +-448
 and cast to E4M3 (round to nearest even, Hopper's `cvt.rn.satfinite`). The input comes from DRAM
 once (the re-reads of a row hit L2) and 1 byte per value plus one float32 scale per row go out.
@@ -40,7 +41,8 @@ PROLOGUES = {"none": 0, "layernorm": 1, "gelu": 2}
 GELU_ABSMAX = {"walk": 0, "from_max": 1}  # how the "gelu" prologue finds its absmax (docstring)
 GELU_FLOOR = 0.171  # above the tanh form's |min| = 0.170041 (at u = -0.7525), with margin
 MAX_ROW = 65536  # values of one row (its re-reads should stay in L2)
-CHUNK = 1024  # columns per step of a program (4 warps, 8 float32 values per thread)
+CHUNK = 1024  # columns per step of a program (4 warps, 8 float32 values per thread and row)
+ROWS_PER_PROGRAM = 1  # rows walked together by one program (see kernel_meta)
 
 
 def make_kernel():
@@ -53,12 +55,15 @@ def make_kernel():
     global gelu_input, gelu_tanh
 
     @triton.jit
-    def gelu_input(x_ptr, row_scale_ptr, col_scale_ptr, bias_ptr, base, row, offs, inside):
-        """u = sums * row scale * column scale + bias, float32: fc1's output, GELU's input."""
-        x = tl.load(x_ptr + base + offs, mask=inside, other=0.0).to(tl.float32)
-        col_scale = tl.load(col_scale_ptr + offs, mask=inside, other=0.0)
-        bias = tl.load(bias_ptr + offs, mask=inside, other=0.0)
-        return x * tl.load(row_scale_ptr + row) * col_scale + bias
+    def gelu_input(x_ptr, row_scale_ptr, col_scale_ptr, bias_ptr, rows, base, offs, row_ok, col_ok):
+        """u [R, C] = sums * row scale * column scale + bias, float32: fc1's output, GELU's input
+        (rows, base: [R] indices and offsets; offs, col_ok: [C])."""
+        inside = row_ok[:, None] & col_ok[None, :]
+        x = tl.load(x_ptr + base[:, None] + offs[None, :], mask=inside, other=0.0).to(tl.float32)
+        row_scale = tl.load(row_scale_ptr + rows, mask=row_ok, other=0.0)
+        col_scale = tl.load(col_scale_ptr + offs, mask=col_ok, other=0.0)
+        bias = tl.load(bias_ptr + offs, mask=col_ok, other=0.0)
+        return x * row_scale[:, None] * col_scale[None, :] + bias[None, :]
 
     @triton.jit
     def gelu_tanh(u):
@@ -76,7 +81,9 @@ def make_kernel():
         c_ptr,  # gelu: bias f32 [K]; otherwise unused
         out_ptr,  # [M, K]
         scale_ptr,  # f32 [M]
+        M: tl.constexpr,
         K: tl.constexpr,
+        ROWS: tl.constexpr,
         ROWS_PER_BATCH: tl.constexpr,
         EPS: tl.constexpr,
         PROLOGUE: tl.constexpr,
@@ -84,50 +91,55 @@ def make_kernel():
         GELU_FLOOR: tl.constexpr,
         CHUNK: tl.constexpr,
     ):
-        # The row is walked in CHUNK-wide pieces, once per statistic (LayerNorm's mean and
-        # variance, the absmax) and once to write: small programs, many rows in flight per SM;
-        # the re-reads of a row (<= 64 KB) come from L2.
-        row = tl.program_id(0)
-        base = row.to(tl.int64) * K
-        batch = (row // ROWS_PER_BATCH).to(tl.int64)
+        # ROWS rows are walked together in [ROWS, CHUNK] pieces, once per statistic (LayerNorm's
+        # mean and variance, the absmax) and once to write: small programs, many rows in flight
+        # per SM; the re-reads of a row (<= 64 KB) come from L2, and each per-column operand
+        # (modulation, column scales, bias) is loaded once per piece for all ROWS rows.
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        row_ok = rows < M
+        base = rows.to(tl.int64) * K
+        # "layernorm": ROWS divides ROWS_PER_BATCH (kernel_meta), so a program's rows share one
+        # batch (the other prologues do not use it).
+        batch = (tl.program_id(0) * ROWS // ROWS_PER_BATCH).to(tl.int64)
         cols = tl.arange(0, CHUNK)
-        mean = 0.0
-        rstd = 1.0
+        mean = tl.zeros([ROWS], tl.float32)
+        rstd = tl.full([ROWS], 1.0, tl.float32)
         if PROLOGUE == 1:  # two-pass variance, as fpsa_jax.model.norms.layer_norm
-            total = tl.zeros([CHUNK], tl.float32)
+            total = tl.zeros([ROWS, CHUNK], tl.float32)
             for start in range(0, K, CHUNK):
-                inside = start + cols < K
-                x = tl.load(x_ptr + base + start + cols, mask=inside, other=0.0)
-                total += x.to(tl.float32)
-            mean = tl.math.div_rn(tl.sum(total, axis=0), K)
-            total = tl.zeros([CHUNK], tl.float32)
+                inside = row_ok[:, None] & (start + cols < K)[None, :]
+                offs = base[:, None] + start + cols[None, :]
+                total += tl.load(x_ptr + offs, mask=inside, other=0.0).to(tl.float32)
+            mean = tl.math.div_rn(tl.sum(total, axis=1), K)
+            total = tl.zeros([ROWS, CHUNK], tl.float32)
             for start in range(0, K, CHUNK):
-                inside = start + cols < K
-                x = tl.load(x_ptr + base + start + cols, mask=inside, other=0.0)
-                centred = tl.where(inside, x.to(tl.float32) - mean, 0.0)
+                inside = row_ok[:, None] & (start + cols < K)[None, :]
+                x = tl.load(x_ptr + base[:, None] + start + cols[None, :], mask=inside, other=0.0)
+                centred = tl.where(inside, x.to(tl.float32) - mean[:, None], 0.0)
                 total += centred * centred
-            var = tl.math.div_rn(tl.sum(total, axis=0), K)
+            var = tl.math.div_rn(tl.sum(total, axis=1), K)
             rstd = tl.math.div_rn(1.0, tl.sqrt_rn(var + EPS))
 
-        peak = tl.zeros([CHUNK], tl.float32)
-        walk = True  # whether the absmax walk runs (not once the absmax is known without it)
+        peak = tl.zeros([ROWS, CHUNK], tl.float32)
+        need_walk = tl.full([ROWS], 1, tl.int1)  # rows whose absmax the walk below must find
         if PROLOGUE == 2 and GELU_ABSMAX == 1:
             # max u over the finite u (exactly the u whose GELU is finite), per lane; GELU of
             # each lane's max, so the row's largest is GELU(max u) (GELU is increasing there).
-            top = tl.full([CHUNK], float("-inf"), tl.float32)
+            top = tl.full([ROWS, CHUNK], float("-inf"), tl.float32)
             for start in range(0, K, CHUNK):
                 offs = start + cols
-                inside = offs < K
-                u = gelu_input(x_ptr, a_ptr, b_ptr, c_ptr, base, row, offs, inside)
-                finite = inside & (u == u) & (tl.abs(u) < float("inf"))
+                col_ok = offs < K
+                u = gelu_input(x_ptr, a_ptr, b_ptr, c_ptr, rows, base, offs, row_ok, col_ok)
+                finite = col_ok[None, :] & (u == u) & (tl.abs(u) < float("inf"))
                 top = tl.maximum(top, tl.where(finite, u, float("-inf")))
-            largest = tl.max(tl.where(top > float("-inf"), gelu_tanh(top), 0.0), axis=0)
+            largest = tl.max(tl.where(top > float("-inf"), gelu_tanh(top), 0.0), axis=1)
             known = largest >= GELU_FLOOR  # else a negative GELU may be the larger magnitude
-            peak += tl.where(known, largest, 0.0)
-            walk = ~known
+            peak += tl.where(known, largest, 0.0)[:, None]
+            need_walk = ~known
+        walk = tl.max(need_walk.to(tl.int32), axis=0) > 0
 
-        scale = 1.0
-        inverse = 1.0
+        scale = tl.full([ROWS], 1.0, tl.float32)
+        inverse = tl.full([ROWS], 1.0, tl.float32)
         # Phase 0 finds the absmax, phase 1 writes; one body, unrolled twice at compile time.
         # (A runtime `if` rather than a loop bound: the interpreter wants Python ints there.)
         for phase in tl.static_range(2):
@@ -135,34 +147,39 @@ def make_kernel():
             if phase == 0:
                 run = walk
             else:
-                absmax = tl.max(peak, axis=0)
+                absmax = tl.max(peak, axis=1)
                 scale = tl.where(absmax > 0.0, absmax / 448.0, 1.0)  # E4M3's largest finite
                 inverse = tl.math.div_rn(1.0, scale)
             if run:
                 for start in range(0, K, CHUNK):
                     offs = start + cols
-                    inside = offs < K
+                    col_ok = offs < K
+                    inside = row_ok[:, None] & col_ok[None, :]
                     if PROLOGUE == 2:
-                        u = gelu_input(x_ptr, a_ptr, b_ptr, c_ptr, base, row, offs, inside)
+                        u = gelu_input(x_ptr, a_ptr, b_ptr, c_ptr, rows, base, offs, row_ok, col_ok)
                         y = gelu_tanh(u)
                     else:
-                        x = tl.load(x_ptr + base + offs, mask=inside, other=0.0).to(tl.float32)
+                        x = tl.load(x_ptr + base[:, None] + offs[None, :], mask=inside, other=0.0)
+                        x = x.to(tl.float32)
                         if PROLOGUE == 1:
-                            mul = tl.load(a_ptr + batch * K + offs, mask=inside, other=0.0)
-                            add = tl.load(b_ptr + batch * K + offs, mask=inside, other=0.0)
-                            y = (x - mean) * rstd * mul + add
+                            mul = tl.load(a_ptr + batch * K + offs, mask=col_ok, other=0.0)
+                            add = tl.load(b_ptr + batch * K + offs, mask=col_ok, other=0.0)
+                            y = (x - mean[:, None]) * rstd[:, None] * mul[None, :] + add[None, :]
                         else:
                             y = x
                     if phase == 0:
-                        finite = inside & (y == y) & (tl.abs(y) < float("inf"))
+                        finite = need_walk[:, None] & inside & (y == y) & (tl.abs(y) < float("inf"))
                         peak = tl.maximum(peak, tl.where(finite, tl.abs(y), 0.0))
                     else:
                         # Saturate first: a value just above 448 (float32 round-off) or an inf must
                         # not cast to NaN, E4M3's infinity. NaN stays NaN (min/max propagate it).
-                        q = tl.maximum(y * inverse, -448.0, propagate_nan=tl.PropagateNan.ALL)
+                        q = tl.maximum(
+                            y * inverse[:, None], -448.0, propagate_nan=tl.PropagateNan.ALL
+                        )
                         q = tl.minimum(q, 448.0, propagate_nan=tl.PropagateNan.ALL)
-                        tl.store(out_ptr + base + offs, q.to(out_ptr.dtype.element_ty), mask=inside)
-        tl.store(scale_ptr + row, scale)
+                        q = q.to(out_ptr.dtype.element_ty)
+                        tl.store(out_ptr + base[:, None] + offs[None, :], q, mask=inside)
+        tl.store(scale_ptr + rows, scale, mask=row_ok)
 
     return row_quant_kernel
 
@@ -182,19 +199,31 @@ def kernel_meta(
     rows_per_batch: int = 1,
     eps: float = 0.0,
     gelu_absmax: str = "from_max",
+    rows_per_program: int = ROWS_PER_PROGRAM,
     chunk=CHUNK,
 ):
-    """The kernel's constexpr arguments, grid and warp count for an [rows, k] input."""
+    """The kernel's constexpr arguments, grid and warp count for an [rows, k] input.
+
+    `rows_per_program` (1, 2, 4 or 8) rows share a program and its loads of the per-column
+    operands; for "layernorm" it is halved until it divides `rows_per_batch`.
+    """
     if prologue not in PROLOGUES:
         raise ValueError(f"prologue must be one of {list(PROLOGUES)}, got {prologue!r}")
     if gelu_absmax not in GELU_ABSMAX:
         raise ValueError(f"gelu_absmax must be one of {list(GELU_ABSMAX)}, got {gelu_absmax!r}")
+    if rows_per_program not in (1, 2, 4, 8):
+        raise ValueError(f"rows_per_program must be 1, 2, 4 or 8, got {rows_per_program}")
     if k > MAX_ROW:
         raise ValueError(f"rows of {k} values exceed the kernel's {MAX_ROW}")
     if rows < 1 or rows % rows_per_batch:
         raise ValueError(f"{rows} rows do not split into batches of {rows_per_batch}")
+    per_program = rows_per_program
+    while prologue == "layernorm" and rows_per_batch % per_program:
+        per_program //= 2
     meta = dict(
+        M=rows,
         K=k,
+        ROWS=per_program,
         ROWS_PER_BATCH=rows_per_batch,
         EPS=float(eps),
         PROLOGUE=PROLOGUES[prologue],
@@ -203,7 +232,7 @@ def kernel_meta(
         CHUNK=min(chunk, _next_pow2(k)),
     )
     num_warps = 4
-    return dict(meta=meta, grid=(rows,), num_warps=num_warps)
+    return dict(meta=meta, grid=(-(-rows // per_program),), num_warps=num_warps)
 
 
 def quantize_rows(
@@ -215,6 +244,7 @@ def quantize_rows(
     *,
     eps: float = 0.0,
     gelu_absmax: str = "from_max",
+    rows_per_program: int = ROWS_PER_PROGRAM,
     out_dtype=jnp.float8_e4m3fn,
 ) -> tuple[jax.Array, jax.Array]:
     """Runs the kernel through jax-triton.
@@ -225,6 +255,7 @@ def quantize_rows(
         scales [...] or [..., 1], b = column scales [K], c = bias [K]; float32).
       gelu_absmax: "from_max" (the "gelu" absmax as GELU(max u) where that decides it) or
         "walk" (GELU over the whole row): the same scales up to float32 round-off.
+      rows_per_program: rows one program walks together (1, 2, 4, 8; see `kernel_meta`).
       out_dtype: float8_e4m3fn, or float32 (the saturated quotients before the cast).
 
     Returns:
@@ -251,7 +282,13 @@ def quantize_rows(
             f"got {a.shape}, {b.shape}, {c.shape}"
         )
     call = kernel_meta(
-        rows, k, prologue, rows_per_batch=rows_per_batch, eps=eps, gelu_absmax=gelu_absmax
+        rows,
+        k,
+        prologue,
+        rows_per_batch=rows_per_batch,
+        eps=eps,
+        gelu_absmax=gelu_absmax,
+        rows_per_program=rows_per_program,
     )
     unused = jnp.zeros((1,), jnp.float32)  # a placeholder pointer the kernel never reads
     a, b, c = (unused if op is None else op.astype(jnp.float32).reshape(-1) for op in (a, b, c))

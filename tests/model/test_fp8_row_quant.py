@@ -197,6 +197,15 @@ def _interpreted_cases():
     plain[0] = 0.0  # all zero: scale 1
     plain[1, 4], plain[2, 6], plain[2, 7] = np.inf, np.nan, -np.inf
     cases.append(("none", "none", plain, (), plain.astype(np.float64), {}))
+    # Several rows per program: a partial last program (18 GELU rows by 4, 9 plain rows by 2),
+    # GELU rows that need the second walk beside rows that do not, one batch per program.
+    x, mul, add = _normed_case(b=2, length=12, k=300, seed=11)
+    y = _np_layernorm(x, mul, add)
+    cases.append(("layernorm_4rows", "layernorm", x, (mul[:, 0], add[:, 0]), y, {"rows": 4}))
+    acc, rs, cs, bias = _gelu_rows_both_ways()
+    y = _np_gelu_input(acc, rs, cs, bias)
+    cases.append(("gelu_4rows", "gelu", acc, (rs, cs[0], bias), y, {"rows": 4}))
+    cases.append(("none_2rows", "none", plain, (), plain.astype(np.float64), {"rows": 2}))
     return cases
 
 
@@ -211,10 +220,20 @@ def run_interpreted(path: str) -> None:
     for name, prologue, x, operands, _, meta in _interpreted_cases():
         rows, k = int(np.prod(x.shape[:-1])), x.shape[-1]
         per_batch = x.shape[1] if prologue == "layernorm" else 1
+        meta = dict(meta)
+        per_program = meta.pop("rows", 1)
         # 128-wide steps: rows of 300 and 1000 values take several, the last one partial.
         call = rq.kernel_meta(
-            rows, k, prologue, rows_per_batch=per_batch, eps=EPS, chunk=128, **meta
+            rows,
+            k,
+            prologue,
+            rows_per_batch=per_batch,
+            eps=EPS,
+            rows_per_program=per_program,
+            chunk=128,
+            **meta,
         )
+        assert call["meta"]["ROWS"] == per_program
         args = [np.asarray(o, np.float32).reshape(-1) for o in operands]
         args += [np.zeros(1, np.float32)] * (3 - len(args))
         values = torch.full((rows, k), float("nan"))
@@ -232,9 +251,10 @@ def interpreted(tmp_path_factory):
     return interpreted_results("tests.model.test_fp8_row_quant", "run_interpreted", tmp)
 
 
-@pytest.mark.parametrize(
-    "i", range(5), ids=["layernorm", "gelu", "gelu_from_max", "gelu_walk", "none"]
-)
+_CASE_NAMES = [case[0] for case in _interpreted_cases()]
+
+
+@pytest.mark.parametrize("i", range(len(_CASE_NAMES)), ids=_CASE_NAMES)
 def test_interpreted_row_kernel_writes_the_saturated_quotients_and_scales(i, interpreted):
     name, _, _, _, y, _ = _interpreted_cases()[i]
     quotients = interpreted[f"{name}_values"].astype(np.float64)
@@ -245,6 +265,21 @@ def test_interpreted_row_kernel_writes_the_saturated_quotients_and_scales(i, int
     finite = ~np.isnan(want)
     # float32 producer and division: ~1e-6 of the row's largest quotient (448)
     np.testing.assert_allclose(quotients[finite], want[finite], rtol=1e-5, atol=448 * 2e-6)
+
+
+def test_rows_per_program_shrinks_to_divide_a_layernorm_batch_and_bad_counts_are_refused():
+    from pallas_kernels.triton_row_quant import kernel_meta
+
+    meta = lambda prologue, per_batch, n: kernel_meta(  # noqa: E731
+        2 * per_batch, 64, prologue, rows_per_batch=per_batch, rows_per_program=n
+    )
+    assert meta("layernorm", 12, 8)["meta"]["ROWS"] == 4  # 12 rows a batch: 4 divides them
+    assert meta("layernorm", 13, 4)["meta"]["ROWS"] == 1
+    assert meta("layernorm", 13, 4)["grid"] == (26,)
+    assert meta("gelu", 1, 4)["meta"]["ROWS"] == 4  # no batches: any count, a partial program
+    assert kernel_meta(9, 64, "none", rows_per_program=4)["grid"] == (3,)
+    with pytest.raises(ValueError, match="rows_per_program must be 1, 2, 4 or 8, got 3"):
+        meta("none", 1, 3)
 
 
 # -- the real kernel on a GPU ----------------------------------------------------------------
@@ -309,3 +344,27 @@ def test_gpu_row_kernel_plain_quantize_keeps_nan_saturates_inf_and_zero_rows():
     _assert_e4m3_close(triton, xla, np.asarray(xb.astype(jnp.float32), np.float64))
     assert float(triton.scales[0, 0, 0]) == 1.0
     assert float(triton.values[1, 1, 7].astype(jnp.float32)) == 448.0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows_per_program", [2, 4])
+def test_gpu_row_kernel_several_rows_per_program_write_the_one_row_values(rows_per_program):
+    from pallas_kernels.triton_row_quant import quantize_rows
+
+    x, mul, add = _normed_case(2, 1030, 1536, seed=12)  # 1030 rows a batch: 4 shrinks to 2
+    acc, rs, cs, bias = _gelu_case(m=(2, 301), f=8960, seed=13)  # 602 rows: a partial program
+    calls = {
+        "layernorm": lambda n: quantize_rows(
+            jnp.asarray(x, jnp.bfloat16), "layernorm", mul[:, 0], add[:, 0], eps=EPS,
+            rows_per_program=n,
+        ),
+        "gelu": lambda n: quantize_rows(
+            jnp.asarray(acc, jnp.bfloat16), "gelu", rs, cs[0], bias, rows_per_program=n
+        ),
+    }  # fmt: skip
+    for name, call in calls.items():
+        (want, want_scales), (got, got_scales) = call(1), call(rows_per_program)
+        # The same arithmetic per row; only the order of a row's sums may differ (float32).
+        np.testing.assert_allclose(np.asarray(got_scales), np.asarray(want_scales), rtol=1e-6)
+        same = np.asarray(got.astype(jnp.float32)) == np.asarray(want.astype(jnp.float32))
+        assert np.mean(same) >= 0.999, name
