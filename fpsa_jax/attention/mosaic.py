@@ -117,7 +117,7 @@ def _has_jax_triton() -> bool:
 
 
 def kernel_supports(dtype, head_dim: int, config: FPSAConfig | None) -> bool:
-    """Whether impl='mosaic' runs these inputs in this process."""
+    """Whether impl='mosaic' runs these inputs in this process (impl='auto' asks it)."""
     try:
         check_supported(dtype, head_dim, config)
         require_hopper("mosaic")

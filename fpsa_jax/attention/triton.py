@@ -130,7 +130,7 @@ def _require_hopper() -> None:
 
 
 def kernel_supports(dtype, head_dim: int, config: FPSAConfig | None) -> bool:
-    """Whether impl='triton' runs these inputs in this process (what impl='auto' asks)."""
+    """Whether impl='triton' runs these inputs in this process (impl='auto' asks, as for mosaic)."""
     try:
         _check(dtype, head_dim, config)
         _require_hopper()
