@@ -126,11 +126,14 @@ def prepass_sweep(shape, tile, q, v, a):
             x, v_scale, table, padded_tile=pp, scale_mode="channel", transposed=True, launch=launch
         ),
     }
-    for (mode, fn), block_p, warps in itertools.product(modes.items(), (16, 32, 64), (4, 8)):
-        launch = tp.PrepassLaunch(block_p=block_p, num_warps=warps)
+    sweep = itertools.product(modes.items(), (16, 32, 64), (4, 8), (False, True))
+    for (mode, fn), block_p, warps, unroll in sweep:
+        if unroll and mode != "tile_absmax":
+            continue  # only "tile_absmax" walks a tile in steps
+        launch = tp.PrepassLaunch(block_p=block_p, num_warps=warps, unroll_walks=unroll)
         run = jax.jit(functools.partial(fn, launch=launch))
         t = median_seconds(run, (v if mode == "channel" else q,), a.warmup, a.iters)
-        label = f"{mode} p{block_p} w{warps}"
+        label = f"{mode} p{block_p} w{warps}" + (" unrolled" if unroll else "")
         print(f"{'prepass':<8} {'-':<11} {label:<34} {t * 1e3:>8.3f} {moved / t / 1e12:>6.2f} TB/s")
 
 

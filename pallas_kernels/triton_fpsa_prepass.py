@@ -41,20 +41,31 @@ BLOCK_P = 64  # slots per program (per step for "tile_absmax"); divides every pa
 @dataclasses.dataclass(frozen=True)
 class PrepassLaunch:
     """Launch parameters: slots per program (per step of "tile_absmax"; a power of two
-    dividing 64, so every padded tile length, a multiple of 64) and warps per program.
+    dividing 64, so every padded tile length, a multiple of 64), warps per program, and whether
+    "tile_absmax" unrolls its two walks over the tile.
 
     At block_p 64 and 4 warps each thread holds 64 values: 80-95 registers per thread in sm_90
     builds (16-byte accesses), 6 programs per SM; 16 slots need 33-39 (for timing).
+
+    unroll_walks: each walk's steps are unrolled, so a program issues the loads of the whole
+    tile before it waits on any (not one step's after another's): at 720p ncu found the rolled
+    kernel latency-bound (30% occupancy, 2.3 of 4.8 TB/s). `TILE_ABSMAX_LAUNCH` uses it.
     """
 
     block_p: int = BLOCK_P
     num_warps: int = 4
+    unroll_walks: bool = False
 
     def __post_init__(self):
         if self.block_p not in (8, 16, 32, 64):
             raise ValueError(f"block_p must be 8, 16, 32 or 64, got {self.block_p}")
         if self.num_warps not in (1, 2, 4, 8):
             raise ValueError(f"num_warps must be 1, 2, 4 or 8, got {self.num_warps}")
+
+
+# The fastest launch of "tile_absmax" on the H200 (benchmarks/RESULTS.md, session 15): the
+# whole-tile walks unrolled, 8 warps (64 registers per thread in the sm_90 build, no spills).
+TILE_ABSMAX_LAUNCH = PrepassLaunch(num_warps=8, unroll_walks=True)
 
 
 def make_kernel():
@@ -104,6 +115,7 @@ def make_kernel():
         SCALE_MODE: tl.constexpr,
         TRANSPOSED: tl.constexpr,
         BLOCK_P: tl.constexpr,
+        UNROLL: tl.constexpr,  # steps of each "tile_absmax" walk unrolled together
     ):
         pid = tl.program_id(0)  # BLOCK_P slots; a whole tile for "tile_absmax"
         bh = tl.program_id(1)
@@ -118,7 +130,7 @@ def make_kernel():
         if SCALE_MODE == 3:
             first = pid * PP + tl.arange(0, BLOCK_P)
             peak = tl.zeros([BLOCK_P, HEAD_DIM], tl.float32)
-            for start in range(0, PP, BLOCK_P):
+            for start in tl.range(0, PP, BLOCK_P, loop_unroll_factor=UNROLL):
                 x = gather_slots(x_ptr, slot_token_ptr, first + start, offs_d, row)
                 x = tl.abs(x.to(tl.float32))
                 peak = tl.maximum(peak, tl.where(x < float("inf"), x, 0.0))  # NaN, inf: 0
@@ -126,7 +138,7 @@ def make_kernel():
             # absmax * float32(1 / 448): `quant.safe_scale`, bit for bit
             scale = tl.where(absmax > 0.0, absmax * (1.0 / 448.0), 1.0)
             tl.store(tile_scale_ptr + bh * (LP // PP) + pid, scale)
-            for start in range(0, PP, BLOCK_P):
+            for start in tl.range(0, PP, BLOCK_P, loop_unroll_factor=UNROLL):
                 x = gather_slots(x_ptr, slot_token_ptr, first + start, offs_d, row)
                 y = saturate(tl.math.div_rn(x.to(tl.float32), scale))
                 store_slots(out_ptr, first + start, offs_d, y, LP, HEAD_DIM, TRANSPOSED)
@@ -180,6 +192,7 @@ def kernel_meta(
         SCALE_MODE=SCALE_MODES[scale_mode],
         TRANSPOSED=bool(transposed),
         BLOCK_P=launch.block_p,
+        UNROLL=padded_tile // launch.block_p if launch.unroll_walks else 1,
     )
     per_program = padded_tile if scale_mode == "tile_absmax" else launch.block_p
     return dict(meta=meta, grid=(n_slots // per_program, b * n_heads), num_warps=launch.num_warps)
@@ -222,7 +235,7 @@ def relayout_with_tile_scales(
     padded_tile: int,
     transposed: bool = False,
     out_dtype=jnp.float8_e4m3fn,
-    launch: PrepassLaunch = PrepassLaunch(),
+    launch: PrepassLaunch = TILE_ABSMAX_LAUNCH,
 ) -> tuple[jax.Array, jax.Array]:
     """The pre-pass kernel finding one scale per tile (scale_mode "tile_absmax"): `relayout` of x
     with scale = `quant.tile_group_scales` at group (1, 1, 1), in one kernel.

@@ -290,8 +290,8 @@ def run_interpreted(path):
                 as_torch(x), as_torch(s), as_torch(table), values, placeholder, **pre["meta"]
             )
             results[f"{name}_prepass_{label}"] = values.float().numpy()
-            if mode == "tile":  # the kernel finding the tile scales itself, 16 slots a step
-                small = tp.PrepassLaunch(block_p=16, num_warps=2)
+            if mode == "tile":  # the kernel finding the tile scales, 16 slots a step, unrolled
+                small = tp.PrepassLaunch(block_p=16, num_warps=2, unroll_walks=True)
                 pre = tp.kernel_meta(
                     x.shape, ops.padded_tile, table.size, "tile_absmax", False, small
                 )
