@@ -5,7 +5,8 @@
 Times the forward kernel (`pallas_kernels.triton_fpsa_fwd`) and the two backward kernels
 (`pallas_kernels.triton_fpsa_bwd`) on pre-passed random operands, for each launch configuration, at
 the full window and at ~90% sparsity; also the pre-pass alone, by each of `PREPASSES`, and with
---prepass-sweep the Triton pre-pass kernel alone per scale mode and `PrepassLaunch`. Prints one
+--prepass-sweep the Triton pre-pass kernel alone per scale mode and `PrepassLaunch`, and V's
+channel absmax by XLA and by the Triton `channel_absmax` per step shape. Prints one
 table; the fastest launches become the defaults in the kernel modules (see benchmarks/RESULTS.md).
 """
 
@@ -30,6 +31,7 @@ from fpsa_jax.attention.kernel_layout import (
     quantize_for_kernel,
     slot_tokens,
 )
+from fpsa_jax.attention.quant import finite_abs
 from pallas_kernels import triton_fpsa_prepass as tp
 from pallas_kernels.triton_fpsa_bwd import BackwardLaunch, fpsa_backward
 from pallas_kernels.triton_fpsa_fwd import BLOCK_N, LaunchConfig, fpsa_forward
@@ -77,6 +79,7 @@ def main():
     tile = tuple(a.tile)
     if a.prepass_sweep:
         prepass_sweep(shape, tile, q, v, a)
+        channel_absmax_sweep(v, a)
     windows = [pick_window(shape.grid, tile, 0.9)]
     windows = windows if a.windows == "sparse" else [None, *windows]
     print(f"tile {tile}")
@@ -135,6 +138,24 @@ def prepass_sweep(shape, tile, q, v, a):
         t = median_seconds(run, (v if mode == "channel" else q,), a.warmup, a.iters)
         label = f"{mode} p{block_p} w{warps}" + (" unrolled" if unroll else "")
         print(f"{'prepass':<8} {'-':<11} {label:<34} {t * 1e3:>8.3f} {moved / t / 1e12:>6.2f} TB/s")
+
+
+def channel_absmax_sweep(v, a):
+    """V's channel absmax by XLA (what `kernel_layout` uses) and by the Triton `channel_absmax`
+    per step shape: ms, and whether the values are XLA's."""
+    xla = jax.jit(lambda v: jnp.max(finite_abs(v), axis=1))
+    want = xla(v)
+    fns = {"xla": xla}
+    for block_l, unroll in ((16, 1), (16, 2), (8, 1), (8, 4)):
+        fns[f"triton l{block_l} x{unroll}"] = jax.jit(
+            functools.partial(tp.channel_absmax, block_l=block_l, unroll=unroll)
+        )
+    for label, fn in fns.items():
+        same = bool(jnp.array_equal(fn(v), want))
+        t = median_seconds(fn, (v,), a.warmup, a.iters)
+        moved = v.size * v.dtype.itemsize
+        line = f"{t * 1e3:>8.3f} {moved / t / 1e12:>6.2f} TB/s, same values: {same}"
+        print(f"{'v absmax':<8} {'-':<11} {label:<34} {line}")
 
 
 def prepass_fn(q, k, v, *, grid, config, prepass):

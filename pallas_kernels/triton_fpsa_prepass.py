@@ -23,6 +23,10 @@ Padded slots (table entry -1) are written as zeros, so the output needs no prior
 It reads x once and writes the output once: the XLA version of the same pass
 (`kernel_layout.quantize_for_kernel` with prepass="xla") fuses the reorder with the cast but walks
 x in tile order through a six-axis transpose; this kernel's reads are whole D-rows.
+
+A second, small kernel (`channel_absmax`) takes V's per-channel absmax for scale_mode "channel"
+in one read of V in whole token rows, the values of XLA's reduction over L (`kernel_layout` still
+uses XLA's until the kernel is timed on a GPU: `benchmarks/kernel_tuning.py --prepass-sweep`).
 """
 
 from __future__ import annotations
@@ -286,3 +290,92 @@ def _launch(x, scale, slot_token, padded_tile, scale_mode, transposed, out_dtype
         name=f"fpsa_prepass_{scale_mode}",
         **call["meta"],
     )
+
+
+CHANNEL_BLOCK_C = 512  # channels (of N * D) per program of `channel_absmax`
+CHANNEL_TOKENS = 512  # tokens per program of `channel_absmax`
+
+
+def make_channel_absmax_kernel():
+    """Builds the kernel of `channel_absmax` (Triton imported here, as in `make_kernel`)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def fpsa_channel_absmax_kernel(
+        x_ptr,  # [B, L, N * D], token order
+        partial_ptr,  # f32 [B, n_token_blocks, N * D] out: each token block's finite absmax
+        SEQ: tl.constexpr,  # L
+        ROW: tl.constexpr,  # N * D
+        TOKENS: tl.constexpr,  # tokens per program
+        BLOCK_L: tl.constexpr,  # tokens per step
+        BLOCK_C: tl.constexpr,
+        UNROLL: tl.constexpr,
+    ):
+        block, chunk, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        offs_c = chunk * BLOCK_C + tl.arange(0, BLOCK_C)
+        x_ptr += b.to(tl.int64) * SEQ * ROW
+        peak = tl.zeros([BLOCK_L, BLOCK_C], tl.float32)
+        first = block * TOKENS
+        for start in tl.range(0, TOKENS, BLOCK_L, loop_unroll_factor=UNROLL):
+            tokens = first + start + tl.arange(0, BLOCK_L)
+            mask = (tokens < SEQ)[:, None] & (offs_c < ROW)[None, :]
+            x = tl.load(x_ptr + tokens[:, None] * ROW + offs_c[None, :], mask=mask, other=0.0)
+            x = tl.abs(x.to(tl.float32))
+            peak = tl.maximum(peak, tl.where(x < float("inf"), x, 0.0))  # NaN, inf: 0
+        out = partial_ptr + (b * tl.num_programs(0) + block).to(tl.int64) * ROW + offs_c
+        tl.store(out, tl.max(peak, axis=0), mask=offs_c < ROW)
+
+    return fpsa_channel_absmax_kernel
+
+
+channel_absmax_kernel = functools.cache(make_channel_absmax_kernel)
+
+
+def channel_absmax_meta(x_shape, block_l: int = 16, unroll: int = 1):
+    """The constexpr arguments and grid of the `channel_absmax` kernel for x [B, L, N, D]."""
+    if block_l not in (4, 8, 16, 32) or CHANNEL_TOKENS % (block_l * unroll):
+        raise ValueError(f"block_l must be 4, 8, 16 or 32 and block_l * unroll divide "
+                         f"{CHANNEL_TOKENS}, got {block_l} and {unroll}")  # fmt: skip
+    b, length, n_heads, d = x_shape
+    row = n_heads * d
+    if length * row >= 2**31:
+        raise ValueError(f"one batch element of x ({length} x {n_heads} x {d}) exceeds int32")
+    meta = dict(
+        SEQ=length,
+        ROW=row,
+        TOKENS=CHANNEL_TOKENS,
+        BLOCK_L=block_l,
+        BLOCK_C=CHANNEL_BLOCK_C,
+        UNROLL=unroll,
+    )
+    blocks = -(-length // CHANNEL_TOKENS)
+    return dict(meta=meta, grid=(blocks, -(-row // CHANNEL_BLOCK_C), b), partial=(b, blocks, row))
+
+
+def channel_absmax(x: jax.Array, *, block_l: int = 16, unroll: int = 1) -> jax.Array:
+    """V's per-channel absmax: max over tokens of the finite |x| (0 for inf and NaN), as
+    `fpsa_jax.attention.quant.channel_scales` takes it; x [B, L, N, D] -> float32 [B, N, D].
+
+    One read of x in whole token rows: each program reduces CHANNEL_TOKENS tokens of
+    CHANNEL_BLOCK_C channels, in steps of `block_l` tokens (`unroll` steps issued together);
+    XLA then takes the max of the programs' partial maxima ([B, L / CHANNEL_TOKENS, N * D]).
+    A max is exact, so the result equals XLA's reduction bit for bit.
+    """
+    if x.ndim != 4:
+        raise ValueError(f"x must be [B, L, N, D], got shape {x.shape}")
+    call = channel_absmax_meta(x.shape, block_l, unroll)
+    b, length, n_heads, d = x.shape
+    import jax_triton as jt  # after the checks: they need no GPU
+
+    partial = jt.triton_call(
+        x.reshape(b, length, n_heads * d),
+        kernel=channel_absmax_kernel(),
+        out_shape=jax.ShapeDtypeStruct(call["partial"], jnp.float32),
+        grid=call["grid"],
+        num_warps=4,
+        num_stages=1,
+        name="fpsa_channel_absmax",
+        **call["meta"],
+    )
+    return partial.max(axis=1).reshape(b, n_heads, d)

@@ -40,6 +40,7 @@ from fpsa_jax.attention.kernel_layout import (
     to_kernel_layout,
 )
 from fpsa_jax.attention.mask import build_mask_info
+from fpsa_jax.attention.quant import channel_scales, safe_scale
 from fpsa_jax.attention.reference import quantize_qkv, reference_attention
 from fpsa_jax.attention.tiling import slot_valid, token_mask
 from fpsa_jax.attention.triton import triton_attention
@@ -239,6 +240,7 @@ def run_interpreted(path):
     fwd = tf.make_kernel()
     dq_kernel, dkdv_kernel = tb.make_kernels()
     tp.kernel.cache_clear()  # built under the interpreter in this process
+    tp.channel_absmax_kernel.cache_clear()
 
     def as_torch(x):
         x = np.ascontiguousarray(np.asarray(x))
@@ -320,7 +322,25 @@ def run_interpreted(path):
         )
         for grad, x in (("dq", dq), ("dk", dk), ("dv", dv)):
             results[f"{name}_{grad}"] = x.numpy()
+
+    # V's channel absmax on an odd shape: 3 token blocks (the last partial), channels not a
+    # multiple of the program's 512, an inf, a NaN and one channel all NaN (each counts as 0).
+    v = _channel_absmax_input()
+    call = tp.channel_absmax_meta(v.shape, block_l=8, unroll=2)
+    partial = poisoned(call["partial"], torch.float32)
+    b, length, n, d = v.shape
+    tp.channel_absmax_kernel()[call["grid"]](
+        as_torch(v.reshape(b, length, n * d)), partial, **call["meta"]
+    )
+    results["channel_absmax"] = partial.amax(dim=1).numpy().reshape(b, n, d)
     np.savez(path, **results)
+
+
+def _channel_absmax_input():
+    v = np.random.default_rng(5).standard_normal((2, 1100, 3, 40)).astype(np.float16)
+    v[0, 17, 1, 5], v[1, 1099, 2, 39], v[:, :, 0, 7] = np.inf, -np.inf, np.nan
+    v[1, 600, 2, 3] = -60000.0  # the largest |x|, negative, in the second block
+    return v
 
 
 @pytest.fixture(scope="module")
@@ -393,6 +413,17 @@ def test_interpreted_prepass_kernel_finds_the_one_tile_scales_of_xla(i, interpre
         want = np.asarray(to_kernel_layout(x, grid, config.tile, pp), np.float32)
         want = np.clip(want / np.repeat(np.asarray(s), pp, axis=2)[..., None], -448.0, 448.0)
         np.testing.assert_array_equal(interpreted[f"{name}_prepass_{label}_absmax"], want)
+
+
+@pytest.mark.slow
+def test_interpreted_channel_absmax_gives_the_channel_scales_of_xla(interpreted):
+    """`channel_absmax` then `quant.safe_scale`: `quant.channel_scales` bit for bit, inf and NaN
+    counting as 0 (an all-NaN channel gets scale 1), over several partial token blocks."""
+    v = jnp.asarray(_channel_absmax_input())
+    got = np.asarray(safe_scale(jnp.asarray(interpreted["channel_absmax"])))
+    want = np.asarray(channel_scales(v))[:, 0]
+    np.testing.assert_array_equal(got, want)
+    assert (want[:, 0, 7] == 1.0).all() and want[1, 2, 3] == np.float32(60000) * np.float32(1 / 448)
 
 
 @pytest.mark.slow
@@ -647,6 +678,12 @@ def test_kernel_wrappers_reject_bad_tables_and_scales():
         tp.relayout(x, None, table, padded_tile=64, scale_mode="tile_absmax")
     with pytest.raises(ValueError, match="1-D table"):
         tp.relayout_with_tile_scales(x, table.reshape(1, 64), padded_tile=64)
+    with pytest.raises(ValueError, match=r"x must be \[B, L, N, D\]"):
+        tp.channel_absmax(x[0])
+    with pytest.raises(ValueError, match="block_l must be 4, 8, 16 or 32"):
+        tp.channel_absmax(x, block_l=12)
+    with pytest.raises(ValueError, match=r"block_l \* unroll divide 512"):
+        tp.channel_absmax(x, block_l=32, unroll=32)
     q = jnp.zeros((1, 2, 64, 32), jnp.bfloat16)
     scales = jnp.ones((1, 2, 1)), jnp.ones((1, 2, 1)), jnp.ones((1, 2, 32))
     one = np.zeros((1,), np.int32)
