@@ -168,6 +168,13 @@ def make_kernel():
 kernel = functools.cache(make_kernel)
 
 
+def _check_int32_offsets(x_shape):
+    """The kernels offset inside one batch element of x [B, L, N, D] in int32."""
+    _, length, n_heads, d = x_shape
+    if length * n_heads * d >= 2**31:
+        raise ValueError(f"one batch element of x ({length} x {n_heads} x {d}) exceeds int32")
+
+
 def kernel_meta(
     x_shape,
     padded_tile: int,
@@ -185,8 +192,7 @@ def kernel_meta(
             f"the slot table ({n_slots}) must hold whole padded tiles ({padded_tile}), and the "
             f"padded tile must be a multiple of {BLOCK_P}"
         )
-    if length * n_heads * d >= 2**31:
-        raise ValueError(f"one batch element of x ({length} x {n_heads} x {d}) exceeds int32")
+    _check_int32_offsets(x_shape)
     meta = dict(
         SEQ=length,
         N_HEADS=n_heads,
@@ -339,8 +345,7 @@ def channel_absmax_meta(x_shape, block_l: int = 16, unroll: int = 1):
                          f"{CHANNEL_TOKENS}, got {block_l} and {unroll}")  # fmt: skip
     b, length, n_heads, d = x_shape
     row = n_heads * d
-    if length * row >= 2**31:
-        raise ValueError(f"one batch element of x ({length} x {n_heads} x {d}) exceeds int32")
+    _check_int32_offsets(x_shape)
     meta = dict(
         SEQ=length,
         ROW=row,
