@@ -150,10 +150,10 @@ def channel_absmax_sweep(v, a):
         fns[f"triton l{block_l} x{unroll}"] = jax.jit(
             functools.partial(tp.channel_absmax, block_l=block_l, unroll=unroll)
         )
+    moved = v.size * v.dtype.itemsize  # one read of V
     for label, fn in fns.items():
         same = bool(jnp.array_equal(fn(v), want))
         t = median_seconds(fn, (v,), a.warmup, a.iters)
-        moved = v.size * v.dtype.itemsize
         line = f"{t * 1e3:>8.3f} {moved / t / 1e12:>6.2f} TB/s, same values: {same}"
         print(f"{'v absmax':<8} {'-':<11} {label:<34} {line}")
 
