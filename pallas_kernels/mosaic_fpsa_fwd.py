@@ -54,13 +54,19 @@ accumulator's multiplication by alpha in warps where no row's max moved.
 
 `interpret=True` runs the kernel in Mosaic GPU's interpreter (CPU): the CI tests use it. There the
 P.V product goes to a fresh accumulator that is then added (the interpreter cannot run an
-accumulator initialised from registers); on the GPU it accumulates in place.
+accumulator initialised from registers); on the GPU it accumulates in place. The interpreter runs
+each warpgroup as its own CPU computation, and they wait for each other at barriers, in host
+callbacks that hold threads of XLA's CPU pool (one per core unless PJRT_NPROC says otherwise):
+with too few threads every one of them can end up waiting, so `fpsa_forward` warns where the
+pool is smaller than the warpgroups plus two (the tests set PJRT_NPROC=8).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -130,6 +136,31 @@ def smem_bytes(launch: MosaicLaunch, padded_tile: int, head_dim: int, dtype, out
     rows = consumers * BLOCK_Q
     ring = launch.stages * 2 * BLOCK_KV * head_dim * item
     return rows * head_dim * (item + out_item) + ring + rows * BLOCK_KV * item + rows * 4
+
+
+def xla_cpu_pool_threads() -> int:
+    """The threads of XLA's CPU pool as the CPU client sizes it: PJRT_NPROC, else NPROC, else
+    one per schedulable CPU."""
+    for name in ("PJRT_NPROC", "NPROC"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def warn_if_interpreter_may_deadlock(warpgroups: int) -> None:
+    """Warns where Mosaic GPU's interpreter can hang (see the module docstring): a launch can
+    hold a pool thread in a barrier wait of each of its `warpgroups` warpgroups and one in its
+    own callback; one thread more is margin. Seen with a pool of 2 threads: about one
+    interpreted launch of four warpgroups in fifty never returned."""
+    threads = xla_cpu_pool_threads()
+    if threads < warpgroups + 2:
+        warnings.warn(
+            f"Mosaic GPU's interpreter runs this kernel's {warpgroups} warpgroups as CPU "
+            f"computations that wait for each other, and XLA's CPU pool has {threads} threads "
+            f"here: it can deadlock. Set PJRT_NPROC={warpgroups + 2} (or more) before JAX starts.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def default_launch(
@@ -700,6 +731,8 @@ def fpsa_forward(
             "lazy_rescale, p_in_registers and the token-order store (slot_token) are inline "
             "Mosaic GPU code, which the interpreter cannot run"
         )
+    if interpret:
+        warn_if_interpreter_may_deadlock(padded_tile // BLOCK_Q + 1)
     if slot_token is not None:
         slot_token = np.asarray(slot_token)
         if slot_token.shape != (lp,):

@@ -1,7 +1,7 @@
 """Shared pytest set-up: `gpu` tests run only where JAX sees a GPU; hypothesis without deadlines
-(JIT compilation makes first examples slow); compile-time savings on CPU (LLVM optimizations
-off, one persistent compilation cache) and the environment for subprocesses; the tiny Wan DiT
-every model test starts from."""
+(JIT compilation makes first examples slow); a CPU pool large enough for Mosaic GPU's
+interpreter; compile-time savings on CPU (LLVM optimizations off, one persistent compilation
+cache) and the environment for subprocesses; the tiny Wan DiT every model test starts from."""
 
 import importlib.util
 import os
@@ -10,6 +10,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+# Mosaic GPU's interpreter runs each warpgroup as a CPU computation that waits for the others in
+# host callbacks holding threads of XLA's CPU pool, one thread per core by default: on CI's two
+# cores about one interpreted launch in fifty deadlocked (CI timed out). Eight threads leave a
+# launch of four warpgroups room to finish (`mosaic_fpsa_fwd.warn_if_interpreter_may_deadlock`).
+os.environ.setdefault("PJRT_NPROC", "8")
 # Compile time dominates the CPU suite (a tiny train step takes 23 s in XLA's default CPU
 # pipeline), so on a machine without a CUDA plugin the tests compile with LLVM's optimizations off
 # (train step 8.5 s; the FP8 xla/pallas attention tests 100 -> 44 s): every program is the same

@@ -9,6 +9,7 @@ other, the backward, the Wan 480p shape and what impl="auto" picks.
 
 import dataclasses
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -125,6 +126,24 @@ def test_kernel_rejects_operands_it_cannot_take():
 def test_interpreter_refuses_inline_mosaic_code(options):
     with pytest.raises(ValueError, match="the interpreter cannot run"):
         _forward(_operands(), interpret=True, **options)
+
+
+@pytest.mark.parametrize(("env", "warns"), [({"PJRT_NPROC": "5"}, True), ({"NPROC": "6"}, False)])
+def test_interpreter_warns_where_the_cpu_pool_can_deadlock(monkeypatch, env, warns):
+    """Four warpgroups (Pp = 192) need a pool of six threads; the tests run with eight."""
+    assert mf.xla_cpu_pool_threads() >= 6  # conftest's PJRT_NPROC, or this machine's cores
+    for name in ("PJRT_NPROC", "NPROC"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mf.warn_if_interpreter_may_deadlock(4)
+    assert [str(w.message) for w in caught if "deadlock" in str(w.message)] == (
+        ["Mosaic GPU's interpreter runs this kernel's 4 warpgroups as CPU computations that wait "
+         "for each other, and XLA's CPU pool has 5 threads here: it can deadlock. Set "
+         "PJRT_NPROC=6 (or more) before JAX starts."] if warns else []
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize(
