@@ -439,7 +439,7 @@ def _kernel_body(
                 key_tile, col = key_columns(j)
                 pair_scale = q_scale * ks_ref[batch, head, key_tile]
                 load = lambda: plgpu.load(
-                    bias_ref.at[pl.ds(col, BLOCK_KV)], (), layout=_COL, optimized=False
+                    bias_ref.at[pl.ds(col, BLOCK_KV)], layout=_COL, optimized=False
                 )
                 if padded_ref is None:
                     return pair_scale, load()
@@ -594,7 +594,7 @@ def _kernel_body(
                 carry = (acc, m_i, l_i, step_inputs(0))
                 acc, m_i, l_i, _ = lax.fori_loop(0, steps, step, carry)
 
-            v_scale = plgpu.load(vs_ref.at[batch, head], (), layout=_COL, optimized=False)
+            v_scale = plgpu.load(vs_ref.at[batch, head], layout=_COL, optimized=False)
             out = acc * lax.broadcast_in_dim(v_scale, acc.shape, [1])
             out = out * lax.broadcast_in_dim(1.0 / l_i, acc.shape, [0])
             write_rows(out, exponent_shift(m_i) + jnp.log2(l_i))
