@@ -2,9 +2,10 @@
 
 CPU: the shared kernel suite on two cases in Mosaic GPU's interpreter (its barriers, TMA copies and
 wgmma are simulated; the P.V product accumulates out of place there, see the kernel's docstring),
-the padded-block table against brute force, and every error branch. GPU (marker `gpu`, or the suite
-whenever JAX sees a GPU): the compiled kernel on all suite cases, its launch options against each
-other, the backward, the Wan 480p shape and what impl="auto" picks.
+the compiled kernel's CUDA lowering (jax.export), the padded-block table against brute force, and
+every error branch. GPU (marker `gpu`, or the suite whenever JAX sees a GPU): the compiled kernel
+on all suite cases, its launch options against each other, the backward, the Wan 480p shape and
+what impl="auto" picks.
 """
 
 import dataclasses
@@ -15,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import export
 
 from fpsa_jax.attention import FPSAConfig, fpsa_attention
 from fpsa_jax.attention.api import resolve_impl
@@ -126,6 +128,30 @@ def test_kernel_rejects_operands_it_cannot_take():
 def test_interpreter_refuses_inline_mosaic_code(options):
     with pytest.raises(ValueError, match="the interpreter cannot run"):
         _forward(_operands(), interpret=True, **options)
+
+
+@pytest.mark.parametrize(
+    ("quant", "options"),
+    [
+        ("fp8", {}),
+        ("none", {}),
+        ("fp8", dict(slot_token=np.arange(192, dtype=np.int32))),
+        ("fp8", dict(launch=mf.MosaicLaunch(pipeline=True, prefetch=False, stages=2))),
+    ],
+    ids=["fp8", "bf16", "token-order-store", "pipeline"],
+)
+def test_the_compiled_kernel_lowers_for_cuda_on_any_machine(quant, options):
+    """The GPU kernel itself (not the interpreter's variant), lowered for CUDA by jax.export: the
+    inline Mosaic GPU code only a GPU runs (lazy rescale, P from registers, the token-order
+    store; the default launch has the first two) is built on every machine, CI's included."""
+    ops = _operands(quant)
+    fields = ("q", "k", "v_t", "q_scale", "k_scale", "v_scale", "key_bias")
+    forward = lambda *arrays: _forward(
+        ops.replace(**dict(zip(fields, arrays, strict=True))), **options
+    )
+    args = [getattr(ops, f) for f in fields]
+    module = export.export(jax.jit(forward), platforms=["cuda"])(*args).mlir_module()
+    assert "stablehlo.custom_call @mosaic_gpu_v2" in module
 
 
 @pytest.mark.parametrize(("env", "warns"), [({"PJRT_NPROC": "5"}, True), ({"NPROC": "6"}, False)])
