@@ -45,7 +45,8 @@ def _np_layernorm(x, mul, add):
 
 def _np_gelu_input(acc, row_scales, col_scales, bias):
     u = np.asarray(acc, np.float64) * row_scales * col_scales + bias
-    return 0.5 * u * (1 + np.tanh(TANH_C * (u + 0.044715 * u**3)))
+    with np.errstate(invalid="ignore"):  # GELU(-inf) = -inf * 0 = NaN, as in float32
+        return 0.5 * u * (1 + np.tanh(TANH_C * (u + 0.044715 * u**3)))
 
 
 def _np_scales(y):
