@@ -29,10 +29,11 @@ warpgroups of 64 query rows each (one wgmma M) and one producer warpgroup:
   rides in the exponent at no cost per element. The guard keeps that exact where it matters:
   float32 holds m - log2(p_scale) to within 0.05 only while |m| < 2^20; beyond (inputs of size
   1e4 give |m| ~ 1e9, ulp 64) p' would overflow E4M3, so such rows round p' in (0, 1] instead
-  (their softmax is one-hot by then). P goes to the second wgmma from registers (FP8 on the GPU,
-  `MosaicLaunch.p_in_registers`: two warp shuffles regroup the f32 accumulator layout into the
-  8-bit operand layout, which Mosaic GPU has no relayout for) or through SMEM (bf16, the
-  interpreter). V^T makes V K-major, as FP8 wgmma needs.
+  (their softmax is one-hot by then). P goes to the second wgmma from registers (on the GPU,
+  `MosaicLaunch.p_in_registers`: for FP8 two warp shuffles regroup the f32 accumulator layout
+  into the 8-bit operand layout, which Mosaic GPU has no relayout for; 16-bit P is already in
+  its operand layout) or through SMEM (the interpreter). V^T makes V K-major, as FP8 wgmma
+  needs.
 - the output leaves in token order [B, L, N, D], each row stored from registers at its token
   (`slot_token`, padding rows skipped), or through SMEM by TMA in the kernel layout [B, N, Lp,
   D] (padded rows hold finite values) without the table; lse2 float32 [B, N, Lp] for the
@@ -85,6 +86,9 @@ MAX_CONSUMERS = 3  # Pp <= 192: four warpgroups are 512 threads, the register fi
 HEAD_DIMS = (64, 128, 256)
 
 SMEM_BYTES = 227 * 1024  # per block on sm_90, less the 1 KB the driver reserves
+# What Mosaic GPU allocates beyond the buffers `smem_bytes` counts (barriers, alignment): 2.6 KB
+# in a build with 38 barriers and 224.75 KB of buffers (232,752 bytes allocated).
+SMEM_OVERHEAD = 4096
 
 _ROW = plgpu.Layout.WGMMA.reduce(1)
 _COL = plgpu.Layout.WGMMA.reduce(0)
@@ -102,9 +106,10 @@ class MosaicLaunch:
         global loads leave the critical path (they cannot be hoisted above a barrier wait).
       pipeline: issue step j + 1's Q.K^T wgmma before step j's softmax, so the tensor cores work
         while the warpgroup exponentiates (FlashAttention-3's intra-warpgroup overlap).
-      p_in_registers: hand P to the P.V wgmma from registers (FP8 only): the accumulator layout
-        is regrouped into the 8-bit operand layout with two warp shuffles per register, instead
-        of a round trip through SMEM and an async-proxy fence. Not for the interpreter.
+      p_in_registers: hand P to the P.V wgmma from registers instead of a round trip through
+        SMEM and an async-proxy fence (and no P buffer in SMEM): FP8 P is regrouped from the
+        accumulator layout into the 8-bit operand layout with two warp shuffles per register;
+        16-bit P is in its operand layout as it is. Not for the interpreter.
       lazy_rescale: multiply the accumulator by alpha only in warps where some row's max moved
         (alpha != 1); elsewhere the multiplication by 1 is skipped (same values). Not for the
         interpreter.
@@ -129,13 +134,25 @@ class MosaicLaunch:
     skip_padding_rows: bool = False
 
 
-def smem_bytes(launch: MosaicLaunch, padded_tile: int, head_dim: int, dtype, out_dtype) -> int:
-    """SMEM the kernel's scratch takes (Q, the K/V ring, P, output and lse staging)."""
+def smem_bytes(
+    launch: MosaicLaunch,
+    padded_tile: int,
+    head_dim: int,
+    dtype,
+    out_dtype,
+    *,
+    token_order: bool = False,
+) -> int:
+    """SMEM the kernel takes: Q, the K/V ring, P (unless it stays in registers), lse staging,
+    the output staging (only for the kernel-layout store; the token-order store writes from
+    registers), and SMEM_OVERHEAD."""
     consumers = padded_tile // BLOCK_Q
     item, out_item = jnp.dtype(dtype).itemsize, jnp.dtype(out_dtype).itemsize
     rows = consumers * BLOCK_Q
     ring = launch.stages * 2 * BLOCK_KV * head_dim * item
-    return rows * head_dim * (item + out_item) + ring + rows * BLOCK_KV * item + rows * 4
+    p = 0 if launch.p_in_registers else rows * BLOCK_KV * item
+    out = 0 if token_order else rows * head_dim * out_item
+    return rows * head_dim * item + ring + p + out + rows * 4 + SMEM_OVERHEAD
 
 
 def xla_cpu_pool_threads() -> int:
@@ -387,8 +404,10 @@ def _kernel_body(
     consumers = padded_tile // BLOCK_Q
     key_blocks = padded_tile // BLOCK_KV
     stages = launch.stages
-    fp8 = jnp.dtype(p_smem.dtype) == jnp.dtype(jnp.float8_e4m3fn)
-    p_operand = _fp8_operand_from_accumulator() if launch.p_in_registers and fp8 else None
+    fp8 = jnp.dtype(v_smem.dtype) == jnp.dtype(jnp.float8_e4m3fn)
+    p_operand = None
+    if launch.p_in_registers:
+        p_operand = _fp8_operand_from_accumulator() if fp8 else lambda p: p.astype(v_smem.dtype)
     head_dim = q_smem.shape[-1]
     rescale = _rescale_where_needed(head_dim) if launch.lazy_rescale else None
     u = lax.axis_index("tile")
@@ -740,7 +759,8 @@ def fpsa_forward(
         length = int(slot_token.max()) + 1
         if np.count_nonzero(slot_token >= 0) != length:
             raise ValueError("slot_token must hold each token 0..L-1 exactly once")
-    need = smem_bytes(launch, padded_tile, d, q.dtype, out_dtype)
+    token_order = slot_token is not None
+    need = smem_bytes(launch, padded_tile, d, q.dtype, out_dtype, token_order=token_order)
     if need > SMEM_BYTES:
         raise ValueError(
             f"{launch} needs {need} bytes of SMEM at Pp = {padded_tile}, D = {d}, {q.dtype} "
@@ -758,17 +778,26 @@ def fpsa_forward(
     has_padded, has_tokens = padded_blocks is not None, slot_token is not None
     inputs = 9 + has_padded + has_tokens
 
-    def body(*refs):  # padded_ref / tokens_ref are None when their table is not given
+    def body(*refs):  # padded_ref / tokens_ref, p_smem / o_smem are None where not used
         padded = refs[9] if has_padded else None
         tokens = refs[9 + has_padded] if has_tokens else None
-        _kernel_body(*refs[:9], padded, tokens, *refs[inputs:], **static)
+        outputs_and_smem = list(refs[inputs:])  # o, lse, q_smem, k_smem, v_smem, [p_smem], ...
+        if launch.p_in_registers:
+            outputs_and_smem.insert(5, None)
+        if has_tokens:  # the token-order store writes from registers: no output staging
+            outputs_and_smem.insert(6, None)
+        _kernel_body(*refs[:9], padded, tokens, *outputs_and_smem, **static)
 
-    scratch = (
+    scratch = [
         _smem((consumers, BLOCK_Q, d), q.dtype),  # Q rows of each consumer
         _smem((launch.stages, BLOCK_KV, d), k.dtype),  # K ring
         _smem((launch.stages, d, BLOCK_KV), v_t.dtype),  # V^T ring
-        _smem((consumers, BLOCK_Q, BLOCK_KV), v_t.dtype),  # P of each consumer
-        _smem((consumers, BLOCK_Q, d), out_dtype),  # output staging
+    ]
+    if not launch.p_in_registers:
+        scratch.append(_smem((consumers, BLOCK_Q, BLOCK_KV), v_t.dtype))  # P of each consumer
+    if not has_tokens:
+        scratch.append(_smem((consumers, BLOCK_Q, d), out_dtype))  # output staging
+    scratch += [
         plgpu.SMEM((consumers, BLOCK_Q), jnp.float32),  # lse staging
         plgpu.Barrier(num_barriers=consumers),  # Q landed
         plgpu.Barrier(num_barriers=launch.stages),  # K slot full
@@ -776,7 +805,7 @@ def fpsa_forward(
         plgpu.Barrier(num_arrivals=consumers, num_barriers=launch.stages),  # K slot empty
         plgpu.Barrier(num_arrivals=consumers, num_barriers=launch.stages),  # V slot empty
         plgpu.Barrier(num_barriers=consumers),  # each consumer's turn (pingpong)
-    )
+    ]
     o_shape = (b, length, n, d) if has_tokens else (b, n, lp, d)
     kernel = plgpu.kernel(
         body,
@@ -784,7 +813,7 @@ def fpsa_forward(
             jax.ShapeDtypeStruct(o_shape, out_dtype),
             jax.ShapeDtypeStruct((b, n, lp), jnp.float32),
         ),
-        scratch_types=scratch,
+        scratch_types=tuple(scratch),
         grid=(lp // padded_tile, n, b),
         grid_names=("tile", "head", "batch"),
         num_threads=consumers + 1,
