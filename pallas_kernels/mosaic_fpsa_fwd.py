@@ -9,8 +9,7 @@ Layout: Q, K [B, N, Lp, D] and V^T [B, N, D, Lp], tile major, every tile padded 
 key_bias float32 [Lp] (0 real slot, -inf padding); key_blocks int32 [n_tiles, M] and block_count
 int32 [n_tiles] (`kernel_layout.key_block_list` with 64-slot blocks: per query tile, the key
 blocks holding a real token, -1 padded); optionally padded_blocks int32 [Lp / 64], 1 for the key
-blocks that hold padding (only those read the bias): `block_table` adds that flag to the key-block
-entries the kernel reads, one load per step for both.
+blocks that hold padding (only those read the bias).
 
 One CTA computes one query tile of one (batch, head): grid (n_tiles, N, B), Pp / 64 consumer
 warpgroups of 64 query rows each (one wgmma M) and one producer warpgroup:
@@ -85,7 +84,6 @@ BLOCK_Q = 64  # query rows per consumer warpgroup: one wgmma M
 BLOCK_KV = 64  # key slots per pipeline step
 MAX_CONSUMERS = 3  # Pp <= 192: four warpgroups are 512 threads, the register file's limit here
 HEAD_DIMS = (64, 128, 256)
-PADDED_FLAG = 1 << 30  # added to key-block table entries whose block holds padding
 
 SMEM_BYTES = 227 * 1024  # per block on sm_90, less the 1 KB the driver reserves
 # What Mosaic GPU allocates beyond the buffers `smem_bytes` counts (barriers, alignment): 2.6 KB
@@ -104,11 +102,8 @@ class MosaicLaunch:
       stages: K/V ring slots in SMEM (>= 2).
       consumer_registers, producer_registers: `setmaxnreg` targets per thread (multiples of 8;
         None leaves ptxas' allocation). The sum over warpgroups must fit 64K registers.
-      prefetch: how many steps ahead the consumers load a step's table entry, K scale and key
-        bias (0: in the step), so that these global loads leave the critical path (they cannot
-        be hoisted above a barrier wait). With 2, step j loads the table entry of step j + 2 and
-        the scale and bias of step j + 1 from the entry loaded in step j - 1: no load waits on
-        another within a step. The ping-pong and pipeline schedules load at least one ahead.
+      prefetch: load step j + 1's key tile, K scale and key bias during step j, so that their
+        global loads leave the critical path (they cannot be hoisted above a barrier wait).
       pipeline: issue step j + 1's Q.K^T wgmma before step j's softmax, so the tensor cores work
         while the warpgroup exponentiates (FlashAttention-3's intra-warpgroup overlap).
       p_in_registers: hand P to the P.V wgmma from registers instead of a round trip through
@@ -126,22 +121,17 @@ class MosaicLaunch:
         tile) computes nothing; it only waits on and releases the ring's slots (and takes its
         turns) so that the barrier counts stay static, and writes lse 0 (zero rows in the
         kernel layout).
-      scale_in_exponent: in key blocks without padding, exponentiate s * scale - shift (one
-        FFMA per score) and take the row max of the raw scores, times the scale; blocks with
-        padding add their bias first. Same row max (the scale is positive: q_scale and k_scale
-        must be, as the pre-pass's are); p' is rounded once instead of twice.
     """
 
     stages: int = 4
     consumer_registers: int | None = 160
     producer_registers: int | None = 24
-    prefetch: int = 1
+    prefetch: bool = True
     pipeline: bool = False
     p_in_registers: bool = False
     lazy_rescale: bool = False
     pingpong: bool = False
     skip_padding_rows: bool = False
-    scale_in_exponent: bool = True
 
 
 def smem_bytes(
@@ -336,24 +326,6 @@ def _rescale_where_needed(head_dim: int):
     return rescale
 
 
-def block_table(key_blocks, padded_blocks, padded_length: int) -> np.ndarray:
-    """The kernel's key-block table: key_blocks [n_tiles, M] (int32, -1 past each tile's
-    count) with PADDED_FLAG added to the entries whose block holds padding (padded_blocks
-    [Lp / 64], 1 there; None adds nothing), so that a step finds both in one load."""
-    table = np.array(key_blocks, dtype=np.int32)
-    if padded_blocks is None:
-        return table
-    padded = np.asarray(padded_blocks)
-    if padded.shape != (padded_length // BLOCK_KV,):
-        raise ValueError(
-            f"padded_blocks must be [Lp / {BLOCK_KV}] = [{padded_length // BLOCK_KV}], got "
-            f"{padded.shape}"
-        )
-    listed = table >= 0
-    table[listed] += PADDED_FLAG * (padded[table[listed]] != 0)
-    return table
-
-
 def check_operands(
     q, k, v_t, q_scale, k_scale, v_scale, key_bias, key_blocks, block_count, padded_tile: int
 ):
@@ -406,6 +378,7 @@ def _kernel_body(
     bias_ref,
     blocks_ref,
     count_ref,
+    padded_ref,
     tokens_ref,
     o_ref,
     lse_ref,
@@ -427,7 +400,6 @@ def _kernel_body(
     p_scale: float,
     launch: MosaicLaunch,
     in_place_pv: bool,
-    flags_padding: bool,
 ):
     consumers = padded_tile // BLOCK_Q
     key_blocks = padded_tile // BLOCK_KV
@@ -438,21 +410,15 @@ def _kernel_body(
         p_operand = _fp8_operand_from_accumulator() if fp8 else lambda p: p.astype(v_smem.dtype)
     head_dim = q_smem.shape[-1]
     rescale = _rescale_where_needed(head_dim) if launch.lazy_rescale else None
-    scale_in_exponent = launch.scale_in_exponent and qk_scale > 0
     u = lax.axis_index("tile")
     head = lax.axis_index("head")
     batch = lax.axis_index("batch")
     wg = lax.axis_index("wg")
     steps = count_ref[u]  # >= 1: the query tile's own tile has a real block
 
-    def entry(j):
-        """Step j's entry of the key-block table (clamped to the listed steps): the key block,
-        plus PADDED_FLAG where the block holds padding."""
-        return blocks_ref[u, jnp.minimum(j, steps - 1)]
-
-    def key_columns(e):
-        """(key tile, first slot) of the key block of table entry e."""
-        block = lax.bitwise_and(e, PADDED_FLAG - 1)
+    def key_columns(j):
+        """(key tile, first slot) of step j: the j-th listed key block of this query tile."""
+        block = blocks_ref[u, j]
         return block // key_blocks, block * BLOCK_KV
 
     @pl.when(wg < consumers)
@@ -487,36 +453,17 @@ def _kernel_body(
             plgpu.copy_gmem_to_smem(q_ref.at[batch, head, rows], q_smem.at[wg], q_ready.at[wg])
             q_scale = qs_ref[batch, head, u] * qk_scale
 
-            def inputs_of(e):
-                """(score scale, key bias [BLOCK_KV], whether the block holds padding: None
-                where the table does not say) of the key block of table entry e."""
-                key_tile, col = key_columns(e)
+            def step_inputs(j):
+                """(score scale, key bias [BLOCK_KV]) of step j."""
+                key_tile, col = key_columns(j)
                 pair_scale = q_scale * ks_ref[batch, head, key_tile]
                 load = lambda: plgpu.load(
                     bias_ref.at[pl.ds(col, BLOCK_KV)], layout=_COL, optimized=False
                 )
-                if not flags_padding:
-                    return pair_scale, load(), None
+                if padded_ref is None:
+                    return pair_scale, load()
                 zeros = lambda: plgpu.layout_cast(jnp.zeros((BLOCK_KV,), jnp.float32), _COL)
-                padded = lax.bitwise_and(e, PADDED_FLAG) != 0
-                return pair_scale, lax.cond(padded, load, zeros), padded
-
-            # Step inputs are loaded `ahead` steps early, off the critical path: the state at
-            # step j holds step j's inputs and the table entries of steps j + 1 .. j + ahead - 1,
-            # so that no load waits on another one in the same step.
-            overlapped = launch.pingpong or launch.pipeline  # these always load ahead
-            ahead = max(launch.prefetch, 1) if overlapped else launch.prefetch
-
-            def first_inputs():
-                """The prefetch state at step 0."""
-                return inputs_of(entry(0)), [entry(i) for i in range(1, ahead)]
-
-            def next_inputs(state, j):
-                """Called in step j: the state of step j + 1."""
-                _, entries = state
-                if not entries:
-                    return inputs_of(entry(j + 1)), []
-                return inputs_of(entries[0]), entries[1:] + [entry(j + ahead)]
+                return pair_scale, lax.cond(padded_ref[col // BLOCK_KV] != 0, load, zeros)
 
             def issue_scores(s_ref, j):
                 slot = lax.rem(j, stages)
@@ -540,37 +487,15 @@ def _kernel_body(
                     return m
                 return jnp.where(jnp.abs(m) < 2.0**20, m - math.log2(p_scale), m)
 
-            rows_of = lambda x: lax.broadcast_in_dim(x, (BLOCK_Q, BLOCK_KV), [0])
-
-            def with_bias(s, pair_scale, bias, m_i):
-                """(new row max m, its shift c, p' = p_scale * exp2(s - m) [BLOCK_Q, BLOCK_KV])
-                of the scaled, biased scores."""
-                s = s * pair_scale + lax.broadcast_in_dim(bias, s.shape, [1])
-                m_new = jnp.maximum(m_i, s.max(axis=1))
-                shift = exponent_shift(m_new)
-                return m_new, shift, jnp.exp2(s - rows_of(shift))
-
-            def without_bias(s, pair_scale, m_i):
-                """The same for a block without padding (bias 0): the row max of the raw scores
-                times the scale (equal, the scale being positive), and p' = exp2(s * scale - c)
-                in one FFMA per score."""
-                m_new = jnp.maximum(m_i, s.max(axis=1) * pair_scale)
-                shift = exponent_shift(m_new)
-                return m_new, shift, jnp.exp2(s * pair_scale - rows_of(shift))
-
             def softmax(s, inputs, acc, m_i, l_i):
                 """Online-softmax update with the scores of one step; P goes to this warpgroup's
                 SMEM slot. Returns the rescaled accumulator and the new row max and sum."""
-                pair_scale, bias, padded = inputs
-                if padded is None or not scale_in_exponent:
-                    m_new, shift, p = with_bias(s, pair_scale, bias, m_i)
-                else:
-                    m_new, shift, p = lax.cond(
-                        padded,
-                        lambda: with_bias(s, pair_scale, bias, m_i),
-                        lambda: without_bias(s, pair_scale, m_i),
-                    )
+                pair_scale, bias = inputs
+                s = s * pair_scale + lax.broadcast_in_dim(bias, s.shape, [1])
+                m_new = jnp.maximum(m_i, s.max(axis=1))
+                shift = exponent_shift(m_new)
                 alpha = jnp.exp2(exponent_shift(m_i) - shift)
+                p = jnp.exp2(s - lax.broadcast_in_dim(shift, s.shape, [0]))  # p_scale * exp2(s - m)
                 l_i = l_i * alpha + p.sum(axis=1)
                 alpha = lax.broadcast_in_dim(alpha, acc.shape, [0])
                 acc = acc * alpha if rescale is None else rescale(acc, alpha)
@@ -618,20 +543,21 @@ def _kernel_body(
                     pass_turn()
                     return s_ref[...]
 
-                state = first_inputs()
+                inputs = step_inputs(0)
                 plgpu.barrier_wait(turn.at[wg])
                 s = pl.run_scoped(first_scores, plgpu.ACC((BLOCK_Q, BLOCK_KV), jnp.float32))
                 plgpu.barrier_arrive(k_empty.at[0])
-                inputs, state = state[0], next_inputs(state, 0)
+                next_inputs = step_inputs(jnp.minimum(1, steps - 1))
                 acc, m_i, l_i, p = softmax(s, inputs, acc, m_i, l_i)
                 # P from registers is loop state; P in SMEM is this consumer's slot, not carried.
                 p_state = p if p_operand is not None else None
                 p_of = lambda p_state: p_state if p_operand is not None else p_smem.at[wg]
 
                 def step(j, carry):
-                    acc, m_i, l_i, p_state, state = carry
+                    acc, m_i, l_i, p_state, inputs = carry
                     p = p_of(p_state)
-                    inputs, state = state[0], next_inputs(state, j)  # loads for later steps
+                    # Loaded early: off the critical path.
+                    next_inputs = step_inputs(jnp.minimum(j + 1, steps - 1))
 
                     def products(s_ref):
                         plgpu.barrier_wait(turn.at[wg])
@@ -642,9 +568,9 @@ def _kernel_body(
                     acc, s = pl.run_scoped(products, plgpu.ACC((BLOCK_Q, BLOCK_KV), jnp.float32))
                     plgpu.barrier_arrive(k_empty.at[lax.rem(j, stages)])
                     acc, m_i, l_i, p = softmax(s, inputs, acc, m_i, l_i)
-                    return acc, m_i, l_i, p if p_operand is not None else None, state
+                    return acc, m_i, l_i, p if p_operand is not None else None, next_inputs
 
-                carry = (acc, m_i, l_i, p_state, state)
+                carry = (acc, m_i, l_i, p_state, next_inputs)
                 acc, m_i, l_i, p_state, _ = lax.fori_loop(1, steps, step, carry)
                 plgpu.barrier_wait(turn.at[wg])
                 acc = weighted_values(acc, p_of(p_state), steps - 1, after_issue=pass_turn)
@@ -653,8 +579,8 @@ def _kernel_body(
                 # Step j's softmax runs while step j + 1's scores are computed; the last step has no
                 # successor and runs on its own.
                 def step(j, carry):
-                    acc, m_i, l_i, s, state = carry
-                    inputs, state = state[0], next_inputs(state, j)
+                    acc, m_i, l_i, s, inputs = carry
+                    next_inputs = step_inputs(j + 1)
 
                     def overlapped(s_next_ref):
                         issue_scores(s_next_ref, j + 1)
@@ -666,25 +592,25 @@ def _kernel_body(
                         overlapped, plgpu.ACC((BLOCK_Q, BLOCK_KV), jnp.float32)
                     )
                     plgpu.barrier_arrive(k_empty.at[lax.rem(j + 1, stages)])
-                    return acc, m_i, l_i, s, state
+                    return acc, m_i, l_i, s, next_inputs
 
-                carry = (acc, m_i, l_i, scores(0), first_inputs())
-                acc, m_i, l_i, s, state = lax.fori_loop(0, steps - 1, step, carry)
-                acc, m_i, l_i, p = softmax(s, state[0], acc, m_i, l_i)
+                carry = (acc, m_i, l_i, scores(0), step_inputs(0))
+                acc, m_i, l_i, s, inputs = lax.fori_loop(0, steps - 1, step, carry)
+                acc, m_i, l_i, p = softmax(s, inputs, acc, m_i, l_i)
                 acc = weighted_values(acc, p, steps - 1)
             else:
 
                 def step(j, carry):
-                    acc, m_i, l_i, state = carry
+                    acc, m_i, l_i, inputs = carry
                     s = scores(j)
-                    if ahead:
-                        inputs, state = state[0], next_inputs(state, j)
+                    if launch.prefetch:
+                        next_inputs = step_inputs(jnp.minimum(j + 1, steps - 1))
                     else:
-                        inputs = inputs_of(entry(j))
+                        inputs = next_inputs = step_inputs(j)
                     acc, m_i, l_i, p = softmax(s, inputs, acc, m_i, l_i)
-                    return weighted_values(acc, p, j), m_i, l_i, state
+                    return weighted_values(acc, p, j), m_i, l_i, next_inputs
 
-                carry = (acc, m_i, l_i, first_inputs() if ahead else None)
+                carry = (acc, m_i, l_i, step_inputs(0))
                 acc, m_i, l_i, _ = lax.fori_loop(0, steps, step, carry)
 
             v_scale = plgpu.load(vs_ref.at[batch, head], layout=_COL, optimized=False)
@@ -740,7 +666,7 @@ def _kernel_body(
             plgpu.set_max_registers(launch.producer_registers, action="decrease")
 
         def issue(j, slot):
-            _, col = key_columns(entry(j))
+            _, col = key_columns(j)
             keys = pl.ds(col, BLOCK_KV)
             plgpu.copy_gmem_to_smem(k_ref.at[batch, head, keys], k_smem.at[slot], k_full.at[slot])
             plgpu.copy_gmem_to_smem(
@@ -849,18 +775,18 @@ def fpsa_forward(
         launch=launch,
         in_place_pv=not interpret,
     )
-    has_tokens = slot_token is not None
-    static.update(flags_padding=padded_blocks is not None)
-    inputs = 9 + has_tokens
+    has_padded, has_tokens = padded_blocks is not None, slot_token is not None
+    inputs = 9 + has_padded + has_tokens
 
-    def body(*refs):  # tokens_ref, p_smem / o_smem are None where not used
-        tokens = refs[9] if has_tokens else None
+    def body(*refs):  # padded_ref / tokens_ref, p_smem / o_smem are None where not used
+        padded = refs[9] if has_padded else None
+        tokens = refs[9 + has_padded] if has_tokens else None
         outputs_and_smem = list(refs[inputs:])  # o, lse, q_smem, k_smem, v_smem, [p_smem], ...
         if launch.p_in_registers:
             outputs_and_smem.insert(5, None)
         if has_tokens:  # the token-order store writes from registers: no output staging
             outputs_and_smem.insert(6, None)
-        _kernel_body(*refs[:9], tokens, *outputs_and_smem, **static)
+        _kernel_body(*refs[:9], padded, tokens, *outputs_and_smem, **static)
 
     scratch = [
         _smem((consumers, BLOCK_Q, d), q.dtype),  # Q rows of each consumer
@@ -897,9 +823,16 @@ def fpsa_forward(
         interpret=plgpu.InterpretGPUParams() if interpret else None,
     )
     tables = [
-        jnp.asarray(block_table(key_blocks, padded_blocks, lp)),
+        jnp.asarray(np.ascontiguousarray(key_blocks, dtype=np.int32)),
         jnp.asarray(np.ascontiguousarray(block_count, dtype=np.int32)),
     ]
+    if padded_blocks is not None:
+        if np.shape(padded_blocks) != (lp // BLOCK_KV,):
+            raise ValueError(
+                f"padded_blocks must be [Lp / {BLOCK_KV}] = [{lp // BLOCK_KV}], got "
+                f"{np.shape(padded_blocks)}"
+            )
+        tables.append(jnp.asarray(np.ascontiguousarray(padded_blocks, dtype=np.int32)))
     if has_tokens:
         tables.append(jnp.asarray(np.ascontiguousarray(slot_token, dtype=np.int32)))
     return kernel(q, k, v_t, q_scale, k_scale, v_scale, key_bias, *tables)

@@ -81,23 +81,6 @@ def _forward(ops, **kwargs):
     return mf.fpsa_forward(*args, table, count, **{**defaults, **kwargs})
 
 
-def test_block_table_flags_exactly_the_listed_blocks_holding_padding():
-    grid, tile, window = (4, 9, 10), (3, 8, 8), (1, 1, 2)
-    blocks = key_block_list(grid, tile, window, 192, mf.BLOCK_KV)
-    padded = padded_key_blocks(grid, tile, 192, mf.BLOCK_KV)
-    lp = len(padded) * mf.BLOCK_KV
-    table = mf.block_table(blocks.blocks, padded, lp)
-    listed = blocks.blocks >= 0
-    assert (table[~listed] == -1).all()
-    flagged = (table & mf.PADDED_FLAG) != 0
-    np.testing.assert_array_equal(flagged[listed], padded[blocks.blocks[listed]] == 1)
-    assert flagged[listed].any() and not flagged[listed].all()
-    np.testing.assert_array_equal(table[listed] & (mf.PADDED_FLAG - 1), blocks.blocks[listed])
-    np.testing.assert_array_equal(mf.block_table(blocks.blocks, None, lp), blocks.blocks)
-    with pytest.raises(ValueError, match="padded_blocks must be"):
-        mf.block_table(blocks.blocks, padded[:-1], lp)
-
-
 def test_kernel_rejects_operands_it_cannot_take():
     ops = _operands()
     with pytest.raises(ValueError, match=r"v_t must be \[B, N, D, Lp\]"):
@@ -153,7 +136,7 @@ def test_interpreter_refuses_inline_mosaic_code(options):
         ("fp8", {}),
         ("none", {}),
         ("fp8", dict(slot_token=np.arange(192, dtype=np.int32))),
-        ("fp8", dict(launch=mf.MosaicLaunch(pipeline=True, prefetch=2, stages=2))),
+        ("fp8", dict(launch=mf.MosaicLaunch(pipeline=True, prefetch=False, stages=2))),
     ],
     ids=["fp8", "bf16", "token-order-store", "pipeline"],
 )
@@ -195,18 +178,14 @@ def test_interpreter_warns_where_the_cpu_pool_can_deadlock(monkeypatch, env, war
         mf.MosaicLaunch(pingpong=True),
         mf.MosaicLaunch(skip_padding_rows=True),
         mf.MosaicLaunch(pingpong=True, skip_padding_rows=True),
-        mf.MosaicLaunch(pingpong=True, skip_padding_rows=True, prefetch=2),
-        mf.MosaicLaunch(prefetch=2, scale_in_exponent=False),
     ],
-    ids=["pingpong", "skip_padding_rows", "both", "both-prefetch-2", "prefetch-2-no-fold"],
+    ids=["pingpong", "skip_padding_rows", "both"],
 )
 def test_schedules_compute_what_the_default_does_in_the_interpreter(launch):
-    """The turn ring only reorders when each consumer issues its products, a consumer of
-    padding rows only paces the ring, loading step inputs two steps ahead only moves loads, and
-    the score scale in the exponent only drops a rounding the interpreter does not make: same
-    values, and the barriers (checked by the interpreter) neither deadlock nor leave a phase
-    unwaited. W = 10 leaves edge tiles of 48 real tokens, whose second and third consumers hold
-    only padding."""
+    """The turn ring only reorders when each consumer issues its products, and a consumer of
+    padding rows only paces the ring: same values, and the barriers (checked by the
+    interpreter) neither deadlock nor leave a phase unwaited. W = 10 leaves edge tiles of 48
+    real tokens, whose second and third consumers hold only padding."""
     grid, config = (4, 9, 10), FPSAConfig(tile=(3, 8, 8), window=(1, 1, 1), quant="fp8")
     keys = jax.random.split(jax.random.key(3), 3)
     q, k, v = (jax.random.normal(kk, (1, math.prod(grid), 1, 64), jnp.bfloat16) for kk in keys)
@@ -266,9 +245,7 @@ def test_impl_rejects_inputs_before_touching_a_gpu(config, dtype, d, error, matc
     [
         mf.MosaicLaunch(stages=2),
         mf.MosaicLaunch(stages=6),
-        mf.MosaicLaunch(prefetch=0),
-        mf.MosaicLaunch(prefetch=2),
-        mf.MosaicLaunch(pingpong=True, lazy_rescale=True, p_in_registers=True, prefetch=2),
+        mf.MosaicLaunch(prefetch=False),
         mf.MosaicLaunch(pipeline=True),
         mf.MosaicLaunch(p_in_registers=True),
         mf.MosaicLaunch(consumer_registers=None, producer_registers=None),
@@ -276,7 +253,6 @@ def test_impl_rejects_inputs_before_touching_a_gpu(config, dtype, d, error, matc
         mf.MosaicLaunch(pingpong=True),
         mf.MosaicLaunch(pingpong=True, lazy_rescale=True, p_in_registers=True),
         mf.MosaicLaunch(skip_padding_rows=True),
-        mf.MosaicLaunch(scale_in_exponent=False),
         mf.MosaicLaunch(
             pingpong=True, lazy_rescale=True, p_in_registers=True, skip_padding_rows=True
         ),
