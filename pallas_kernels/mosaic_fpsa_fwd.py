@@ -65,7 +65,6 @@ pool is smaller than the warpgroups plus two (the tests set PJRT_NPROC=8).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import os
 import warnings
@@ -88,7 +87,7 @@ HEAD_DIMS = (64, 128, 256)
 
 SMEM_BYTES = 227 * 1024  # per block on sm_90, less the 1 KB the driver reserves
 # What Mosaic GPU allocates beyond the buffers `smem_bytes` counts (barriers, alignment): 2.6 KB
-# at FP8, 8 stages, 2 blocks per step, kernel-layout store (232,752 bytes against 230,144).
+# in a build with 38 barriers and 224.75 KB of buffers (232,752 bytes allocated).
 SMEM_OVERHEAD = 4096
 
 _ROW = plgpu.Layout.WGMMA.reduce(1)
@@ -122,12 +121,6 @@ class MosaicLaunch:
         tile) computes nothing; it only waits on and releases the ring's slots (and takes its
         turns) so that the barrier counts stay static, and writes lse 0 (zero rows in the
         kernel layout).
-      blocks_per_step: key blocks (ring slots) each consumer step takes, 1 or 2: with 2 a step
-        runs the softmax over 128 keys, so its fixed work (barrier waits, the running max and
-        alpha, the accumulator's rescale, the turn) is paid once per 128 keys. Where a query
-        tile lists an odd number of blocks, the producer repeats its last block in the last
-        step and the consumers mask that copy (-inf bias). Needs stages >= 2 * blocks_per_step
-        (a consumer holds one step's V slots while it waits for the next step's K).
     """
 
     stages: int = 4
@@ -139,7 +132,6 @@ class MosaicLaunch:
     lazy_rescale: bool = False
     pingpong: bool = False
     skip_padding_rows: bool = False
-    blocks_per_step: int = 1
 
 
 def smem_bytes(
@@ -158,7 +150,7 @@ def smem_bytes(
     item, out_item = jnp.dtype(dtype).itemsize, jnp.dtype(out_dtype).itemsize
     rows = consumers * BLOCK_Q
     ring = launch.stages * 2 * BLOCK_KV * head_dim * item
-    p = 0 if launch.p_in_registers else rows * launch.blocks_per_step * BLOCK_KV * item
+    p = 0 if launch.p_in_registers else rows * BLOCK_KV * item
     out = 0 if token_order else rows * head_dim * out_item
     return rows * head_dim * item + ring + p + out + rows * 4 + SMEM_OVERHEAD
 
@@ -422,20 +414,12 @@ def _kernel_body(
     head = lax.axis_index("head")
     batch = lax.axis_index("batch")
     wg = lax.axis_index("wg")
-    per_step = launch.blocks_per_step
-    listed = count_ref[u]  # >= 1: the query tile's own tile has a real block
-    steps = (listed + per_step - 1) // per_step  # consumer steps
-    ring_blocks = steps * per_step  # blocks through the ring: the last step's gaps repeat a block
+    steps = count_ref[u]  # >= 1: the query tile's own tile has a real block
 
-    def key_columns(b):
-        """(key tile, first slot) of ring block b: the b-th listed key block of this query tile
-        (the last one for the repeats that fill the last step)."""
-        block = blocks_ref[u, jnp.minimum(b, listed - 1)]
+    def key_columns(j):
+        """(key tile, first slot) of step j: the j-th listed key block of this query tile."""
+        block = blocks_ref[u, j]
         return block // key_blocks, block * BLOCK_KV
-
-    def step_slots(j):
-        """The ring slots of step j's key blocks."""
-        return [lax.rem(j * per_step + i, stages) for i in range(per_step)]
 
     @pl.when(wg < consumers)
     def _consumer():
@@ -469,53 +453,32 @@ def _kernel_body(
             plgpu.copy_gmem_to_smem(q_ref.at[batch, head, rows], q_smem.at[wg], q_ready.at[wg])
             q_scale = qs_ref[batch, head, u] * qk_scale
 
-            vector = lambda x: plgpu.layout_cast(jnp.full((BLOCK_KV,), x, jnp.float32), _COL)
-
-            def block_inputs(b):
-                """(score scale, key bias [BLOCK_KV]) of ring block b."""
-                key_tile, col = key_columns(b)
+            def step_inputs(j):
+                """(score scale, key bias [BLOCK_KV]) of step j."""
+                key_tile, col = key_columns(j)
                 pair_scale = q_scale * ks_ref[batch, head, key_tile]
                 load = lambda: plgpu.load(
                     bias_ref.at[pl.ds(col, BLOCK_KV)], layout=_COL, optimized=False
                 )
                 if padded_ref is None:
                     return pair_scale, load()
-                return pair_scale, lax.cond(
-                    padded_ref[col // BLOCK_KV] != 0, load, lambda: vector(0.0)
-                )
+                zeros = lambda: plgpu.layout_cast(jnp.zeros((BLOCK_KV,), jnp.float32), _COL)
+                return pair_scale, lax.cond(padded_ref[col // BLOCK_KV] != 0, load, zeros)
 
-            def step_inputs(j):
-                """[(score scale, key bias [BLOCK_KV])] of step j's blocks; a repeated block
-                (past the listed ones) is masked by a bias of -inf."""
-                inputs = [block_inputs(j * per_step)]
-                for i in range(1, per_step):
-                    b = j * per_step + i
-                    pair_scale, bias = block_inputs(b)
-                    bias = lax.cond(b < listed, lambda bias=bias: bias, lambda: vector(-jnp.inf))
-                    inputs.append((pair_scale, bias))
-                return inputs
-
-            score_types = [plgpu.ACC((BLOCK_Q, BLOCK_KV), jnp.float32)] * per_step
-
-            def issue_scores(s_refs, j):
-                for s_ref, slot in zip(s_refs, step_slots(j), strict=True):
-                    plgpu.barrier_wait(k_full.at[slot])
-                    plgpu.wgmma(s_ref, q_smem.at[wg], k_smem.at[slot].T)
-
-            def release_keys(j):
-                for slot in step_slots(j):
-                    plgpu.barrier_arrive(k_empty.at[slot])
+            def issue_scores(s_ref, j):
+                slot = lax.rem(j, stages)
+                plgpu.barrier_wait(k_full.at[slot])
+                plgpu.wgmma(s_ref, q_smem.at[wg], k_smem.at[slot].T)
 
             def scores(j):
-                """[Q.K^T [BLOCK_Q, BLOCK_KV] float32] of step j's blocks, waited for; their K
-                slots released."""
+                """Q.K^T of step j [BLOCK_Q, BLOCK_KV] float32, waited for; K's slot released."""
 
-                def run(*s_refs):
-                    issue_scores(s_refs, j)
-                    return [s_ref[...] for s_ref in s_refs]
+                def run(s_ref):
+                    issue_scores(s_ref, j)
+                    return s_ref[...]
 
-                s = pl.run_scoped(run, *score_types)
-                release_keys(j)
+                s = pl.run_scoped(run, plgpu.ACC((BLOCK_Q, BLOCK_KV), jnp.float32))
+                plgpu.barrier_arrive(k_empty.at[lax.rem(j, stages)])
                 return s
 
             def exponent_shift(m):
@@ -524,56 +487,45 @@ def _kernel_body(
                     return m
                 return jnp.where(jnp.abs(m) < 2.0**20, m - math.log2(p_scale), m)
 
-            p_slots = (
-                None if p_smem is None else [p_smem.at[wg * per_step + i] for i in range(per_step)]
-            )
-
             def softmax(s, inputs, acc, m_i, l_i):
-                """Online-softmax update with the scores of one step ([BLOCK_Q, BLOCK_KV] per
-                block); P goes to registers or this warpgroup's SMEM slots. Returns the rescaled
-                accumulator, the new row max and sum, and [P] per block."""
-                s = [
-                    x * pair_scale + lax.broadcast_in_dim(bias, x.shape, [1])
-                    for x, (pair_scale, bias) in zip(s, inputs, strict=True)
-                ]
-                m_new = jnp.maximum(m_i, functools.reduce(jnp.maximum, s).max(axis=1))
+                """Online-softmax update with the scores of one step; P goes to this warpgroup's
+                SMEM slot. Returns the rescaled accumulator and the new row max and sum."""
+                pair_scale, bias = inputs
+                s = s * pair_scale + lax.broadcast_in_dim(bias, s.shape, [1])
+                m_new = jnp.maximum(m_i, s.max(axis=1))
                 shift = exponent_shift(m_new)
                 alpha = jnp.exp2(exponent_shift(m_i) - shift)
-                shift = lax.broadcast_in_dim(shift, s[0].shape, [0])
-                p = [jnp.exp2(x - shift) for x in s]  # p_scale * exp2(s - m)
-                l_i = l_i * alpha + functools.reduce(jnp.add, p).sum(axis=1)
+                p = jnp.exp2(s - lax.broadcast_in_dim(shift, s.shape, [0]))  # p_scale * exp2(s - m)
+                l_i = l_i * alpha + p.sum(axis=1)
                 alpha = lax.broadcast_in_dim(alpha, acc.shape, [0])
                 acc = acc * alpha if rescale is None else rescale(acc, alpha)
                 if p_operand is not None:
-                    return acc, m_new, l_i, [p_operand(x) for x in p]
-                for x, slot in zip(p, p_slots, strict=True):
-                    slot[...] = x.astype(p_smem.dtype)
+                    return acc, m_new, l_i, p_operand(p)
+                p_smem[wg] = p.astype(p_smem.dtype)
                 plgpu.commit_smem()  # P's stores visible to the wgmma that reads them
-                return acc, m_new, l_i, p_slots
+                return acc, m_new, l_i, p_smem.at[wg]
 
             def weighted_values(acc, p, j, after_issue=lambda: None):
-                """acc + P.V of step j ([P] per block, in SMEM or registers), waited for (and
-                every wgmma issued before it); the V slots released. after_issue() runs once the
-                wgmmas are issued."""
-                slots = step_slots(j)
-
-                def issue(acc_ref):
-                    for p_block, slot in zip(p, slots, strict=True):
-                        plgpu.barrier_wait(v_full.at[slot])
-                        plgpu.wgmma(acc_ref, p_block, v_smem.at[slot].T)
-                    after_issue()
-
+                """acc + P.V of step j (P in SMEM or registers), waited for (and every wgmma issued
+                before it); V's slot released. after_issue() runs once the wgmma is issued."""
+                slot = lax.rem(j, stages)
+                plgpu.barrier_wait(v_full.at[slot])
                 if in_place_pv:
-                    acc = pl.run_state(issue)(plgpu.ACC.init(acc))
+
+                    def accumulate(acc_ref):
+                        plgpu.wgmma(acc_ref, p, v_smem.at[slot].T)
+                        after_issue()
+
+                    acc = pl.run_state(accumulate)(plgpu.ACC.init(acc))
                 else:
 
                     def product(pv_ref):
-                        issue(pv_ref)
+                        plgpu.wgmma(pv_ref, p, v_smem.at[slot].T)
+                        after_issue()
                         return pv_ref[...]
 
                     acc = acc + pl.run_scoped(product, plgpu.ACC((BLOCK_Q, head_dim), jnp.float32))
-                for slot in slots:
-                    plgpu.barrier_arrive(v_empty.at[slot])
+                plgpu.barrier_arrive(v_empty.at[slot])
                 return acc
 
             m_i = plgpu.layout_cast(jnp.full((BLOCK_Q,), -1e30, jnp.float32), _ROW)
@@ -586,20 +538,20 @@ def _kernel_body(
                 # one right after issuing, so one consumer's softmax overlaps the others' wgmmas.
                 # Step j issues Q.K^T of j and P.V of j - 1 together; the last P.V runs alone.
 
-                def first_scores(*s_refs):
-                    issue_scores(s_refs, 0)
+                def first_scores(s_ref):
+                    issue_scores(s_ref, 0)
                     pass_turn()
-                    return [s_ref[...] for s_ref in s_refs]
+                    return s_ref[...]
 
                 inputs = step_inputs(0)
                 plgpu.barrier_wait(turn.at[wg])
-                s = pl.run_scoped(first_scores, *score_types)
-                release_keys(0)
+                s = pl.run_scoped(first_scores, plgpu.ACC((BLOCK_Q, BLOCK_KV), jnp.float32))
+                plgpu.barrier_arrive(k_empty.at[0])
                 next_inputs = step_inputs(jnp.minimum(1, steps - 1))
                 acc, m_i, l_i, p = softmax(s, inputs, acc, m_i, l_i)
-                # P from registers is loop state; P in SMEM is this consumer's slots, not carried.
+                # P from registers is loop state; P in SMEM is this consumer's slot, not carried.
                 p_state = p if p_operand is not None else None
-                p_of = lambda p_state: p_state if p_operand is not None else p_slots
+                p_of = lambda p_state: p_state if p_operand is not None else p_smem.at[wg]
 
                 def step(j, carry):
                     acc, m_i, l_i, p_state, inputs = carry
@@ -607,14 +559,14 @@ def _kernel_body(
                     # Loaded early: off the critical path.
                     next_inputs = step_inputs(jnp.minimum(j + 1, steps - 1))
 
-                    def products(*s_refs):
+                    def products(s_ref):
                         plgpu.barrier_wait(turn.at[wg])
-                        issue_scores(s_refs, j)
+                        issue_scores(s_ref, j)
                         acc_ = weighted_values(acc, p, j - 1, after_issue=pass_turn)
-                        return acc_, [s_ref[...] for s_ref in s_refs]
+                        return acc_, s_ref[...]
 
-                    acc, s = pl.run_scoped(products, *score_types)
-                    release_keys(j)
+                    acc, s = pl.run_scoped(products, plgpu.ACC((BLOCK_Q, BLOCK_KV), jnp.float32))
+                    plgpu.barrier_arrive(k_empty.at[lax.rem(j, stages)])
                     acc, m_i, l_i, p = softmax(s, inputs, acc, m_i, l_i)
                     return acc, m_i, l_i, p if p_operand is not None else None, next_inputs
 
@@ -630,14 +582,16 @@ def _kernel_body(
                     acc, m_i, l_i, s, inputs = carry
                     next_inputs = step_inputs(j + 1)
 
-                    def overlapped(*s_next_refs):
-                        issue_scores(s_next_refs, j + 1)
+                    def overlapped(s_next_ref):
+                        issue_scores(s_next_ref, j + 1)
                         acc_, m_, l_, p = softmax(s, inputs, acc, m_i, l_i)
                         acc_ = weighted_values(acc_, p, j)
-                        return acc_, m_, l_, [s_ref[...] for s_ref in s_next_refs]
+                        return acc_, m_, l_, s_next_ref[...]
 
-                    acc, m_i, l_i, s = pl.run_scoped(overlapped, *score_types)
-                    release_keys(j + 1)
+                    acc, m_i, l_i, s = pl.run_scoped(
+                        overlapped, plgpu.ACC((BLOCK_Q, BLOCK_KV), jnp.float32)
+                    )
+                    plgpu.barrier_arrive(k_empty.at[lax.rem(j + 1, stages)])
                     return acc, m_i, l_i, s, next_inputs
 
                 carry = (acc, m_i, l_i, scores(0), step_inputs(0))
@@ -670,9 +624,8 @@ def _kernel_body(
             layout)."""
 
             def release(j, full, empty):
-                for slot in step_slots(j):
-                    plgpu.barrier_wait(full.at[slot])
-                    plgpu.barrier_arrive(empty.at[slot])
+                plgpu.barrier_wait(full.at[lax.rem(j, stages)])
+                plgpu.barrier_arrive(empty.at[lax.rem(j, stages)])
 
             if launch.pingpong:  # steps + 1 turns, V one step behind K, as in _attend
 
@@ -712,29 +665,29 @@ def _kernel_body(
         if launch.producer_registers:
             plgpu.set_max_registers(launch.producer_registers, action="decrease")
 
-        def issue(b, slot):
-            _, col = key_columns(b)
+        def issue(j, slot):
+            _, col = key_columns(j)
             keys = pl.ds(col, BLOCK_KV)
             plgpu.copy_gmem_to_smem(k_ref.at[batch, head, keys], k_smem.at[slot], k_full.at[slot])
             plgpu.copy_gmem_to_smem(
                 vt_ref.at[batch, head, :, keys], v_smem.at[slot], v_full.at[slot]
             )
 
-        for b in range(stages):  # the first fills, each only where the tile has that many
-            pl.when(b < ring_blocks)(lambda b=b: issue(b, b))
+        for j in range(stages):  # the first fills, each only where the tile has that many
+            pl.when(j < steps)(lambda j=j: issue(j, j))
 
-        @pl.loop(stages, jnp.maximum(ring_blocks, stages))
-        def _refill(b):
-            slot = lax.rem(b, stages)
+        @pl.loop(stages, jnp.maximum(steps, stages))
+        def _refill(j):
+            slot = lax.rem(j, stages)
             plgpu.barrier_wait(k_empty.at[slot])
             plgpu.barrier_wait(v_empty.at[slot])
-            issue(b, slot)
+            issue(j, slot)
 
         # Observe the consumers' last releases too, so every barrier phase is waited for
         # (the interpreter checks it; on the GPU this only delays the producer's exit).
-        @pl.loop(jnp.maximum(ring_blocks - stages, 0), ring_blocks)
-        def _drain(b):
-            slot = lax.rem(b, stages)
+        @pl.loop(jnp.maximum(steps - stages, 0), steps)
+        def _drain(j):
+            slot = lax.rem(j, stages)
             plgpu.barrier_wait(k_empty.at[slot])
             plgpu.barrier_wait(v_empty.at[slot])
 
@@ -788,15 +741,8 @@ def fpsa_forward(
         raise ValueError(f"P's static scale must be positive, got {p_scale}")
     b, n, lp, d = q.shape
     launch = launch or default_launch(padded_tile, d, q.dtype, out_dtype, interpret=interpret)
-    if launch.blocks_per_step not in (1, 2):
-        raise ValueError(
-            f"MosaicLaunch.blocks_per_step must be 1 or 2, got {launch.blocks_per_step}"
-        )
-    if launch.stages < 2 * launch.blocks_per_step:
-        raise ValueError(
-            f"MosaicLaunch.stages must be >= 2 * blocks_per_step = {2 * launch.blocks_per_step}, "
-            f"got {launch.stages}"
-        )
+    if launch.stages < 2:
+        raise ValueError(f"MosaicLaunch.stages must be >= 2, got {launch.stages}")
     if launch.pingpong and launch.pipeline:
         raise ValueError("MosaicLaunch: pingpong and pipeline are two schedules; pick one")
     if interpret and (launch.lazy_rescale or launch.p_in_registers or slot_token is not None):
@@ -813,9 +759,8 @@ def fpsa_forward(
         length = int(slot_token.max()) + 1
         if np.count_nonzero(slot_token >= 0) != length:
             raise ValueError("slot_token must hold each token 0..L-1 exactly once")
-    need = smem_bytes(
-        launch, padded_tile, d, q.dtype, out_dtype, token_order=slot_token is not None
-    )
+    token_order = slot_token is not None
+    need = smem_bytes(launch, padded_tile, d, q.dtype, out_dtype, token_order=token_order)
     if need > SMEM_BYTES:
         raise ValueError(
             f"{launch} needs {need} bytes of SMEM at Pp = {padded_tile}, D = {d}, {q.dtype} "
@@ -836,20 +781,23 @@ def fpsa_forward(
     def body(*refs):  # padded_ref / tokens_ref, p_smem / o_smem are None where not used
         padded = refs[9] if has_padded else None
         tokens = refs[9 + has_padded] if has_tokens else None
-        outputs_and_smem = list(refs[inputs:])
+        outputs_and_smem = list(refs[inputs:])  # o, lse, q_smem, k_smem, v_smem, [p_smem], ...
         if launch.p_in_registers:
             outputs_and_smem.insert(5, None)
         if has_tokens:  # the token-order store writes from registers: no output staging
             outputs_and_smem.insert(6, None)
         _kernel_body(*refs[:9], padded, tokens, *outputs_and_smem, **static)
 
-    p_slots = (consumers * launch.blocks_per_step, BLOCK_Q, BLOCK_KV)
-    scratch = (
+    scratch = [
         _smem((consumers, BLOCK_Q, d), q.dtype),  # Q rows of each consumer
         _smem((launch.stages, BLOCK_KV, d), k.dtype),  # K ring
         _smem((launch.stages, d, BLOCK_KV), v_t.dtype),  # V^T ring
-        *([] if launch.p_in_registers else [_smem(p_slots, v_t.dtype)]),  # P
-        *([] if has_tokens else [_smem((consumers, BLOCK_Q, d), out_dtype)]),  # output staging
+    ]
+    if not launch.p_in_registers:
+        scratch.append(_smem((consumers, BLOCK_Q, BLOCK_KV), v_t.dtype))  # P of each consumer
+    if not has_tokens:
+        scratch.append(_smem((consumers, BLOCK_Q, d), out_dtype))  # output staging
+    scratch += [
         plgpu.SMEM((consumers, BLOCK_Q), jnp.float32),  # lse staging
         plgpu.Barrier(num_barriers=consumers),  # Q landed
         plgpu.Barrier(num_barriers=launch.stages),  # K slot full
@@ -857,7 +805,7 @@ def fpsa_forward(
         plgpu.Barrier(num_arrivals=consumers, num_barriers=launch.stages),  # K slot empty
         plgpu.Barrier(num_arrivals=consumers, num_barriers=launch.stages),  # V slot empty
         plgpu.Barrier(num_barriers=consumers),  # each consumer's turn (pingpong)
-    )
+    ]
     o_shape = (b, length, n, d) if has_tokens else (b, n, lp, d)
     kernel = plgpu.kernel(
         body,
@@ -865,7 +813,7 @@ def fpsa_forward(
             jax.ShapeDtypeStruct(o_shape, out_dtype),
             jax.ShapeDtypeStruct((b, n, lp), jnp.float32),
         ),
-        scratch_types=scratch,
+        scratch_types=tuple(scratch),
         grid=(lp // padded_tile, n, b),
         grid_names=("tile", "head", "batch"),
         num_threads=consumers + 1,
