@@ -46,6 +46,14 @@ LAUNCHES = (
     Launch(pingpong=True, lazy_rescale=True, p_in_registers=True),
     Launch(pingpong=True, lazy_rescale=True, p_in_registers=True, skip_padding_rows=True),
     Launch(pingpong=True, lazy_rescale=True, skip_padding_rows=True),
+    # The default with one persistent CTA per SM (132 on the H100 / H200).
+    Launch(
+        pingpong=True,
+        lazy_rescale=True,
+        p_in_registers=True,
+        skip_padding_rows=True,
+        persistent_ctas=132,
+    ),
 )
 
 

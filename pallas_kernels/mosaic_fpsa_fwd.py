@@ -51,7 +51,9 @@ ring slot, since the "empty" barriers count every consumer's arrival.
 Schedules (`MosaicLaunch`): by default each consumer runs its steps on its own; `pingpong` makes
 the consumers take turns issuing their wgmmas (step j's Q.K^T with step j - 1's P.V), so that one
 consumer's softmax overlaps the others' products on the tensor cores; `lazy_rescale` skips the
-accumulator's multiplication by alpha in warps where no row's max moved.
+accumulator's multiplication by alpha in warps where no row's max moved; `persistent_ctas`
+launches one wave of CTAs that each walk many (tile, head, batch) items through one K/V ring and
+one turn ring, the last consumer's final hand-over of an item being the next item's first turn.
 
 `interpret=True` runs the kernel in Mosaic GPU's interpreter (CPU): the CI tests use it. There the
 P.V product goes to a fresh accumulator that is then added (the interpreter cannot run an
@@ -121,6 +123,11 @@ class MosaicLaunch:
         tile) computes nothing; it only waits on and releases the ring's slots (and takes its
         turns) so that the barrier counts stay static, and writes lse 0 (zero rows in the
         kernel layout).
+      persistent_ctas: None launches one CTA per (query tile, head, batch). An int G launches
+        min(G, items) CTAs (the SM count: one wave) that each walk the items cta, cta + G, ...
+        in tile-fastest order with one K/V ring through all of them, so the producer loads the
+        next item's first blocks while the consumers finish the current one (its last products,
+        the output store), instead of a new CTA starting from an empty ring.
     """
 
     stages: int = 4
@@ -132,6 +139,7 @@ class MosaicLaunch:
     lazy_rescale: bool = False
     pingpong: bool = False
     skip_padding_rows: bool = False
+    persistent_ctas: int | None = None
 
 
 def smem_bytes(
@@ -400,6 +408,7 @@ def _kernel_body(
     p_scale: float,
     launch: MosaicLaunch,
     in_place_pv: bool,
+    ctas: int | None,
 ):
     consumers = padded_tile // BLOCK_Q
     key_blocks = padded_tile // BLOCK_KV
@@ -410,21 +419,47 @@ def _kernel_body(
         p_operand = _fp8_operand_from_accumulator() if fp8 else lambda p: p.astype(v_smem.dtype)
     head_dim = q_smem.shape[-1]
     rescale = _rescale_where_needed(head_dim) if launch.lazy_rescale else None
-    u = lax.axis_index("tile")
-    head = lax.axis_index("head")
-    batch = lax.axis_index("batch")
+    if ctas is None:  # one CTA per grid cell
+        cell = [lax.axis_index(name) for name in ("tile", "head", "batch")]
     wg = lax.axis_index("wg")
-    steps = count_ref[u]  # >= 1: the query tile's own tile has a real block
+    if ctas is None:
+        cell.append(count_ref[cell[0]])  # >= 1: the query tile's own tile has a real block
+    n_tiles, heads, batches = count_ref.shape[0], q_ref.shape[1], q_ref.shape[0]
 
-    def key_columns(j):
-        """(key tile, first slot) of step j: the j-th listed key block of this query tile."""
+    def for_each_item(body):
+        """Runs body(u, head, batch, steps, base) for each (query tile, head, batch) this CTA
+        computes: its grid cell, or (persistent) the items cta, cta + ctas, ... in tile-fastest
+        order; steps is the tile's key-block count and base counts the key blocks the ring
+        carried before the item (the int 0 for the first). Returns the ring's block count after
+        them."""
+        if ctas is None:
+            body(*cell, 0)
+            return cell[3]
+        cta = lax.axis_index("cta")
+
+        def item(i, base):
+            w = cta + i * ctas
+            u = lax.rem(w, n_tiles)
+            steps = count_ref[u]
+            body(u, lax.rem(w // n_tiles, heads), w // (n_tiles * heads), steps, base)
+            return base + steps
+
+        mine = (n_tiles * heads * batches - cta + ctas - 1) // ctas
+        return lax.fori_loop(0, mine, item, jnp.int32(0))
+
+    def ring_slot(base):
+        """The ring slot of an item's step j, the item's blocks following `base` others."""
+        if isinstance(base, int) and base == 0:
+            return lambda j: lax.rem(j, stages)
+        return lambda j: lax.rem(base + j, stages)
+
+    def key_columns(u, j):
+        """(key tile, first slot) of step j: the j-th listed key block of query tile u."""
         block = blocks_ref[u, j]
         return block // key_blocks, block * BLOCK_KV
 
-    @pl.when(wg < consumers)
-    def _consumer():
-        if launch.consumer_registers:
-            plgpu.set_max_registers(launch.consumer_registers, action="increase")
+    def _consumer_item(u, head, batch, steps, base):
+        slot_of = ring_slot(base)
         rows = pl.ds(u * padded_tile + wg * BLOCK_Q, BLOCK_Q)
         pass_turn = lambda: plgpu.barrier_arrive(turn.at[lax.rem(wg + 1, consumers)])
 
@@ -455,7 +490,7 @@ def _kernel_body(
 
             def step_inputs(j):
                 """(score scale, key bias [BLOCK_KV]) of step j."""
-                key_tile, col = key_columns(j)
+                key_tile, col = key_columns(u, j)
                 pair_scale = q_scale * ks_ref[batch, head, key_tile]
                 load = lambda: plgpu.load(
                     bias_ref.at[pl.ds(col, BLOCK_KV)], layout=_COL, optimized=False
@@ -466,7 +501,7 @@ def _kernel_body(
                 return pair_scale, lax.cond(padded_ref[col // BLOCK_KV] != 0, load, zeros)
 
             def issue_scores(s_ref, j):
-                slot = lax.rem(j, stages)
+                slot = slot_of(j)
                 plgpu.barrier_wait(k_full.at[slot])
                 plgpu.wgmma(s_ref, q_smem.at[wg], k_smem.at[slot].T)
 
@@ -478,7 +513,7 @@ def _kernel_body(
                     return s_ref[...]
 
                 s = pl.run_scoped(run, plgpu.ACC((BLOCK_Q, BLOCK_KV), jnp.float32))
-                plgpu.barrier_arrive(k_empty.at[lax.rem(j, stages)])
+                plgpu.barrier_arrive(k_empty.at[slot_of(j)])
                 return s
 
             def exponent_shift(m):
@@ -508,7 +543,7 @@ def _kernel_body(
             def weighted_values(acc, p, j, after_issue=lambda: None):
                 """acc + P.V of step j (P in SMEM or registers), waited for (and every wgmma issued
                 before it); V's slot released. after_issue() runs once the wgmma is issued."""
-                slot = lax.rem(j, stages)
+                slot = slot_of(j)
                 plgpu.barrier_wait(v_full.at[slot])
                 if in_place_pv:
 
@@ -546,7 +581,7 @@ def _kernel_body(
                 inputs = step_inputs(0)
                 plgpu.barrier_wait(turn.at[wg])
                 s = pl.run_scoped(first_scores, plgpu.ACC((BLOCK_Q, BLOCK_KV), jnp.float32))
-                plgpu.barrier_arrive(k_empty.at[0])
+                plgpu.barrier_arrive(k_empty.at[0 if ctas is None else slot_of(0)])
                 next_inputs = step_inputs(jnp.minimum(1, steps - 1))
                 acc, m_i, l_i, p = softmax(s, inputs, acc, m_i, l_i)
                 # P from registers is loop state; P in SMEM is this consumer's slot, not carried.
@@ -566,7 +601,7 @@ def _kernel_body(
                         return acc_, s_ref[...]
 
                     acc, s = pl.run_scoped(products, plgpu.ACC((BLOCK_Q, BLOCK_KV), jnp.float32))
-                    plgpu.barrier_arrive(k_empty.at[lax.rem(j, stages)])
+                    plgpu.barrier_arrive(k_empty.at[slot_of(j)])
                     acc, m_i, l_i, p = softmax(s, inputs, acc, m_i, l_i)
                     return acc, m_i, l_i, p if p_operand is not None else None, next_inputs
 
@@ -591,7 +626,7 @@ def _kernel_body(
                     acc, m_i, l_i, s = pl.run_scoped(
                         overlapped, plgpu.ACC((BLOCK_Q, BLOCK_KV), jnp.float32)
                     )
-                    plgpu.barrier_arrive(k_empty.at[lax.rem(j + 1, stages)])
+                    plgpu.barrier_arrive(k_empty.at[slot_of(j + 1)])
                     return acc, m_i, l_i, s, next_inputs
 
                 carry = (acc, m_i, l_i, scores(0), step_inputs(0))
@@ -624,8 +659,8 @@ def _kernel_body(
             layout)."""
 
             def release(j, full, empty):
-                plgpu.barrier_wait(full.at[lax.rem(j, stages)])
-                plgpu.barrier_arrive(empty.at[lax.rem(j, stages)])
+                plgpu.barrier_wait(full.at[slot_of(j)])
+                plgpu.barrier_arrive(empty.at[slot_of(j)])
 
             if launch.pingpong:  # steps + 1 turns, V one step behind K, as in _attend
 
@@ -645,8 +680,10 @@ def _kernel_body(
 
             write_rows(None, plgpu.layout_cast(jnp.zeros((BLOCK_Q,), jnp.float32), _ROW))
 
-        if launch.pingpong:
-            plgpu.barrier_arrive(turn.at[0], predicate=wg == consumers - 1)  # the first turn
+        if launch.pingpong:  # the first turn; a later item's is the last one's final hand-over
+            first = wg == consumers - 1
+            first = first if ctas is None else jnp.logical_and(first, base == 0)
+            plgpu.barrier_arrive(turn.at[0], predicate=first)
         if launch.skip_padding_rows:
             # Slots are valid first: a consumer's rows are all padding iff its first one is.
             live = bias_ref[u * padded_tile + wg * BLOCK_Q] == 0
@@ -654,6 +691,12 @@ def _kernel_body(
             pl.when(jnp.logical_not(live))(_pace)
         else:
             _attend()
+
+    @pl.when(wg < consumers)
+    def _consumer():
+        if launch.consumer_registers:
+            plgpu.set_max_registers(launch.consumer_registers, action="increase")
+        for_each_item(_consumer_item)
         if launch.pingpong:
 
             @pl.when(wg == 0)
@@ -665,31 +708,45 @@ def _kernel_body(
         if launch.producer_registers:
             plgpu.set_max_registers(launch.producer_registers, action="decrease")
 
-        def issue(j, slot):
-            _, col = key_columns(j)
+        def issue(u, head, batch, j, slot):
+            _, col = key_columns(u, j)
             keys = pl.ds(col, BLOCK_KV)
             plgpu.copy_gmem_to_smem(k_ref.at[batch, head, keys], k_smem.at[slot], k_full.at[slot])
             plgpu.copy_gmem_to_smem(
                 vt_ref.at[batch, head, :, keys], v_smem.at[slot], v_full.at[slot]
             )
 
-        for j in range(stages):  # the first fills, each only where the tile has that many
-            pl.when(j < steps)(lambda j=j: issue(j, j))
-
-        @pl.loop(stages, jnp.maximum(steps, stages))
-        def _refill(j):
-            slot = lax.rem(j, stages)
+        def wait_empty(slot):
             plgpu.barrier_wait(k_empty.at[slot])
             plgpu.barrier_wait(v_empty.at[slot])
-            issue(j, slot)
+
+        if ctas is None:
+            u, head, batch, blocks = cell
+            for j in range(stages):  # the first fills, each only where the tile has that many
+                pl.when(j < blocks)(lambda j=j: issue(u, head, batch, j, j))
+
+            @pl.loop(stages, jnp.maximum(blocks, stages))
+            def _refill(j):
+                slot = lax.rem(j, stages)
+                wait_empty(slot)
+                issue(u, head, batch, j, slot)
+
+        else:  # one ring through every item: the next item's blocks load while this one ends
+
+            def producer_item(u, head, batch, steps, base):
+                @pl.loop(0, steps)
+                def _fill(j):
+                    slot = lax.rem(base + j, stages)
+                    pl.when(base + j >= stages)(lambda: wait_empty(slot))
+                    issue(u, head, batch, j, slot)
+
+            blocks = for_each_item(producer_item)
 
         # Observe the consumers' last releases too, so every barrier phase is waited for
         # (the interpreter checks it; on the GPU this only delays the producer's exit).
-        @pl.loop(jnp.maximum(steps - stages, 0), steps)
+        @pl.loop(jnp.maximum(blocks - stages, 0), blocks)
         def _drain(j):
-            slot = lax.rem(j, stages)
-            plgpu.barrier_wait(k_empty.at[slot])
-            plgpu.barrier_wait(v_empty.at[slot])
+            wait_empty(lax.rem(j, stages))
 
 
 def fpsa_forward(
@@ -768,12 +825,16 @@ def fpsa_forward(
             f"stages"
         )
     consumers = padded_tile // BLOCK_Q
+    items = lp // padded_tile * n * b
+    if launch.persistent_ctas is not None and launch.persistent_ctas < 1:
+        raise ValueError(f"MosaicLaunch.persistent_ctas must be >= 1, got {launch.persistent_ctas}")
     static = dict(
         padded_tile=padded_tile,
         qk_scale=float(scale) * LOG2_E,
         p_scale=float(p_scale),
         launch=launch,
         in_place_pv=not interpret,
+        ctas=None if launch.persistent_ctas is None else min(launch.persistent_ctas, items),
     )
     has_padded, has_tokens = padded_blocks is not None, slot_token is not None
     inputs = 9 + has_padded + has_tokens
@@ -814,8 +875,8 @@ def fpsa_forward(
             jax.ShapeDtypeStruct((b, n, lp), jnp.float32),
         ),
         scratch_types=tuple(scratch),
-        grid=(lp // padded_tile, n, b),
-        grid_names=("tile", "head", "batch"),
+        grid=(lp // padded_tile, n, b) if static["ctas"] is None else (static["ctas"],),
+        grid_names=("tile", "head", "batch") if static["ctas"] is None else ("cta",),
         num_threads=consumers + 1,
         thread_name="wg",
         kernel_name="fpsa_forward_mosaic",

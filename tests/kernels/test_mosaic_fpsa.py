@@ -34,6 +34,11 @@ from tests.kernels.kernel_suite import CASES, KernelBehaviour, config_of, rel_er
 ON_GPU = jax.default_backend() == "gpu"
 
 
+def _default():
+    """The default launch of the compiled FP8 kernel at Pp = 192, D = 128."""
+    return mf.default_launch(192, 128, jnp.float8_e4m3fn, jnp.bfloat16)
+
+
 class TestMosaicKernel(KernelBehaviour):
     impl = "mosaic"
     differentiable = ON_GPU  # the Triton backward needs a GPU
@@ -110,6 +115,8 @@ def test_kernel_rejects_operands_it_cannot_take():
         _forward(_operands(quant="none", d=128), launch=mf.MosaicLaunch(stages=8))
     with pytest.raises(ValueError, match="pingpong and pipeline are two schedules"):
         _forward(ops, launch=mf.MosaicLaunch(pingpong=True, pipeline=True))
+    with pytest.raises(ValueError, match="persistent_ctas must be >= 1"):
+        _forward(ops, launch=mf.MosaicLaunch(persistent_ctas=0))
     with pytest.raises(ValueError, match=r"slot_token must be \[Lp\] = \[192\]"):
         _forward(ops, slot_token=np.arange(191, dtype=np.int32))
     with pytest.raises(ValueError, match="each token 0..L-1 exactly once"):
@@ -137,8 +144,9 @@ def test_interpreter_refuses_inline_mosaic_code(options):
         ("none", {}),
         ("fp8", dict(slot_token=np.arange(192, dtype=np.int32))),
         ("fp8", dict(launch=mf.MosaicLaunch(pipeline=True, prefetch=False, stages=2))),
+        ("fp8", dict(launch=dataclasses.replace(_default(), persistent_ctas=132))),
     ],
-    ids=["fp8", "bf16", "token-order-store", "pipeline"],
+    ids=["fp8", "bf16", "token-order-store", "pipeline", "persistent"],
 )
 def test_the_compiled_kernel_lowers_for_cuda_on_any_machine(quant, options):
     """The GPU kernel itself (not the interpreter's variant), lowered for CUDA by jax.export: the
@@ -178,14 +186,18 @@ def test_interpreter_warns_where_the_cpu_pool_can_deadlock(monkeypatch, env, war
         mf.MosaicLaunch(pingpong=True),
         mf.MosaicLaunch(skip_padding_rows=True),
         mf.MosaicLaunch(pingpong=True, skip_padding_rows=True),
+        mf.MosaicLaunch(pingpong=True, skip_padding_rows=True, persistent_ctas=3),
+        mf.MosaicLaunch(persistent_ctas=2),
     ],
-    ids=["pingpong", "skip_padding_rows", "both"],
+    ids=["pingpong", "skip_padding_rows", "both", "both-persistent", "persistent"],
 )
 def test_schedules_compute_what_the_default_does_in_the_interpreter(launch):
-    """The turn ring only reorders when each consumer issues its products, and a consumer of
-    padding rows only paces the ring: same values, and the barriers (checked by the
-    interpreter) neither deadlock nor leave a phase unwaited. W = 10 leaves edge tiles of 48
-    real tokens, whose second and third consumers hold only padding."""
+    """The turn ring only reorders when each consumer issues its products, a consumer of
+    padding rows only paces the ring, and persistent CTAs only walk several tiles with one ring:
+    same values, and the barriers (checked by the interpreter) neither deadlock nor leave a
+    phase unwaited. W = 10 leaves edge tiles of 48 real tokens, whose second and third
+    consumers hold only padding; the 8 tiles on 3 (or 2) persistent CTAs carry the ring and
+    the turns from tile to tile, through tiles of different block counts."""
     grid, config = (4, 9, 10), FPSAConfig(tile=(3, 8, 8), window=(1, 1, 1), quant="fp8")
     keys = jax.random.split(jax.random.key(3), 3)
     q, k, v = (jax.random.normal(kk, (1, math.prod(grid), 1, 64), jnp.bfloat16) for kk in keys)
@@ -256,6 +268,8 @@ def test_impl_rejects_inputs_before_touching_a_gpu(config, dtype, d, error, matc
         mf.MosaicLaunch(
             pingpong=True, lazy_rescale=True, p_in_registers=True, skip_padding_rows=True
         ),
+        dataclasses.replace(_default(), persistent_ctas=5),
+        dataclasses.replace(_default(), persistent_ctas=132),
     ],
 )
 def test_launch_options_compute_the_same_attention(launch):
