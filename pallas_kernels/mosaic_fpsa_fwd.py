@@ -426,26 +426,45 @@ def _kernel_body(
         cell.append(count_ref[cell[0]])  # >= 1: the query tile's own tile has a real block
     n_tiles, heads, batches = count_ref.shape[0], q_ref.shape[1], q_ref.shape[0]
 
+    items = n_tiles * heads * batches
+
+    def item_of(w):
+        """(query tile, head, batch) of persistent item w: tiles fastest, as the grid's order."""
+        return lax.rem(w, n_tiles), lax.rem(w // n_tiles, heads), w // (n_tiles * heads)
+
     def for_each_item(body):
-        """Runs body(u, head, batch, steps, base) for each (query tile, head, batch) this CTA
-        computes: its grid cell, or (persistent) the items cta, cta + ctas, ... in tile-fastest
-        order; steps is the tile's key-block count and base counts the key blocks the ring
-        carried before the item (the int 0 for the first). Returns the ring's block count after
-        them."""
+        """Runs body(u, head, batch, steps, base, following) for each (query tile, head, batch)
+        this CTA computes: its grid cell, or (persistent) the items cta, cta + ctas, ...; steps
+        is the tile's key-block count, base counts the key blocks the ring carried before the
+        item (the int 0 for the first), and following is (u, head, batch, exists) of the CTA's
+        next item (None for a grid cell). Returns the ring's block count after them."""
         if ctas is None:
-            body(*cell, 0)
+            body(*cell, 0, None)
             return cell[3]
         cta = lax.axis_index("cta")
 
         def item(i, base):
             w = cta + i * ctas
-            u = lax.rem(w, n_tiles)
+            u, head, batch = item_of(w)
             steps = count_ref[u]
-            body(u, lax.rem(w // n_tiles, heads), w // (n_tiles * heads), steps, base)
+            following = (*item_of(w + ctas), w + ctas < items)
+            body(u, head, batch, steps, base, following)
             return base + steps
 
-        mine = (n_tiles * heads * batches - cta + ctas - 1) // ctas
+        mine = (items - cta + ctas - 1) // ctas
         return lax.fori_loop(0, mine, item, jnp.int32(0))
+
+    def load_q(u, head, batch):
+        """TMA of this consumer's Q rows of tile u into its SMEM slot (q_ready)."""
+        rows = pl.ds(u * padded_tile + wg * BLOCK_Q, BLOCK_Q)
+        plgpu.copy_gmem_to_smem(q_ref.at[batch, head, rows], q_smem.at[wg], q_ready.at[wg])
+
+    def attends(u):
+        """Whether this consumer computes tile u (slots are valid first: its rows are all
+        padding iff its first one is) rather than only pacing the ring."""
+        if not launch.skip_padding_rows:
+            return True
+        return bias_ref[u * padded_tile + wg * BLOCK_Q] == 0
 
     def ring_slot(base):
         """The ring slot of an item's step j, the item's blocks following `base` others."""
@@ -458,8 +477,17 @@ def _kernel_body(
         block = blocks_ref[u, j]
         return block // key_blocks, block * BLOCK_KV
 
-    def _consumer_item(u, head, batch, steps, base):
+    def _consumer_item(u, head, batch, steps, base, following):
         slot_of = ring_slot(base)
+
+        def load_next_q():
+            """Persistent CTAs: once this item's last Q.K^T is done, load the next item's Q
+            rows (where this consumer attends it), so they arrive during this item's end."""
+            if following is not None:
+                u_next, head_next, batch_next, exists = following
+                go = jnp.logical_and(exists, attends(u_next))
+                pl.when(go)(lambda: load_q(u_next, head_next, batch_next))
+
         rows = pl.ds(u * padded_tile + wg * BLOCK_Q, BLOCK_Q)
         pass_turn = lambda: plgpu.barrier_arrive(turn.at[lax.rem(wg + 1, consumers)])
 
@@ -467,7 +495,10 @@ def _kernel_body(
             """Stores this consumer's output rows (out [BLOCK_Q, D] float32, WGMMA layout; None
             for rows that are all padding: zeros in the kernel layout, nothing in token order)
             in token order from registers, or by TMA through SMEM in the kernel layout, and
-            lse2 [BLOCK_Q]."""
+            lse2 [BLOCK_Q]. Persistent CTAs wait for a store's SMEM reads only before the next
+            item's rows overwrite it, so the store overlaps the next item."""
+            if ctas is not None:
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
             lse_smem[wg] = lse
             if tokens_ref is None:
                 if out is None:
@@ -482,10 +513,12 @@ def _kernel_body(
                     store = _store_rows_by_token()
                     store(out.astype(o_ref.dtype), o_ref.at[batch, :, head], tokens_ref.at[rows])
             plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[batch, head, rows])
-            plgpu.wait_smem_to_gmem(0)
+            if ctas is None:
+                plgpu.wait_smem_to_gmem(0)
 
         def _attend():  # this consumer's 64 query rows hold a real token
-            plgpu.copy_gmem_to_smem(q_ref.at[batch, head, rows], q_smem.at[wg], q_ready.at[wg])
+            if following is None:  # else loaded by the previous item (or before the first)
+                plgpu.copy_gmem_to_smem(q_ref.at[batch, head, rows], q_smem.at[wg], q_ready.at[wg])
             q_scale = qs_ref[batch, head, u] * qk_scale
 
             def step_inputs(j):
@@ -607,6 +640,7 @@ def _kernel_body(
 
                 carry = (acc, m_i, l_i, p_state, next_inputs)
                 acc, m_i, l_i, p_state, _ = lax.fori_loop(1, steps, step, carry)
+                load_next_q()
                 plgpu.barrier_wait(turn.at[wg])
                 acc = weighted_values(acc, p_of(p_state), steps - 1, after_issue=pass_turn)
 
@@ -631,6 +665,7 @@ def _kernel_body(
 
                 carry = (acc, m_i, l_i, scores(0), step_inputs(0))
                 acc, m_i, l_i, s, inputs = lax.fori_loop(0, steps - 1, step, carry)
+                load_next_q()
                 acc, m_i, l_i, p = softmax(s, inputs, acc, m_i, l_i)
                 acc = weighted_values(acc, p, steps - 1)
             else:
@@ -647,6 +682,7 @@ def _kernel_body(
 
                 carry = (acc, m_i, l_i, step_inputs(0))
                 acc, m_i, l_i, _ = lax.fori_loop(0, steps, step, carry)
+                load_next_q()
 
             v_scale = plgpu.load(vs_ref.at[batch, head], layout=_COL, optimized=False)
             out = acc * lax.broadcast_in_dim(v_scale, acc.shape, [1])
@@ -657,6 +693,7 @@ def _kernel_body(
             """A consumer whose rows are all padding computes nothing: it only keeps the ring's
             barriers (and the turns) going, then writes lse 0 (and zero rows in the kernel
             layout)."""
+            load_next_q()
 
             def release(j, full, empty):
                 plgpu.barrier_wait(full.at[slot_of(j)])
@@ -696,7 +733,12 @@ def _kernel_body(
     def _consumer():
         if launch.consumer_registers:
             plgpu.set_max_registers(launch.consumer_registers, action="increase")
+        if ctas is not None:  # the first item's Q; each item loads the next one's
+            first = item_of(lax.axis_index("cta"))
+            pl.when(attends(first[0]))(lambda: load_q(*first))
         for_each_item(_consumer_item)
+        if ctas is not None:
+            plgpu.wait_smem_to_gmem(0)  # the last item's stores
         if launch.pingpong:
 
             @pl.when(wg == 0)
@@ -733,7 +775,7 @@ def _kernel_body(
 
         else:  # one ring through every item: the next item's blocks load while this one ends
 
-            def producer_item(u, head, batch, steps, base):
+            def producer_item(u, head, batch, steps, base, following):
                 @pl.loop(0, steps)
                 def _fill(j):
                     slot = lax.rem(base + j, stages)
