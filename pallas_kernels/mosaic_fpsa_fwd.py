@@ -486,6 +486,9 @@ def _kernel_body(
             if following is not None:
                 u_next, head_next, batch_next, exists = following
                 go = jnp.logical_and(exists, attends(u_next))
+                # Every warp of the warpgroup past its wait on the last Q.K^T (a warpgroup
+                # barrier) before the TMA overwrites the Q it read.
+                plgpu.commit_smem()
                 pl.when(go)(lambda: load_q(u_next, head_next, batch_next))
 
         rows = pl.ds(u * padded_tile + wg * BLOCK_Q, BLOCK_Q)
