@@ -419,6 +419,8 @@ def _kernel_body(
         p_operand = _fp8_operand_from_accumulator() if fp8 else lambda p: p.astype(v_smem.dtype)
     head_dim = q_smem.shape[-1]
     rescale = _rescale_where_needed(head_dim) if launch.lazy_rescale else None
+    # (The grid cell's indices and count are read around wg's in the order the kernel had before
+    # persistent CTAs, so that its non-persistent build stays the same program.)
     if ctas is None:  # one CTA per grid cell
         cell = [lax.axis_index(name) for name in ("tile", "head", "batch")]
     wg = lax.axis_index("wg")
@@ -454,9 +456,12 @@ def _kernel_body(
         mine = (items - cta + ctas - 1) // ctas
         return lax.fori_loop(0, mine, item, jnp.int32(0))
 
-    def load_q(u, head, batch):
-        """TMA of this consumer's Q rows of tile u into its SMEM slot (q_ready)."""
-        rows = pl.ds(u * padded_tile + wg * BLOCK_Q, BLOCK_Q)
+    def rows_of(u):
+        """This consumer's 64 query rows (slots) of tile u."""
+        return pl.ds(u * padded_tile + wg * BLOCK_Q, BLOCK_Q)
+
+    def load_q(head, batch, rows):
+        """TMA of this consumer's Q rows into its SMEM slot (q_ready)."""
         plgpu.copy_gmem_to_smem(q_ref.at[batch, head, rows], q_smem.at[wg], q_ready.at[wg])
 
     def attends(u):
@@ -467,7 +472,8 @@ def _kernel_body(
         return bias_ref[u * padded_tile + wg * BLOCK_Q] == 0
 
     def ring_slot(base):
-        """The ring slot of an item's step j, the item's blocks following `base` others."""
+        """The ring slot of an item's step j, the item's blocks following `base` others (a grid
+        cell's int 0 adds nothing, as before persistent CTAs)."""
         if isinstance(base, int) and base == 0:
             return lambda j: lax.rem(j, stages)
         return lambda j: lax.rem(base + j, stages)
@@ -489,9 +495,9 @@ def _kernel_body(
                 # Every warp of the warpgroup past its wait on the last Q.K^T (a warpgroup
                 # barrier) before the TMA overwrites the Q it read.
                 plgpu.commit_smem()
-                pl.when(go)(lambda: load_q(u_next, head_next, batch_next))
+                pl.when(go)(lambda: load_q(head_next, batch_next, rows_of(u_next)))
 
-        rows = pl.ds(u * padded_tile + wg * BLOCK_Q, BLOCK_Q)
+        rows = rows_of(u)
         pass_turn = lambda: plgpu.barrier_arrive(turn.at[lax.rem(wg + 1, consumers)])
 
         def write_rows(out, lse):
@@ -521,7 +527,7 @@ def _kernel_body(
 
         def _attend():  # this consumer's 64 query rows hold a real token
             if following is None:  # else loaded by the previous item (or before the first)
-                plgpu.copy_gmem_to_smem(q_ref.at[batch, head, rows], q_smem.at[wg], q_ready.at[wg])
+                load_q(head, batch, rows)
             q_scale = qs_ref[batch, head, u] * qk_scale
 
             def step_inputs(j):
@@ -725,8 +731,7 @@ def _kernel_body(
             first = first if ctas is None else jnp.logical_and(first, base == 0)
             plgpu.barrier_arrive(turn.at[0], predicate=first)
         if launch.skip_padding_rows:
-            # Slots are valid first: a consumer's rows are all padding iff its first one is.
-            live = bias_ref[u * padded_tile + wg * BLOCK_Q] == 0
+            live = attends(u)
             pl.when(live)(_attend)
             pl.when(jnp.logical_not(live))(_pace)
         else:
@@ -737,8 +742,8 @@ def _kernel_body(
         if launch.consumer_registers:
             plgpu.set_max_registers(launch.consumer_registers, action="increase")
         if ctas is not None:  # the first item's Q; each item loads the next one's
-            first = item_of(lax.axis_index("cta"))
-            pl.when(attends(first[0]))(lambda: load_q(*first))
+            u, head, batch = item_of(lax.axis_index("cta"))
+            pl.when(attends(u))(lambda: load_q(head, batch, rows_of(u)))
         for_each_item(_consumer_item)
         if ctas is not None:
             plgpu.wait_smem_to_gmem(0)  # the last item's stores
