@@ -67,6 +67,7 @@ pool is smaller than the warpgroups plus two (the tests set PJRT_NPROC=8).
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import math
 import os
 import warnings
@@ -140,6 +141,7 @@ class MosaicLaunch:
     pingpong: bool = False
     skip_padding_rows: bool = False
     persistent_ctas: int | None = None
+    balance: str = "blocks_rows"
 
 
 def smem_bytes(
@@ -186,6 +188,38 @@ def warn_if_interpreter_may_deadlock(warpgroups: int) -> None:
             RuntimeWarning,
             stacklevel=3,
         )
+
+
+def item_schedule(cost: np.ndarray, ctas: int, *, round_robin: bool = False):
+    """Which persistent CTA computes which items, and in what order.
+
+    Args:
+      cost: [items] the work of each (query tile, head, batch) item, tiles fastest.
+      ctas: the number of CTAs, <= items.
+      round_robin: CTA c takes items c, c + ctas, ... instead of a balanced share.
+
+    Returns:
+      (order int32 [items], start int32 [ctas + 1]): CTA c computes the items order[start[c]],
+      ..., order[start[c + 1] - 1], in increasing id. Balanced: the items, costliest first, each
+      go to the CTA with the least work so far (LPT), so the last CTA to finish is at most one
+      item behind the mean; each CTA then walks its share in id order, so that the CTAs in
+      flight stay near each other in the tile order and share their key blocks in L2.
+    """
+    items = len(cost)
+    if not 1 <= ctas <= items:
+        raise ValueError(f"need 1 <= ctas <= items, got {ctas} CTAs for {items} items")
+    if round_robin:
+        owner = np.arange(items) % ctas
+    else:
+        owner = np.empty(items, np.int64)
+        loads = [(0, c) for c in range(ctas)]  # a heap of (work so far, cta)
+        for w in np.argsort(-np.asarray(cost), kind="stable"):
+            load, c = heapq.heappop(loads)
+            owner[w] = c
+            heapq.heappush(loads, (load + int(cost[w]), c))
+    order = np.argsort(owner, kind="stable").astype(np.int32)  # by CTA, ids increasing
+    start = np.concatenate([[0], np.cumsum(np.bincount(owner, minlength=ctas))]).astype(np.int32)
+    return order, start
 
 
 def default_launch(
@@ -388,6 +422,8 @@ def _kernel_body(
     count_ref,
     padded_ref,
     tokens_ref,
+    order_ref,
+    start_ref,
     o_ref,
     lse_ref,
     q_smem,
@@ -430,31 +466,33 @@ def _kernel_body(
 
     items = n_tiles * heads * batches
 
-    def item_of(w):
-        """(query tile, head, batch) of persistent item w: tiles fastest, as the grid's order."""
+    def item_of(i):
+        """(query tile, head, batch) of the i-th entry of the persistent schedule (`order_ref`
+        holds item ids w, tiles fastest as in the grid's order)."""
+        w = order_ref[i]
         return lax.rem(w, n_tiles), lax.rem(w // n_tiles, heads), w // (n_tiles * heads)
 
     def for_each_item(body):
         """Runs body(u, head, batch, steps, base, following) for each (query tile, head, batch)
-        this CTA computes: its grid cell, or (persistent) the items cta, cta + ctas, ...; steps
-        is the tile's key-block count, base counts the key blocks the ring carried before the
-        item (the int 0 for the first), and following is (u, head, batch, exists) of the CTA's
-        next item (None for a grid cell). Returns the ring's block count after them."""
+        this CTA computes: its grid cell, or (persistent) its run of the schedule, entries
+        start[cta] .. start[cta + 1] - 1; steps is the tile's key-block count, base counts the
+        key blocks the ring carried before the item (the int 0 for the first), and following
+        is (u, head, batch, exists) of the CTA's next item (None for a grid cell). Returns the
+        ring's block count after them."""
         if ctas is None:
             body(*cell, 0, None)
             return cell[3]
         cta = lax.axis_index("cta")
+        end = start_ref[cta + 1]
 
         def item(i, base):
-            w = cta + i * ctas
-            u, head, batch = item_of(w)
+            u, head, batch = item_of(i)
             steps = count_ref[u]
-            following = (*item_of(w + ctas), w + ctas < items)
+            following = (*item_of(jnp.minimum(i + 1, items - 1)), i + 1 < end)
             body(u, head, batch, steps, base, following)
             return base + steps
 
-        mine = (items - cta + ctas - 1) // ctas
-        return lax.fori_loop(0, mine, item, jnp.int32(0))
+        return lax.fori_loop(start_ref[cta], end, item, jnp.int32(0))
 
     def rows_of(u):
         """This consumer's 64 query rows (slots) of tile u."""
@@ -742,7 +780,7 @@ def _kernel_body(
         if launch.consumer_registers:
             plgpu.set_max_registers(launch.consumer_registers, action="increase")
         if ctas is not None:  # the first item's Q; each item loads the next one's
-            u, head, batch = item_of(lax.axis_index("cta"))
+            u, head, batch = item_of(start_ref[lax.axis_index("cta")])
             pl.when(attends(u))(lambda: load_q(head, batch, rows_of(u)))
         for_each_item(_consumer_item)
         if ctas is not None:
@@ -887,17 +925,19 @@ def fpsa_forward(
         ctas=None if launch.persistent_ctas is None else min(launch.persistent_ctas, items),
     )
     has_padded, has_tokens = padded_blocks is not None, slot_token is not None
-    inputs = 9 + has_padded + has_tokens
+    persistent = static["ctas"] is not None
+    inputs = 9 + has_padded + has_tokens + 2 * persistent
 
-    def body(*refs):  # padded_ref / tokens_ref, p_smem / o_smem are None where not used
+    def body(*refs):  # optional tables, p_smem / o_smem are None where not used
         padded = refs[9] if has_padded else None
         tokens = refs[9 + has_padded] if has_tokens else None
+        schedule = refs[inputs - 2 : inputs] if persistent else (None, None)
         outputs_and_smem = list(refs[inputs:])  # o, lse, q_smem, k_smem, v_smem, [p_smem], ...
         if launch.p_in_registers:
             outputs_and_smem.insert(5, None)
         if has_tokens:  # the token-order store writes from registers: no output staging
             outputs_and_smem.insert(6, None)
-        _kernel_body(*refs[:9], padded, tokens, *outputs_and_smem, **static)
+        _kernel_body(*refs[:9], padded, tokens, *schedule, *outputs_and_smem, **static)
 
     scratch = [
         _smem((consumers, BLOCK_Q, d), q.dtype),  # Q rows of each consumer
@@ -946,4 +986,13 @@ def fpsa_forward(
         tables.append(jnp.asarray(np.ascontiguousarray(padded_blocks, dtype=np.int32)))
     if has_tokens:
         tables.append(jnp.asarray(np.ascontiguousarray(slot_token, dtype=np.int32)))
+    if persistent:
+        cost = np.asarray(block_count, np.int64)
+        if launch.balance == "blocks_rows" and has_tokens and launch.skip_padding_rows:
+            first_slots = slot_token.reshape(-1, padded_tile)[:, ::BLOCK_Q]
+            cost = cost * np.count_nonzero(first_slots >= 0, axis=1)
+        order, start = item_schedule(
+            np.tile(cost, n * b), static["ctas"], round_robin=launch.balance == "round_robin"
+        )
+        tables += [jnp.asarray(order), jnp.asarray(start)]
     return kernel(q, k, v_t, q_scale, k_scale, v_scale, key_bias, *tables)
