@@ -52,8 +52,9 @@ Schedules (`MosaicLaunch`): by default each consumer runs its steps on its own; 
 the consumers take turns issuing their wgmmas (step j's Q.K^T with step j - 1's P.V), so that one
 consumer's softmax overlaps the others' products on the tensor cores; `lazy_rescale` skips the
 accumulator's multiplication by alpha in warps where no row's max moved; `persistent_ctas`
-launches one wave of CTAs that each walk many (tile, head, batch) items through one K/V ring and
-one turn ring, the last consumer's final hand-over of an item being the next item's first turn.
+launches one wave of CTAs that each walk many (tile, head, batch) items, a share balanced on the
+host by key blocks times computing consumers, through one K/V ring and one turn ring, the last
+consumer's final hand-over of an item being the next item's first turn.
 
 `interpret=True` runs the kernel in Mosaic GPU's interpreter (CPU): the CI tests use it. There the
 P.V product goes to a fresh accumulator that is then added (the interpreter cannot run an
@@ -88,6 +89,7 @@ BLOCK_KV = 64  # key slots per pipeline step
 MAX_CONSUMERS = 3  # Pp <= 192: four warpgroups are 512 threads, the register file's limit here
 HEAD_DIMS = (64, 128, 256)
 
+HOPPER_SMS = 132  # H100 / H200 SXM
 SMEM_BYTES = 227 * 1024  # per block on sm_90, less the 1 KB the driver reserves
 # What Mosaic GPU allocates beyond the buffers `smem_bytes` counts (barriers, alignment): 2.6 KB
 # in a build with 38 barriers and 224.75 KB of buffers (232,752 bytes allocated).
@@ -125,10 +127,10 @@ class MosaicLaunch:
         turns) so that the barrier counts stay static, and writes lse 0 (zero rows in the
         kernel layout).
       persistent_ctas: None launches one CTA per (query tile, head, batch). An int G launches
-        min(G, items) CTAs (the SM count: one wave) that each walk the items cta, cta + G, ...
-        in tile-fastest order with one K/V ring through all of them, so the producer loads the
-        next item's first blocks while the consumers finish the current one (its last products,
-        the output store), instead of a new CTA starting from an empty ring.
+        min(G, items) CTAs (the SM count: one wave) that each walk a balanced share of the
+        items (`item_schedule`) with one K/V ring through all of them, so the producer loads
+        the next item's first blocks while the consumers finish the current one (its last
+        products, the output store), instead of a new CTA starting from an empty ring.
     """
 
     stages: int = 4
@@ -141,7 +143,6 @@ class MosaicLaunch:
     pingpong: bool = False
     skip_padding_rows: bool = False
     persistent_ctas: int | None = None
-    balance: str = "blocks_rows"
 
 
 def smem_bytes(
@@ -190,33 +191,42 @@ def warn_if_interpreter_may_deadlock(warpgroups: int) -> None:
         )
 
 
-def item_schedule(cost: np.ndarray, ctas: int, *, round_robin: bool = False):
+def sm_count() -> int:
+    """The first GPU's SM count (one persistent CTA each); off a GPU, the H100 / H200's 132."""
+    try:
+        return jax.devices("gpu")[0].core_count
+    except RuntimeError:  # no GPU backend
+        return HOPPER_SMS
+
+
+def item_schedule(cost: np.ndarray, ctas: int) -> tuple[np.ndarray, np.ndarray]:
     """Which persistent CTA computes which items, and in what order.
+
+    The items, costliest first, each go to the CTA with the least work so far (LPT), so the
+    last CTA to finish is at most one item behind the mean; each CTA then walks its share in
+    id order, so that the CTAs in flight stay near each other in the tile order and share key
+    blocks in L2. (At 720p 90% the round robin cta, cta + G, ... left the busiest CTA 8% above
+    the mean, since edge tiles have fewer blocks and fewer consumers; benchmarks/RESULTS.md,
+    session 18.)
 
     Args:
       cost: [items] the work of each (query tile, head, batch) item, tiles fastest.
-      ctas: the number of CTAs, <= items.
-      round_robin: CTA c takes items c, c + ctas, ... instead of a balanced share.
+      ctas: the number of CTAs, 1 <= ctas <= items.
 
     Returns:
       (order int32 [items], start int32 [ctas + 1]): CTA c computes the items order[start[c]],
-      ..., order[start[c + 1] - 1], in increasing id. Balanced: the items, costliest first, each
-      go to the CTA with the least work so far (LPT), so the last CTA to finish is at most one
-      item behind the mean; each CTA then walks its share in id order, so that the CTAs in
-      flight stay near each other in the tile order and share their key blocks in L2.
+      ..., order[start[c + 1] - 1] (at least one), ids increasing.
     """
+    cost = np.asarray(cost)
     items = len(cost)
     if not 1 <= ctas <= items:
         raise ValueError(f"need 1 <= ctas <= items, got {ctas} CTAs for {items} items")
-    if round_robin:
-        owner = np.arange(items) % ctas
-    else:
-        owner = np.empty(items, np.int64)
-        loads = [(0, c) for c in range(ctas)]  # a heap of (work so far, cta)
-        for w in np.argsort(-np.asarray(cost), kind="stable"):
-            load, c = heapq.heappop(loads)
-            owner[w] = c
-            heapq.heappush(loads, (load + int(cost[w]), c))
+    owner = np.empty(items, np.int64)
+    loads = [(0, c) for c in range(ctas)]  # a heap of (work so far, cta)
+    for w in np.argsort(-cost, kind="stable"):
+        load, c = heapq.heappop(loads)
+        owner[w] = c
+        heapq.heappush(loads, (load + int(cost[w]), c))
     order = np.argsort(owner, kind="stable").astype(np.int32)  # by CTA, ids increasing
     start = np.concatenate([[0], np.cumsum(np.bincount(owner, minlength=ctas))]).astype(np.int32)
     return order, start
@@ -225,13 +235,14 @@ def item_schedule(cost: np.ndarray, ctas: int, *, round_robin: bool = False):
 def default_launch(
     padded_tile: int, head_dim: int, dtype, out_dtype, *, interpret: bool = False
 ) -> MosaicLaunch:
-    """The fastest measured schedule (benchmarks/RESULTS.md, session 12: ping-pong, lazy rescale,
-    P from registers, padding consumers skipped, at every density of both Wan shapes), with four
+    """The fastest measured schedule (benchmarks/RESULTS.md, sessions 12 and 18: ping-pong, lazy
+    rescale, P from registers, padding consumers skipped, one persistent CTA per SM), with four
     ring slots where they fit in SMEM (FP8 at D = 128 does), else as many as fit. The
-    interpreter gets the same schedule without the inline Mosaic GPU code it cannot run."""
+    interpreter gets the same schedule without the inline Mosaic GPU code it cannot run, and
+    one CTA per item (the persistent walk has its own interpreter tests)."""
     tuned = dict(pingpong=True, skip_padding_rows=True)
     if not interpret:
-        tuned.update(lazy_rescale=True, p_in_registers=True)
+        tuned.update(lazy_rescale=True, p_in_registers=True, persistent_ctas=sm_count())
     for stages in (4, 3, 2):
         launch = MosaicLaunch(stages=stages, **tuned)
         if smem_bytes(launch, padded_tile, head_dim, dtype, out_dtype) <= SMEM_BYTES:
@@ -987,12 +998,12 @@ def fpsa_forward(
     if has_tokens:
         tables.append(jnp.asarray(np.ascontiguousarray(slot_token, dtype=np.int32)))
     if persistent:
+        # An item's work: its key blocks times the consumers that compute them. Which consumers
+        # hold only padding is known here from the token table; without it, count them all.
         cost = np.asarray(block_count, np.int64)
-        if launch.balance == "blocks_rows" and has_tokens and launch.skip_padding_rows:
+        if has_tokens and launch.skip_padding_rows:
             first_slots = slot_token.reshape(-1, padded_tile)[:, ::BLOCK_Q]
             cost = cost * np.count_nonzero(first_slots >= 0, axis=1)
-        order, start = item_schedule(
-            np.tile(cost, n * b), static["ctas"], round_robin=launch.balance == "round_robin"
-        )
+        order, start = item_schedule(np.tile(cost, n * b), static["ctas"])
         tables += [jnp.asarray(order), jnp.asarray(start)]
     return kernel(q, k, v_t, q_scale, k_scale, v_scale, key_bias, *tables)
