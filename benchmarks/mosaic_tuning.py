@@ -32,8 +32,8 @@ from timing import median_seconds  # benchmarks/timing.py (scripts run from thei
 from fpsa_jax.attention import FPSAConfig, build_mask_info, fpsa_attention
 from fpsa_jax.attention.kernel_layout import (
     key_block_list,
+    key_block_valid_slots,
     output_from_kernel,
-    padded_key_blocks,
     quantize_for_kernel,
     slot_tokens,
 )
@@ -87,9 +87,9 @@ def check(shape) -> None:
 
 def kernel_calls(ops, info, scale, config, launches):
     """{name: (fn, args)} for the Triton and Mosaic forward kernels on pre-passed operands, both
-    writing token order; the Mosaic kernel for each launch (padded-block table, token-order
+    writing token order; the Mosaic kernel for each launch (valid-slot table, token-order
     store), and the default launch writing the kernel layout + XLA's reorder (the old form)."""
-    padded = padded_key_blocks(ops.grid, ops.tile, ops.padded_tile, 64)
+    valid = key_block_valid_slots(ops.grid, ops.tile, ops.padded_tile, 64)
     tokens = slot_tokens(ops.grid, ops.tile, ops.padded_tile)
     args = (ops.q, ops.k, ops.v_t, ops.q_scale, ops.k_scale, ops.v_scale, ops.key_bias)
     common = dict(
@@ -106,7 +106,7 @@ def kernel_calls(ops, info, scale, config, launches):
     for launch in launches:
         fn = jax.jit(
             lambda *a, launch=launch: mosaic_fpsa_fwd.fpsa_forward(
-                *a, blocks.blocks, blocks.count, launch=launch, padded_blocks=padded,
+                *a, blocks.blocks, blocks.count, launch=launch, valid_slots=valid,
                 slot_token=tokens, **common,
             )
         )  # fmt: skip
@@ -114,7 +114,7 @@ def kernel_calls(ops, info, scale, config, launches):
 
     def reordered(*a):
         o, lse = mosaic_fpsa_fwd.fpsa_forward(
-            *a, blocks.blocks, blocks.count, padded_blocks=padded, **common
+            *a, blocks.blocks, blocks.count, valid_slots=valid, **common
         )
         return output_from_kernel(o, ops), lse
 

@@ -8,8 +8,9 @@ Layout: Q, K [B, N, Lp, D] and V^T [B, N, D, Lp], tile major, every tile padded 
 (a multiple of 64); q_scale, k_scale float32 [B, N, n_tiles]; v_scale float32 [B, N, D];
 key_bias float32 [Lp] (0 real slot, -inf padding); key_blocks int32 [n_tiles, M] and block_count
 int32 [n_tiles] (`kernel_layout.key_block_list` with 64-slot blocks: per query tile, the key
-blocks holding a real token, -1 padded); optionally padded_blocks int32 [Lp / 64], 1 for the key
-blocks that hold padding (only those read the bias).
+blocks holding a real token, -1 padded); optionally valid_slots int32 [Lp / 64], the real slots
+of each key block, which lead it (`kernel_layout.key_block_valid_slots`): with it the kernel masks
+a block's trailing padding columns instead of reading the key bias at every step.
 
 One CTA computes one query tile of one (batch, head): grid (n_tiles, N, B), Pp / 64 consumer
 warpgroups of 64 query rows each (one wgmma M) and one producer warpgroup:
@@ -431,7 +432,7 @@ def _kernel_body(
     bias_ref,
     blocks_ref,
     count_ref,
-    padded_ref,
+    valid_ref,
     tokens_ref,
     order_ref,
     start_ref,
@@ -580,16 +581,29 @@ def _kernel_body(
             q_scale = qs_ref[batch, head, u] * qk_scale
 
             def step_inputs(j):
-                """(score scale, key bias [BLOCK_KV]) of step j."""
+                """(score scale, the key block's real slots (an int) or its key bias
+                [BLOCK_KV] without the valid_slots table) of step j."""
                 key_tile, col = key_columns(u, j)
                 pair_scale = q_scale * ks_ref[batch, head, key_tile]
-                load = lambda: plgpu.load(
-                    bias_ref.at[pl.ds(col, BLOCK_KV)], layout=_COL, optimized=False
-                )
-                if padded_ref is None:
-                    return pair_scale, load()
-                zeros = lambda: plgpu.layout_cast(jnp.zeros((BLOCK_KV,), jnp.float32), _COL)
-                return pair_scale, lax.cond(padded_ref[col // BLOCK_KV] != 0, load, zeros)
+                if valid_ref is None:
+                    bias = plgpu.load(
+                        bias_ref.at[pl.ds(col, BLOCK_KV)], layout=_COL, optimized=False
+                    )
+                    return pair_scale, bias
+                return pair_scale, valid_ref[col // BLOCK_KV]
+
+            def masked(s, valid):
+                """s [BLOCK_Q, BLOCK_KV] with the columns from `valid` on (padding: slots are
+                valid first) at -inf, as their key bias would make them. Only a block holding
+                padding pays for the select; the rest of the steps carry one int."""
+                if valid_ref is None:
+                    return s + lax.broadcast_in_dim(valid, s.shape, [1])  # the bias itself
+
+                def mask(s):
+                    cols = plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA)
+                    return jnp.where(cols < valid, s, -jnp.inf)
+
+                return lax.cond(valid < BLOCK_KV, mask, lambda s: s, s)
 
             def issue_scores(s_ref, j):
                 slot = slot_of(j)
@@ -616,8 +630,8 @@ def _kernel_body(
             def softmax(s, inputs, acc, m_i, l_i):
                 """Online-softmax update with the scores of one step; P goes to this warpgroup's
                 SMEM slot. Returns the rescaled accumulator and the new row max and sum."""
-                pair_scale, bias = inputs
-                s = s * pair_scale + lax.broadcast_in_dim(bias, s.shape, [1])
+                pair_scale, valid = inputs
+                s = masked(s * pair_scale, valid)
                 m_new = jnp.maximum(m_i, s.max(axis=1))
                 shift = exponent_shift(m_new)
                 alpha = jnp.exp2(exponent_shift(m_i) - shift)
@@ -863,7 +877,7 @@ def fpsa_forward(
     scale: float,
     p_scale: float,
     out_dtype,
-    padded_blocks: np.ndarray | None = None,
+    valid_slots: np.ndarray | None = None,
     slot_token: np.ndarray | None = None,
     launch: MosaicLaunch | None = None,
     interpret: bool = False,
@@ -876,8 +890,10 @@ def fpsa_forward(
       key_bias: float32 [Lp], 0 or -inf.
       key_blocks: host int32 [n_tiles, M], block_count: host int32 [n_tiles]: the key blocks of
         64 slots that each query tile reads (`kernel_layout.key_block_list`).
-      padded_blocks: host int32 [Lp / 64], 1 for key blocks holding padding slots; None reads
-        the key bias of every block.
+      valid_slots: host int32 [Lp / 64], the real slots of each key block (0..64), which come
+        first in it (`kernel_layout.key_block_valid_slots`; it must agree with key_bias): the
+        kernel sets the scores of a block's other columns to -inf; None adds the key bias of
+        every block.
       slot_token: host int32 [Lp], the token of each slot or -1 (`kernel_layout.slot_tokens`):
         when given, o is stored in token order [B, L, N, D] straight from registers (GPU only);
         None stores the kernel layout.
@@ -915,6 +931,15 @@ def fpsa_forward(
         length = int(slot_token.max()) + 1
         if np.count_nonzero(slot_token >= 0) != length:
             raise ValueError("slot_token must hold each token 0..L-1 exactly once")
+    if valid_slots is not None:
+        valid_slots = np.asarray(valid_slots)
+        if valid_slots.shape != (lp // BLOCK_KV,):
+            raise ValueError(
+                f"valid_slots must be [Lp / {BLOCK_KV}] = [{lp // BLOCK_KV}], got "
+                f"{valid_slots.shape}"
+            )
+        if valid_slots.size and not 0 <= valid_slots.min() <= valid_slots.max() <= BLOCK_KV:
+            raise ValueError(f"valid_slots must count 0..{BLOCK_KV} real slots per key block")
     token_order = slot_token is not None
     need = smem_bytes(launch, padded_tile, d, q.dtype, out_dtype, token_order=token_order)
     if need > SMEM_BYTES:
@@ -935,20 +960,20 @@ def fpsa_forward(
         in_place_pv=not interpret,
         ctas=None if launch.persistent_ctas is None else min(launch.persistent_ctas, items),
     )
-    has_padded, has_tokens = padded_blocks is not None, slot_token is not None
+    has_valid, has_tokens = valid_slots is not None, slot_token is not None
     persistent = static["ctas"] is not None
-    inputs = 9 + has_padded + has_tokens + 2 * persistent
+    inputs = 9 + has_valid + has_tokens + 2 * persistent
 
     def body(*refs):  # optional tables, p_smem / o_smem are None where not used
-        padded = refs[9] if has_padded else None
-        tokens = refs[9 + has_padded] if has_tokens else None
+        valid = refs[9] if has_valid else None
+        tokens = refs[9 + has_valid] if has_tokens else None
         schedule = refs[inputs - 2 : inputs] if persistent else (None, None)
         outputs_and_smem = list(refs[inputs:])  # o, lse, q_smem, k_smem, v_smem, [p_smem], ...
         if launch.p_in_registers:
             outputs_and_smem.insert(5, None)
         if has_tokens:  # the token-order store writes from registers: no output staging
             outputs_and_smem.insert(6, None)
-        _kernel_body(*refs[:9], padded, tokens, *schedule, *outputs_and_smem, **static)
+        _kernel_body(*refs[:9], valid, tokens, *schedule, *outputs_and_smem, **static)
 
     scratch = [
         _smem((consumers, BLOCK_Q, d), q.dtype),  # Q rows of each consumer
@@ -988,13 +1013,8 @@ def fpsa_forward(
         jnp.asarray(np.ascontiguousarray(key_blocks, dtype=np.int32)),
         jnp.asarray(np.ascontiguousarray(block_count, dtype=np.int32)),
     ]
-    if padded_blocks is not None:
-        if np.shape(padded_blocks) != (lp // BLOCK_KV,):
-            raise ValueError(
-                f"padded_blocks must be [Lp / {BLOCK_KV}] = [{lp // BLOCK_KV}], got "
-                f"{np.shape(padded_blocks)}"
-            )
-        tables.append(jnp.asarray(np.ascontiguousarray(padded_blocks, dtype=np.int32)))
+    if valid_slots is not None:
+        tables.append(jnp.asarray(np.ascontiguousarray(valid_slots, dtype=np.int32)))
     if has_tokens:
         tables.append(jnp.asarray(np.ascontiguousarray(slot_token, dtype=np.int32)))
     if persistent:

@@ -107,10 +107,12 @@ def token_slots(grid, tile, pp: int) -> np.ndarray:
     return _token_slots(tuple(int(g) for g in grid), tuple(int(t) for t in tile), int(pp))
 
 
-def padded_key_blocks(grid, tile, pp: int, block: int) -> np.ndarray:
-    """int32 [n_tiles * Pp / block]: 1 where a block of `block` consecutive key slots holds a
-    padding slot (its key bias has a -inf), else 0 (host array): kernels skip the bias there."""
-    return (slot_tokens(grid, tile, pp).reshape(-1, block) < 0).any(axis=1).astype(np.int32)
+def key_block_valid_slots(grid, tile, pp: int, block: int) -> np.ndarray:
+    """int32 [n_tiles * Pp / block] (host array): the real slots of each block of `block`
+    consecutive key slots. Slots are valid first within a tile, so they are the block's first
+    ones and its padding (key bias -inf) the rest: a kernel can mask columns from this count on
+    instead of reading the bias."""
+    return (slot_tokens(grid, tile, pp).reshape(-1, block) >= 0).sum(axis=1).astype(np.int32)
 
 
 def key_bias(grid, tile, pp: int) -> np.ndarray:

@@ -25,8 +25,8 @@ from fpsa_jax.attention.config import FPSAConfig
 from fpsa_jax.attention.device import require_hopper
 from fpsa_jax.attention.kernel_layout import (
     key_block_list,
+    key_block_valid_slots,
     output_from_kernel,
-    padded_key_blocks,
     quantize_for_kernel,
     slot_tokens,
 )
@@ -81,7 +81,7 @@ def _forward(q, k, v, grid, config: FPSAConfig, scale: float, launch, interpret:
         scale=scale,
         p_scale=config.scale if config.quant == "fp8" else 1.0,
         out_dtype=q.dtype,
-        padded_blocks=padded_key_blocks(grid, config.tile, ops.padded_tile, BLOCK_KV),
+        valid_slots=key_block_valid_slots(grid, config.tile, ops.padded_tile, BLOCK_KV),
         slot_token=None if interpret else slot_tokens(grid, config.tile, ops.padded_tile),
         launch=launch,
         interpret=interpret,

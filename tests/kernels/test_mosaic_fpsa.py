@@ -2,7 +2,7 @@
 
 CPU: the shared kernel suite on two cases in Mosaic GPU's interpreter (its barriers, TMA copies and
 wgmma are simulated; the P.V product accumulates out of place there, see the kernel's docstring),
-the compiled kernel's CUDA lowering (jax.export), the padded-block table against brute force, and
+the compiled kernel's CUDA lowering (jax.export), the valid-slot table against brute force, and
 every error branch. GPU (marker `gpu`, or the suite whenever JAX sees a GPU): the compiled kernel
 on all suite cases, its launch options against each other, the backward, the Wan 480p shape and
 what impl="auto" picks.
@@ -24,8 +24,8 @@ from fpsa_jax.attention import FPSAConfig, fpsa_attention
 from fpsa_jax.attention.api import resolve_impl
 from fpsa_jax.attention.kernel_layout import (
     key_block_list,
+    key_block_valid_slots,
     output_from_kernel,
-    padded_key_blocks,
     quantize_for_kernel,
     slot_tokens,
 )
@@ -56,22 +56,25 @@ class TestMosaicKernel(KernelBehaviour):
 
     def kernel(self, ops, info, scale, p_scale, out_dtype):
         args = (ops.q, ops.k, ops.v_t, ops.q_scale, ops.k_scale, ops.v_scale, ops.key_bias)
-        padded = padded_key_blocks(ops.grid, ops.tile, ops.padded_tile, mf.BLOCK_KV)
+        valid = key_block_valid_slots(ops.grid, ops.tile, ops.padded_tile, mf.BLOCK_KV)
         blocks = key_block_list(ops.grid, ops.tile, info.window, ops.padded_tile, mf.BLOCK_KV)
         fn = lambda *a: mf.fpsa_forward(
             *a, blocks.blocks, blocks.count, padded_tile=ops.padded_tile, scale=scale,
-            p_scale=p_scale, out_dtype=out_dtype, padded_blocks=padded, interpret=not ON_GPU,
+            p_scale=p_scale, out_dtype=out_dtype, valid_slots=valid, interpret=not ON_GPU,
         )  # fmt: skip
         return jax.jit(fn)(*args)
 
 
-def test_padded_key_blocks_mark_exactly_the_blocks_holding_padding():
+def test_key_block_valid_slots_count_the_real_slots_that_lead_each_block():
+    """The kernel masks a block's columns from this count on, so the real slots must be its
+    first ones: checked slot by slot against the token table."""
     grid, tile, pp = (4, 9, 10), (3, 8, 8), 192
-    tokens = slot_tokens(grid, tile, pp)
-    want = [int(any(tokens[b * 64 : (b + 1) * 64] < 0)) for b in range(len(tokens) // 64)]
-    got = padded_key_blocks(grid, tile, pp, 64)
-    assert got.dtype == np.int32 and got.tolist() == want
-    assert 0 < sum(want) < len(want)  # both kinds occur: the test can fail either way
+    tokens = slot_tokens(grid, tile, pp).reshape(-1, 64)
+    got = key_block_valid_slots(grid, tile, pp, 64)
+    assert got.dtype == np.int32 and got.shape == (len(tokens),)
+    for block, valid in zip(tokens, got, strict=True):
+        assert np.all(block[:valid] >= 0) and np.all(block[valid:] < 0)
+    assert {0, 64} < set(got.tolist())  # full, empty and partial blocks all occur
 
 
 def _operands(quant="fp8", d=64, grid=(3, 8, 8), tile=(3, 8, 8)):
@@ -107,8 +110,10 @@ def test_kernel_rejects_operands_it_cannot_take():
         _forward(ops, block_count=np.zeros((1,), np.int32))
     with pytest.raises(ValueError, match=r"block_count must be .* got shape \(2,\)"):
         _forward(ops, block_count=np.ones((2,), np.int32))
-    with pytest.raises(ValueError, match=r"padded_blocks must be \[Lp / 64\] = \[3\]"):
-        _forward(ops, padded_blocks=np.zeros(2, np.int32))
+    with pytest.raises(ValueError, match=r"valid_slots must be \[Lp / 64\] = \[3\]"):
+        _forward(ops, valid_slots=np.zeros(2, np.int32))
+    with pytest.raises(ValueError, match="valid_slots must count 0..64 real slots"):
+        _forward(ops, valid_slots=np.array([64, 65, 0], np.int32))
     with pytest.raises(ValueError, match="static scale must be positive"):
         _forward(ops, p_scale=0.0)
     with pytest.raises(ValueError, match="stages must be >= 2"):
