@@ -12,7 +12,8 @@ blocks holding a real token, -1 padded); optionally valid_slots int32 [Lp / 64],
 of each key block, which lead it (`kernel_layout.key_block_valid_slots`): with it the kernel masks
 a block's trailing padding columns instead of reading the key bias at every step.
 
-One CTA computes one query tile of one (batch, head): grid (n_tiles, N, B), Pp / 64 consumer
+A CTA computes one query tile of one (batch, head) at a time (an item: grid (n_tiles, N, B), or
+by default one persistent CTA per SM walking many items, see Schedules), with Pp / 64 consumer
 warpgroups of 64 query rows each (one wgmma M) and one producer warpgroup:
 - the producer (few registers) walks the query tile's block_count key blocks of 64 slots (a
   dynamic trip count: all-padding blocks at the end of edge tiles are not in the list) and
@@ -55,7 +56,9 @@ consumer's softmax overlaps the others' products on the tensor cores; `lazy_resc
 accumulator's multiplication by alpha in warps where no row's max moved; `persistent_ctas`
 launches one wave of CTAs that each walk many (tile, head, batch) items, a share balanced on the
 host by key blocks times computing consumers, through one K/V ring and one turn ring, the last
-consumer's final hand-over of an item being the next item's first turn.
+consumer's final hand-over of an item being the next item's first turn. `default_launch` is
+the fastest measured combination: ping-pong, lazy rescale, P from registers, padding consumers
+skipped and one persistent CTA per SM.
 
 `interpret=True` runs the kernel in Mosaic GPU's interpreter (CPU): the CI tests use it. There the
 P.V product goes to a fresh accumulator that is then added (the interpreter cannot run an
