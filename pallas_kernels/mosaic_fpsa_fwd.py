@@ -470,15 +470,11 @@ def _kernel_body(
         p_operand = _fp8_operand_from_accumulator() if fp8 else lambda p: p.astype(v_smem.dtype)
     head_dim = q_smem.shape[-1]
     rescale = _rescale_where_needed(head_dim) if launch.lazy_rescale else None
-    # (The grid cell's indices and count are read around wg's in the order the kernel had before
-    # persistent CTAs, so that its non-persistent build stays the same program.)
-    if ctas is None:  # one CTA per grid cell
-        cell = [lax.axis_index(name) for name in ("tile", "head", "batch")]
     wg = lax.axis_index("wg")
-    if ctas is None:
-        cell.append(count_ref[cell[0]])  # >= 1: the query tile's own tile has a real block
+    if ctas is None:  # one CTA per grid cell: (query tile, head, batch, its key-block count >= 1)
+        cell = [lax.axis_index(name) for name in ("tile", "head", "batch")]
+        cell.append(count_ref[cell[0]])
     n_tiles, heads, batches = count_ref.shape[0], q_ref.shape[1], q_ref.shape[0]
-
     items = n_tiles * heads * batches
 
     def item_of(i):
@@ -525,10 +521,7 @@ def _kernel_body(
         return bias_ref[u * padded_tile + wg * BLOCK_Q] == 0
 
     def ring_slot(base):
-        """The ring slot of an item's step j, the item's blocks following `base` others (a grid
-        cell's int 0 adds nothing, as before persistent CTAs)."""
-        if isinstance(base, int) and base == 0:
-            return lambda j: lax.rem(j, stages)
+        """The ring slot of an item's step j, the item's blocks following `base` others."""
         return lambda j: lax.rem(base + j, stages)
 
     def key_columns(u, j):
@@ -595,12 +588,14 @@ def _kernel_body(
                     return pair_scale, bias
                 return pair_scale, valid_ref[col // BLOCK_KV]
 
-            def masked(s, valid):
-                """s [BLOCK_Q, BLOCK_KV] with the columns from `valid` on (padding: slots are
-                valid first) at -inf, as their key bias would make them. Only a block holding
-                padding pays for the select; the rest of the steps carry one int."""
+            def masked(s, padding):
+                """s [BLOCK_Q, BLOCK_KV] with its padding columns at -inf. `padding` is the key
+                block's real-slot count (slots are valid first, so the columns from it on are
+                padding): only a block holding padding pays for the select, the rest of the
+                steps carry one int. Without the valid_slots table it is the key bias itself."""
                 if valid_ref is None:
-                    return s + lax.broadcast_in_dim(valid, s.shape, [1])  # the bias itself
+                    return s + lax.broadcast_in_dim(padding, s.shape, [1])
+                valid = padding
 
                 def mask(s):
                     cols = plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA)
@@ -633,8 +628,8 @@ def _kernel_body(
             def softmax(s, inputs, acc, m_i, l_i):
                 """Online-softmax update with the scores of one step; P goes to this warpgroup's
                 SMEM slot. Returns the rescaled accumulator and the new row max and sum."""
-                pair_scale, valid = inputs
-                s = masked(s * pair_scale, valid)
+                pair_scale, padding = inputs
+                s = masked(s * pair_scale, padding)
                 m_new = jnp.maximum(m_i, s.max(axis=1))
                 shift = exponent_shift(m_new)
                 alpha = jnp.exp2(exponent_shift(m_i) - shift)
@@ -689,7 +684,7 @@ def _kernel_body(
                 inputs = step_inputs(0)
                 plgpu.barrier_wait(turn.at[wg])
                 s = pl.run_scoped(first_scores, plgpu.ACC((BLOCK_Q, BLOCK_KV), jnp.float32))
-                plgpu.barrier_arrive(k_empty.at[0 if ctas is None else slot_of(0)])
+                plgpu.barrier_arrive(k_empty.at[slot_of(0)])
                 next_inputs = step_inputs(jnp.minimum(1, steps - 1))
                 acc, m_i, l_i, p = softmax(s, inputs, acc, m_i, l_i)
                 # P from registers is loop state; P in SMEM is this consumer's slot, not carried.
@@ -1004,8 +999,8 @@ def fpsa_forward(
             jax.ShapeDtypeStruct((b, n, lp), jnp.float32),
         ),
         scratch_types=tuple(scratch),
-        grid=(lp // padded_tile, n, b) if static["ctas"] is None else (static["ctas"],),
-        grid_names=("tile", "head", "batch") if static["ctas"] is None else ("cta",),
+        grid=(static["ctas"],) if persistent else (lp // padded_tile, n, b),
+        grid_names=("cta",) if persistent else ("tile", "head", "batch"),
         num_threads=consumers + 1,
         thread_name="wg",
         kernel_name="fpsa_forward_mosaic",
@@ -1021,12 +1016,15 @@ def fpsa_forward(
     if has_tokens:
         tables.append(jnp.asarray(np.ascontiguousarray(slot_token, dtype=np.int32)))
     if persistent:
-        # An item's work: its key blocks times the consumers that compute them. Which consumers
-        # hold only padding is known here from the token table; without it, count them all.
+        # An item's work: its key blocks times the consumers that compute them. A consumer
+        # holds only padding where its first slot, the first of a key block, is padding; without
+        # the valid-slot table, count them all.
         cost = np.asarray(block_count, np.int64)
-        if has_tokens and launch.skip_padding_rows:
-            first_slots = slot_token.reshape(-1, padded_tile)[:, ::BLOCK_Q]
-            cost = cost * np.count_nonzero(first_slots >= 0, axis=1)
+        if has_valid and launch.skip_padding_rows:
+            first_blocks = valid_slots.reshape(-1, padded_tile // BLOCK_KV)[
+                :, :: BLOCK_Q // BLOCK_KV
+            ]
+            cost = cost * np.count_nonzero(first_blocks > 0, axis=1)
         order, start = item_schedule(np.tile(cost, n * b), static["ctas"])
         tables += [jnp.asarray(order), jnp.asarray(start)]
     return kernel(q, k, v_t, q_scale, k_scale, v_scale, key_bias, *tables)
